@@ -1,0 +1,127 @@
+"""Mask selection from saliency scores: pure functions, ``True`` = weight removed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SnapPruneError
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A sparsity pattern: ``unstructured``, ``nm`` (n of every m removed) or ``structured``."""
+
+    kind: str
+    n: int = 0
+    m: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+
+
+def parse_pattern(pattern: str | Pattern) -> Pattern:
+    """``"unstructured"``, ``"structured"`` or ``"N:M"`` with ``0 < N < M``."""
+    if isinstance(pattern, Pattern):
+        return pattern
+    text = str(pattern).strip().lower()
+    if text in ("unstructured", "structured"):
+        return Pattern(text)
+    if ":" in text:
+        left, _, right = text.partition(":")
+        if left.isdigit() and right.isdigit() and 0 < int(left) < int(right):
+            return Pattern("nm", int(left), int(right))
+        raise SnapPruneError(
+            f"pattern {pattern!r} is not a valid N:M; use two integers with 0 < N < M, e.g. 2:4"
+        )
+    raise SnapPruneError(
+        f"unknown pattern {pattern!r}; use unstructured, structured or N:M (e.g. 2:4, 4:8)"
+    )
+
+
+def target_count(sparsity: float, total: int) -> int:
+    """``floor(sparsity · total)``, robust to float round-off such as 0.29 · 100 = 28.999…"""
+    return min(total, math.floor(sparsity * total + 1e-9))
+
+
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly ``k`` lowest entries of the whole tensor (ties broken by position)."""
+    flat = scores.flatten()
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, k).values  # a selection, much cheaper than topk's sort
+    mask = flat < threshold
+    ties = (flat == threshold).nonzero().squeeze(1)
+    mask[ties[: k - int(mask.sum().item())]] = True
+    return mask.view_as(scores)
+
+
+def row_balanced_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` entries in all, spread evenly over rows (Wanda compares within each output row).
+
+    Each row removes ``k // rows``; the ``k % rows`` remaining removals go to the rows whose next
+    candidate scores lowest, so the total is exact even when ``rows`` does not divide ``k``.
+    """
+    rows, cols = scores.shape
+    base, extra = divmod(k, rows)
+    order = torch.argsort(scores, dim=1)
+    counts = torch.full((rows,), base, dtype=torch.long, device=scores.device)
+    if extra:
+        next_scores = scores.gather(1, order[:, base : base + 1]).squeeze(1)
+        counts[torch.topk(next_scores, extra, largest=False).indices] += 1
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols))
+    return ranks < counts[:, None]
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """In every row and every group of ``m`` consecutive columns, the ``n`` lowest scores."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise SnapPruneError(
+            f"{n}:{m} sparsity needs a width divisible by {m}, but this layer has {cols} columns; "
+            "choose another M or exclude the layer"
+        )
+    groups = scores.reshape(rows, cols // m, m)
+    idx = torch.topk(groups, n, dim=2, largest=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
+    return mask.reshape(rows, cols)
+
+
+@dataclass(frozen=True)
+class StructuredMask:
+    """Removed input columns (for every non-outlier row) and outlier rows kept dense."""
+
+    columns: torch.Tensor  # bool [cols]
+    outlier_rows: torch.Tensor  # bool [rows]
+
+    def full(self) -> torch.Tensor:
+        return (~self.outlier_rows)[:, None] & self.columns[None, :]
+
+
+def structured_mask(scores: torch.Tensor, sparsity: float, alpha: float) -> StructuredMask:
+    """Outlier rows by total saliency, then the lowest-saliency columns of the other rows.
+
+    The column count ``s`` makes the layer's total sparsity as close to ``sparsity`` as whole
+    columns allow: ``s = round(sparsity · rows · cols / (rows − outliers))``.
+    """
+    rows, cols = scores.shape
+    n_out = math.floor(alpha * rows + 1e-9)
+    outliers = torch.zeros(rows, dtype=torch.bool, device=scores.device)
+    if n_out:
+        outliers[torch.topk(scores.sum(1), n_out).indices] = True
+    s = round(sparsity * rows * cols / (rows - n_out))
+    if s >= cols:
+        raise SnapPruneError(
+            f"structured sparsity {sparsity} with alpha {alpha} would remove every column of a "
+            f"{rows}x{cols} layer; lower the sparsity or alpha"
+        )
+    columns = torch.zeros(cols, dtype=torch.bool, device=scores.device)
+    if s:
+        col_scores = scores[~outliers].sum(0)
+        columns[torch.topk(col_scores, s, largest=False).indices] = True
+    return StructuredMask(columns, outliers)

@@ -1,0 +1,90 @@
+"""Streaming calibration statistics of one linear layer's inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SnapPruneError
+
+
+class LayerStats:
+    """Accumulates ``H = 2/N · Σ x xᵀ`` and ``‖x_j‖²/N`` over batches of layer inputs.
+
+    Raw sums are kept and divided by ``N`` only when read, so any split of the same token vectors
+    into batches gives the same statistics (up to float summation order).
+    """
+
+    def __init__(
+        self,
+        columns: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if columns <= 0:
+            raise SnapPruneError(f"LayerStats needs a positive column count, got {columns}")
+        if dtype not in (torch.float32, torch.float64):
+            raise SnapPruneError("LayerStats accumulates in float32 or float64; pass one of them")
+        self.columns = columns
+        self.dtype = dtype
+        self._xxt = torch.zeros(columns, columns, dtype=dtype, device=device)
+        self._sq = torch.zeros(columns, dtype=dtype, device=device)
+        self.nsamples = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._xxt.device
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs of shape ``(..., columns)``; every leading index is a token."""
+        if x.shape[-1] != self.columns:
+            raise SnapPruneError(
+                f"input has {x.shape[-1]} features but the layer has {self.columns} columns"
+            )
+        x = x.reshape(-1, self.columns).to(device=self.device, dtype=self.dtype)
+        if not torch.isfinite(x).all():
+            raise SnapPruneError(
+                "calibration activations contain NaN or Inf; check the model's weights and dtype "
+                "(try --dtype float32)"
+            )
+        self._xxt.addmm_(x.T, x)
+        self._sq += (x * x).sum(0)
+        self.nsamples += x.shape[0]
+
+    def merge(self, other: LayerStats) -> None:
+        """Fold in statistics gathered elsewhere (another device or process)."""
+        if other.columns != self.columns:
+            raise SnapPruneError("cannot merge statistics of layers with different widths")
+        self._xxt += other._xxt.to(self._xxt)
+        self._sq += other._sq.to(self._sq)
+        self.nsamples += other.nsamples
+
+    def _require_samples(self) -> None:
+        if self.nsamples == 0:
+            raise SnapPruneError(
+                "no calibration inputs were added to LayerStats; call .add(x) first"
+            )
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``H = 2/N · Σ x xᵀ`` (``columns × columns``)."""
+        self._require_samples()
+        return self._xxt * (2.0 / self.nsamples)
+
+    @property
+    def sq_norms(self) -> torch.Tensor:
+        """Mean squared input per column, ``Σ x_j² / N``."""
+        self._require_samples()
+        return self._sq / self.nsamples
+
+    @property
+    def input_norms(self) -> torch.Tensor:
+        """``‖x_j‖₂`` up to the common factor ``√N``: what the Wanda score multiplies by."""
+        return self.sq_norms.sqrt()
+
+    @classmethod
+    def from_inputs(cls, x: torch.Tensor, **kwargs) -> LayerStats:
+        """Statistics of one tensor of inputs, for tests and one-off use."""
+        stats = cls(x.shape[-1], **kwargs)
+        stats.add(x)
+        return stats
