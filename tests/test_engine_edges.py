@@ -167,3 +167,15 @@ def test_lstsq_reference_detects_a_wrong_update():
     res = prune_weight(p.weight, p.stats, method="wanda", sparsity=0.5)
     with pytest.raises(AssertionError):
         relative_close(res.weight, lstsq_optimum(p.weight, p.inputs, res.mask, 0.01), 1e-4)
+
+
+@pytest.mark.parametrize("n", [10, 70_000, 300_001])
+def test_kth_smallest_is_exact(n):
+    from snapprune.masks import kth_smallest, lowest_k_mask
+
+    gen = torch.Generator().manual_seed(n)
+    values = torch.randn(n, generator=gen).exp()
+    values[: n // 3] = values[n // 3]  # heavy ties
+    for k in (1, n // 7, n // 2, n - 1, n):
+        assert kth_smallest(values, k) == torch.sort(values).values[k - 1]
+        assert lowest_k_mask(values, k).sum().item() == k

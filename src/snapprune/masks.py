@@ -46,6 +46,30 @@ def target_count(sparsity: float, total: int) -> int:
     return min(total, math.floor(sparsity * total + 1e-9))
 
 
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact ``k``-th smallest of a 1-D tensor (1-based), via a sampled bracket.
+
+    A random sample (fixed seed: the result does not depend on it) brackets the answer; one counting pass and a selection over the few values
+    inside the bracket replace a selection over all of them. Falls back to ``kthvalue`` on the
+    whole tensor when the bracket misses, so the result is always exact.
+    """
+    n = values.numel()
+    if n <= 1 << 16:
+        return torch.kthvalue(values, k).values
+    gen = torch.Generator(device=values.device).manual_seed(0)
+    picks = torch.randint(n, (1 << 14,), generator=gen, device=values.device)
+    sample = torch.sort(values[picks]).values
+    rank = k / n * sample.numel()
+    margin = 4.0 * sample.numel() ** 0.5 + 8
+    lo = sample[max(0, int(rank - margin))]
+    hi = sample[min(sample.numel() - 1, int(rank + margin))]
+    below = int((values < lo).sum().item())
+    inside = values[(values >= lo) & (values <= hi)]
+    if below < k <= below + inside.numel():
+        return torch.kthvalue(inside, k - below).values
+    return torch.kthvalue(values, k).values
+
+
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Exactly ``k`` lowest entries of the whole tensor (ties broken by position)."""
     flat = scores.flatten()
@@ -53,7 +77,7 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= flat.numel():
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, k).values  # a selection, much cheaper than topk's sort
+    threshold = kth_smallest(flat, k)
     mask = flat < threshold
     ties = (flat == threshold).nonzero().squeeze(1)
     mask[ties[: k - int(mask.sum().item())]] = True

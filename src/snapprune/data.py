@@ -1,0 +1,232 @@
+"""Calibration windows and evaluation text: Hub datasets, local files, or the model itself.
+
+Calibration follows the published protocol (SparseGPT/Wanda): draw random documents longer than
+the window and take a random window from each, seeded, so the same seed gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .errors import SnapPruneError
+
+C4_REPO = "allenai/c4"
+C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
+C4_VALIDATION_FILE = "en/c4-validation.00000-of-00008.json.gz"
+NAMED_SOURCES = ("c4", "wikitext2", "ptb")
+TEXT_SUFFIXES = (".txt", ".raw")
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+
+
+def _is_json(path: Path) -> bool:
+    return path.name.endswith(JSON_SUFFIXES)
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Documents of a local file: one per ``text`` field (JSON lines, gzipped or not), or the
+    whole file for plain text."""
+    path = Path(path)
+    if not path.is_file():
+        raise SnapPruneError(f"file {path} not found; check the path")
+    try:
+        if _is_json(path):
+            opener = gzip.open if path.name.endswith(".gz") else open
+            docs = []
+            with opener(path, "rt", encoding="utf-8") as handle:
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise SnapPruneError(
+                            f"{path}:{number} has no 'text' field; JSON lines need "
+                            '{"text": "..."} per line'
+                        )
+                    docs.append(record["text"])
+            return docs
+        return [path.read_text(encoding="utf-8").replace("\r\n", "\n")]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, EOFError) as exc:
+        raise SnapPruneError(f"cannot read {path}: {exc}") from exc
+
+
+def wikitext_join(text: str) -> str:
+    """WikiText as the published protocol sees it: rows (each keeping its newline) joined by a
+    blank line. Works on the Hub's rows and on raw files whose blank lines were dropped."""
+    lines = [line for line in text.replace("\r\n", "\n").split("\n") if line.strip()]
+    return "\n\n".join(line + "\n" for line in lines)
+
+
+def _hub_file(repo: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename, repo_type="dataset")
+    except Exception as exc:  # network, auth, missing file: one line for the user
+        raise SnapPruneError(
+            f"cannot download {repo}/{filename} from the Hub ({type(exc).__name__}); "
+            "pass a local file instead (.txt, .jsonl or .json.gz with a 'text' field)"
+        ) from exc
+
+
+def _hub_rows(name: str, config: str | None, split: str, field: str) -> list[str]:
+    try:
+        from datasets import load_dataset
+
+        return list(load_dataset(name, config, split=split)[field])
+    except Exception as exc:
+        raise SnapPruneError(
+            f"cannot load {name} ({split}) from the Hub ({type(exc).__name__}); pass a local "
+            "file instead"
+        ) from exc
+
+
+def _windows_from_documents(
+    docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int, source: str
+) -> torch.Tensor:
+    """Random documents longer than the window, a random window of each (with replacement)."""
+    rng = random.Random(seed)
+    lengths: dict[int, int] = {}
+    windows = []
+    while len(windows) < nsamples:
+        if len(lengths) == len(docs) and not any(n > seqlen for n in lengths.values()):
+            longest = max(lengths.values(), default=0)
+            raise SnapPruneError(
+                f"{source} has too little text: no document is longer than {seqlen} tokens "
+                f"(longest: {longest}); lower --seqlen or use a source with longer documents"
+            )
+        i = rng.randint(0, len(docs) - 1)
+        ids = tokenizer(docs[i], return_tensors="pt").input_ids[0]
+        lengths[i] = ids.numel()
+        if ids.numel() <= seqlen:
+            continue
+        start = rng.randint(0, ids.numel() - seqlen - 1)
+        windows.append(ids[start : start + seqlen])
+    return torch.stack(windows)
+
+
+def _windows_from_stream(
+    ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, source: str
+) -> torch.Tensor:
+    """Random windows of one long token stream (WikiText, plain text files)."""
+    if ids.numel() < nsamples * seqlen:
+        raise SnapPruneError(
+            f"{source} has too little text: {ids.numel()} tokens for {nsamples} windows of "
+            f"{seqlen}; lower --nsamples or --seqlen, or use more text"
+        )
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def calibration_windows(
+    source: str,
+    tokenizer,
+    *,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    model=None,
+) -> torch.Tensor:
+    """``nsamples × seqlen`` token ids for calibration.
+
+    ``source``: ``c4`` (Hub shard 0 of C4 en train), ``wikitext2`` (Hub train split), ``self``
+    (text sampled from ``model``), or a local ``.txt``/``.raw`` file or ``.jsonl``/``.json.gz``
+    file of ``{"text": ...}`` documents.
+    """
+    if nsamples < 1 or seqlen < 2:
+        raise SnapPruneError("calibration needs --nsamples >= 1 and --seqlen >= 2")
+    if source == "self":
+        if model is None:
+            raise SnapPruneError("calibration source 'self' needs the model")
+        return self_generated_windows(model, tokenizer, nsamples, seqlen, seed)
+    if source == "c4":
+        docs = read_documents(_hub_file(C4_REPO, C4_TRAIN_FILE))
+        return _windows_from_documents(docs, tokenizer, nsamples, seqlen, seed, "C4")
+    if source == "wikitext2":
+        text = " ".join(_hub_rows("wikitext", "wikitext-2-raw-v1", "train", "text"))
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        return _windows_from_stream(ids, nsamples, seqlen, seed, "WikiText-2 train")
+    path = Path(source)
+    if not path.exists():
+        raise SnapPruneError(
+            f"calibration source {source!r} not found: use c4, wikitext2, self, or a path to a "
+            ".txt/.jsonl/.json.gz file"
+        )
+    docs = read_documents(path)
+    if _is_json(path):
+        return _windows_from_documents(docs, tokenizer, nsamples, seqlen, seed, str(path))
+    ids = tokenizer(docs[0], return_tensors="pt").input_ids[0]
+    return _windows_from_stream(ids, nsamples, seqlen, seed, str(path))
+
+
+@torch.no_grad()
+def self_generated_windows(model, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Windows sampled from the model itself (temperature 1, from a random first token), for
+    when no calibration text is at hand."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    special = set(tokenizer.all_special_ids)
+    firsts = [t for t in torch.randint(0, vocab, (nsamples * 4,), generator=gen).tolist()
+              if t not in special][:nsamples]
+    ids = torch.tensor(firsts, device=device)[:, None]
+    torch.manual_seed(seed)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=seqlen - 1,
+        min_new_tokens=seqlen - 1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return out[:, :seqlen].cpu()
+
+
+def evaluation_ids(source: str, tokenizer) -> torch.Tensor:
+    """One long stream of token ids for perplexity, by the published protocol per dataset.
+
+    ``wikitext2``: the test split, rows joined by blank lines. ``c4``: the first 1,100 documents
+    of the en validation shard 0, joined by spaces. ``ptb``: the test sentences joined by spaces.
+    A local file: WikiText-format ``wiki.*.raw`` joined as WikiText, other text files as they
+    are, JSON lines' documents joined by blank lines.
+    """
+    if source == "wikitext2":
+        text = "\n\n".join(_hub_rows("wikitext", "wikitext-2-raw-v1", "test", "text"))
+    elif source == "c4":
+        docs = read_documents(_hub_file(C4_REPO, C4_VALIDATION_FILE))[:1100]
+        text = " ".join(docs)
+    elif source == "ptb":
+        text = " ".join(_hub_rows("ptb_text_only", "penn_treebank", "test", "sentence"))
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise SnapPruneError(
+                f"evaluation source {source!r} not found: use wikitext2, c4, ptb, or a path to "
+                "a text or JSON lines file"
+            )
+        docs = read_documents(path)
+        if _is_json(path):
+            text = "\n\n".join(docs)
+        elif path.name.startswith("wiki."):
+            text = wikitext_join(docs[0])
+        else:
+            text = docs[0]
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+def iter_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> Iterator[torch.Tensor]:
+    """Non-overlapping windows of ``seqlen`` tokens; a trailing partial window is dropped."""
+    count = ids.numel() // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    for i in range(count):
+        yield ids[i * seqlen : (i + 1) * seqlen]

