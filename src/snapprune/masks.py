@@ -49,8 +49,9 @@ def target_count(sparsity: float, total: int) -> int:
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The exact ``k``-th smallest of a 1-D tensor (1-based), via a sampled bracket.
 
-    A random sample (fixed seed: the result does not depend on it) brackets the answer; one counting pass and a selection over the few values
-    inside the bracket replace a selection over all of them. Falls back to ``kthvalue`` on the
+    A random sample (fixed seed; the result does not depend on it) brackets the answer; one
+    counting pass and a selection over the few values inside the bracket replace a selection
+    over all of them. Falls back to ``kthvalue`` on the
     whole tensor when the bracket misses, so the result is always exact.
     """
     n = values.numel()

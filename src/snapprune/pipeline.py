@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import time
 from collections.abc import Callable
@@ -162,10 +163,8 @@ def capture_block_inputs(
             for module in outside:
                 _move_except_blocks(module, block_ids, device, moved)
         for window in calibration:
-            try:
+            with contextlib.suppress(_StopForward):
                 model(window[None].to(device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         blocks[0] = original
         for module in moved:
