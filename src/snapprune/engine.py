@@ -60,21 +60,51 @@ def reconstruction_error(
     return max(num, 0.0) / den
 
 
-def _check_request(
+def check_settings(
+    method: str,
+    pattern: str | Pattern,
+    sparsity: float | None,
+    alpha: float = 0.0,
+    blocksize: int = 128,
+    metric: str | None = None,
+) -> tuple[Pattern, float]:
+    """Validate a pruning request that does not depend on a weight; return the pattern and the
+    target sparsity. Called before any work so that bad input fails fast."""
+    if method not in METHODS:
+        raise SnapPruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    metric = metric or DEFAULT_METRIC[method]
+    if metric not in METRICS:
+        raise SnapPruneError(f"unknown mask metric {metric!r}; choose one of {', '.join(METRICS)}")
+    pat = parse_pattern(pattern)
+    if not isinstance(blocksize, int) or blocksize < 1:
+        raise SnapPruneError(f"blocksize must be a positive integer, got {blocksize}")
+    if not 0.0 <= alpha < 1.0:
+        raise SnapPruneError(f"alpha (outlier row fraction) must be in [0, 1), got {alpha}")
+    if alpha and pat.kind != "structured":
+        raise SnapPruneError("alpha (outlier rows) applies only to the structured pattern")
+    if pat.kind == "nm":
+        target = pat.n / pat.m
+        if sparsity is not None and abs(sparsity - target) > 1e-9:
+            raise SnapPruneError(
+                f"pattern {pat} fixes sparsity at {target:g}; omit sparsity or pass {target:g}"
+            )
+        return pat, target
+    if sparsity is None:
+        raise SnapPruneError(f"the {pat} pattern needs a sparsity in [0, 1)")
+    if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+        raise SnapPruneError(f"sparsity must be in [0, 1), got {sparsity}")
+    return pat, float(sparsity)
+
+
+def _check_weight(
     weight: torch.Tensor,
     stats: LayerStats | None,
     method: str,
     pattern: Pattern,
-    sparsity: float | None,
-    alpha: float,
     blocksize: int,
     metric: str,
-) -> float:
-    """Validate everything before any work; return the layer's target sparsity."""
-    if method not in METHODS:
-        raise SnapPruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if metric not in METRICS:
-        raise SnapPruneError(f"unknown mask metric {metric!r}; choose one of {', '.join(METRICS)}")
+) -> None:
+    """Checks that need the weight: shape, dtype, finiteness, widths."""
     if weight.dim() != 2:
         raise SnapPruneError(f"expected a 2-D weight matrix, got shape {tuple(weight.shape)}")
     if not torch.is_floating_point(weight):
@@ -83,7 +113,7 @@ def _check_request(
         raise SnapPruneError(
             "the weight contains NaN or Inf; fix or reload the model before pruning"
         )
-    _rows, cols = weight.shape
+    cols = weight.shape[1]
     if stats is None:
         if method != "magnitude" or metric != "magnitude":
             raise SnapPruneError(
@@ -94,18 +124,7 @@ def _check_request(
             f"statistics are for {stats.columns} input columns but the weight has {cols}; "
             "for GPT-2 style Conv1D layers pass the transposed weight (snapprune.linear_weight)"
         )
-    if blocksize < 1:
-        raise SnapPruneError(f"blocksize must be a positive integer, got {blocksize}")
-    if not 0.0 <= alpha < 1.0:
-        raise SnapPruneError(f"alpha (outlier row fraction) must be in [0, 1), got {alpha}")
-    if alpha and pattern.kind != "structured":
-        raise SnapPruneError("alpha (outlier rows) applies only to the structured pattern")
     if pattern.kind == "nm":
-        target = pattern.n / pattern.m
-        if sparsity is not None and abs(sparsity - target) > 1e-9:
-            raise SnapPruneError(
-                f"pattern {pattern} fixes sparsity at {target:g}; omit sparsity or pass {target:g}"
-            )
         if cols % pattern.m:
             raise SnapPruneError(
                 f"{pattern} sparsity needs a width divisible by {pattern.m}, but this layer has "
@@ -116,12 +135,6 @@ def _check_request(
                 f"blocksize {blocksize} must be a multiple of M={pattern.m} for {pattern}; "
                 f"use e.g. {pattern.m * max(1, blocksize // pattern.m)}"
             )
-        return target
-    if sparsity is None:
-        raise SnapPruneError(f"the {pattern} pattern needs a sparsity in [0, 1)")
-    if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
-        raise SnapPruneError(f"sparsity must be in [0, 1), got {sparsity}")
-    return float(sparsity)
 
 
 def prune_weight(
@@ -145,9 +158,9 @@ def prune_weight(
     the score that picks the mask (wanda, magnitude, obs). Computes in float32 on the weight's
     device and returns the weight in its own dtype. The input tensor is not modified.
     """
-    pat = parse_pattern(pattern)
-    metric = metric or DEFAULT_METRIC.get(method, "")
-    target = _check_request(weight, stats, method, pat, sparsity, alpha, blocksize, metric)
+    pat, target = check_settings(method, pattern, sparsity, alpha, blocksize, metric)
+    metric = metric or DEFAULT_METRIC[method]
+    _check_weight(weight, stats, method, pat, blocksize, metric)
 
     start = time.perf_counter()
     original = weight.detach().to(torch.float32)

@@ -12,10 +12,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .engine import METHODS, prune_weight
+from .engine import check_settings, prune_weight
 from .errors import SnapPruneError
 from .layout import input_width, is_prunable, linear_weight, set_linear_weight
-from .masks import parse_pattern
 from .models.adapters import adapter_for
 from .stats import LayerStats
 
@@ -26,7 +25,7 @@ class PruneSettings:
 
     method: str = "thanos"
     pattern: str = "unstructured"
-    sparsity: float | None = 0.5
+    sparsity: float | None = None
     alpha: float = 0.0
     blocksize: int = 128
     percdamp: float = 0.01
@@ -111,12 +110,9 @@ def target_layers(model: nn.Module, settings: PruneSettings) -> dict[int, dict[s
 
 
 def check_model_for_pruning(layers: dict[int, dict[str, nn.Module]], settings: PruneSettings):
-    """Refuse before any work: method, pattern widths, finite weights."""
-    if settings.method not in METHODS:
-        raise SnapPruneError(
-            f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}"
-        )
-    pattern = parse_pattern(settings.pattern)
+    """Refuse before any work: settings, pattern widths, finite weights."""
+    pattern, _ = check_settings(settings.method, settings.pattern, settings.sparsity,
+                                settings.alpha, settings.blocksize, settings.metric)
     for named in layers.values():
         for name, module in named.items():
             width = input_width(module)

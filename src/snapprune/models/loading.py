@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import re
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ def resolve_model(spec: str) -> ModelSource:
     )
 
 
-def load_model(spec: str, *, dtype: str = "auto"):
+def load_model(spec: str, *, dtype: str = "auto", progress: bool = True):
     """Return ``(model, tokenizer, source)``; the model is on the CPU in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -83,6 +84,8 @@ def load_model(spec: str, *, dtype: str = "auto"):
         kwargs["gguf_file"] = source.gguf_file
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
         tokenizer_kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
@@ -93,9 +96,27 @@ def load_model(spec: str, *, dtype: str = "auto"):
         raise SnapPruneError(f"could not load model {spec!r} from {where}: {first}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
+    if source.gguf_file:
+        model = plain_copy(model)
     if dtype != "auto" and model.dtype != DTYPES[dtype]:
         model = model.to(DTYPES[dtype])
     model.eval()
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, source
+
+
+def plain_copy(model):
+    """A GGUF-loaded model, rebuilt from its config as an ordinary ``transformers`` model.
+
+    ``transformers`` de-quantizes GGUF weights on load but keeps a quantizer attached, which
+    refuses ``save_pretrained``; the rebuilt model has the same weights and saves normally.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()

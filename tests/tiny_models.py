@@ -1,0 +1,59 @@
+"""Tiny random models of every supported family, built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PhiConfig,
+    Qwen2Config,
+)
+
+VOCAB = 512
+HIDDEN = 64
+LAYERS = 3
+
+
+def _configs(vocab: int) -> dict:
+    common_rope = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=128,
+                       num_hidden_layers=LAYERS, num_attention_heads=4,
+                       max_position_embeddings=256)
+    return {
+        "llama": LlamaConfig(num_key_value_heads=2, **common_rope),
+        "mistral": MistralConfig(num_key_value_heads=2, **common_rope),
+        "qwen2": Qwen2Config(num_key_value_heads=2, **common_rope),
+        "opt": OPTConfig(vocab_size=vocab, hidden_size=HIDDEN, ffn_dim=128,
+                         num_hidden_layers=LAYERS, num_attention_heads=4,
+                         max_position_embeddings=256, word_embed_proj_dim=HIDDEN),
+        "gpt2": GPT2Config(vocab_size=vocab, n_embd=HIDDEN, n_layer=LAYERS, n_head=4,
+                           n_positions=256),
+        "gpt_neox": GPTNeoXConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=128,
+                                  num_hidden_layers=LAYERS, num_attention_heads=4,
+                                  max_position_embeddings=256),
+        # No adapter for Phi: exercises the generic fallback.
+        "phi": PhiConfig(**common_rope),
+    }
+
+
+FAMILIES = tuple(_configs(VOCAB))
+
+
+def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB):
+    torch.manual_seed(seed)
+    config = _configs(vocab)[family]
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init gives near-identical activations; widen them so pruning has work to do.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "emb" not in name and "wte" not in name:
+                param.mul_(3.0)
+    return model.eval()
+
+
+def token_batch(nsamples: int = 4, seqlen: int = 32, vocab: int = VOCAB, seed: int = 0):
+    return torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
