@@ -56,4 +56,5 @@ def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB):
 
 
 def token_batch(nsamples: int = 4, seqlen: int = 32, vocab: int = VOCAB, seed: int = 0):
-    return torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (nsamples, seqlen), generator=gen)
