@@ -8,7 +8,13 @@ from tiny_models import FAMILIES, LAYERS, tiny_model, token_batch
 
 from snapprune import SnapPruneError, linear_weight
 from snapprune.models import adapter_for
-from snapprune.pipeline import _block_output, capture_block_inputs, prune_model, target_layers
+from snapprune.pipeline import (
+    PruneSettings,
+    _block_output,
+    capture_block_inputs,
+    prune_model,
+    target_layers,
+)
 
 EXPECTED_FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt",
                    "gpt2": "gpt2", "gpt_neox": "gpt_neox", "phi": "generic"}
@@ -126,3 +132,30 @@ def test_run_report_numbers():
     assert run.total_seconds >= run.solver_seconds
     assert run.peak_memory_bytes > 0
     assert run.achieved_sparsity == pytest.approx(0.5)
+
+
+def test_layers_with_the_same_input_share_exact_statistics():
+    from snapprune.pipeline import gather_layer_stats
+
+    model = tiny_model("llama")
+    ids = token_batch(3, 16)
+    blocks = model.model.layers
+    inputs, args, kwargs = capture_block_inputs(model, blocks, ids, torch.device("cpu"))
+    named = target_layers(model, PruneSettings())[0]
+    stats = gather_layer_stats(blocks[0], named, inputs, args, kwargs, torch.device("cpu"))
+    prefix = "model.layers.0."
+    assert stats[prefix + "self_attn.q_proj"] is stats[prefix + "self_attn.v_proj"]
+    assert stats[prefix + "mlp.gate_proj"] is stats[prefix + "mlp.up_proj"]
+    assert stats[prefix + "self_attn.o_proj"] is not stats[prefix + "self_attn.q_proj"]
+    captured = {}
+    handles = [m.register_forward_hook(lambda _m, i, _o, n=n: captured.setdefault(n, []).append(
+        i[0].reshape(-1, i[0].shape[-1]))) for n, m in named.items()]
+    with torch.no_grad():
+        for x in inputs:
+            blocks[0](x, *args, **kwargs)
+    for h in handles:
+        h.remove()
+    for name, xs in captured.items():
+        x = torch.cat(xs)
+        torch.testing.assert_close(stats[name].hessian, 2 * x.T @ x / x.shape[0])
+        assert stats[name].nsamples == 3 * 16

@@ -193,6 +193,49 @@ def _move_except_blocks(module: nn.Module, block_ids: set[int], device, moved: l
         module._buffers[name] = buf.to(device)
 
 
+def gather_layer_stats(
+    block: nn.Module,
+    named: dict[str, nn.Module],
+    inputs: list[torch.Tensor],
+    args: tuple,
+    kwargs: dict,
+    device: torch.device,
+) -> dict[str, LayerStats]:
+    """Run ``block`` on every input with hooks on its layers; one ``LayerStats`` per layer.
+
+    Layers fed the very same tensor (q/k/v, gate/up) share one accumulation: their statistics
+    are identical, so computing them once saves most of the hooks' cost.
+    """
+    stats: dict[str, LayerStats] = {}
+    seen: dict[int, tuple[torch.Tensor, str]] = {}  # holds inputs alive: ids stay unique
+
+    def hook(name: str):
+        def record(_module, inp, _out):
+            x = inp[0]
+            owner = seen.get(id(x))
+            if owner is not None and owner[0] is x:
+                stats[name] = stats[owner[1]]
+                return
+            seen[id(x)] = (x, name)
+            if name not in stats:
+                stats[name] = LayerStats(x.shape[-1], device=device)
+            stats[name].add(x.detach())
+        return record
+
+    hooks = [module.register_forward_hook(hook(name)) for name, module in named.items()]
+    try:
+        for x in inputs:
+            block(x.to(device), *args, **kwargs)
+            seen.clear()
+    finally:
+        for handle in hooks:
+            handle.remove()
+    missing = [name for name in named if name not in stats]
+    if missing:
+        raise SnapPruneError(f"layers {missing} never ran during calibration; exclude them")
+    return stats
+
+
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -247,18 +290,7 @@ def prune_model(
         block = blocks[index].to(device)
         named = layers[index]
         t = time.perf_counter()
-        stats = {name: LayerStats(input_width(m), device=device) for name, m in named.items()}
-        hooks = [
-            module.register_forward_hook(
-                lambda _m, inp, _out, s=stats[name]: s.add(inp[0].detach()))
-            for name, module in named.items()
-        ]
-        try:
-            for x in inputs:
-                block(x.to(device), *args, **kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        stats = gather_layer_stats(block, named, inputs, args, kwargs, device)
         run.calibration_seconds += time.perf_counter() - t
 
         for name, module in named.items():

@@ -42,13 +42,15 @@ class LayerStats:
                 f"input has {x.shape[-1]} features but the layer has {self.columns} columns"
             )
         x = x.reshape(-1, self.columns).to(device=self.device, dtype=self.dtype)
-        if not torch.isfinite(x).all():
+        sq = (x * x).sum(0)
+        # Any NaN/Inf in x shows in its column's sum of squares: a cheap, complete check.
+        if not torch.isfinite(sq).all():
             raise SnapPruneError(
                 "calibration activations contain NaN or Inf; check the model's weights and dtype "
                 "(try --dtype float32)"
             )
         self._xxt.addmm_(x.T, x)
-        self._sq += (x * x).sum(0)
+        self._sq += sq
         self.nsamples += x.shape[0]
 
     def merge(self, other: LayerStats) -> None:
