@@ -33,15 +33,18 @@ def test_adapter_finds_blocks(family):
 def test_captured_inputs_reproduce_the_forward_pass(family):
     """Blocks rerun on captured inputs and keyword arguments give the model's hidden states."""
     model = tiny_model(family)
-    ids = token_batch(2, 24)
+    ids = token_batch(3, 24)
     blocks = adapter_for(model).decoder_blocks(model)
-    inputs, args, kwargs = capture_block_inputs(model, blocks, ids, torch.device("cpu"))
-    for sample, x in enumerate(inputs):
-        hidden = model(ids[sample : sample + 1], output_hidden_states=True).hidden_states
-        torch.testing.assert_close(x, hidden[0])
+    inputs = capture_block_inputs(model, blocks, ids, torch.device("cpu"), batch_size=2)
+    assert len(inputs.batches) == 2 and inputs.batches[0].shape[0] == 2
+    hidden = model(ids, output_hidden_states=True).hidden_states
+    for batch in range(2):
+        rows = slice(2 * batch, 2 * batch + 2)
+        x = inputs.batches[batch]
+        torch.testing.assert_close(x, hidden[0][rows])
         for k in range(LAYERS - 1):  # the last entry is after the final norm
-            x = _block_output(blocks[k](x, *args, **kwargs))
-            torch.testing.assert_close(x, hidden[k + 1], rtol=1e-4, atol=1e-5)
+            x = _block_output(inputs.run(blocks[k], x))
+            torch.testing.assert_close(x, hidden[k + 1][rows], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -140,9 +143,9 @@ def test_layers_with_the_same_input_share_exact_statistics():
     model = tiny_model("llama")
     ids = token_batch(3, 16)
     blocks = model.model.layers
-    inputs, args, kwargs = capture_block_inputs(model, blocks, ids, torch.device("cpu"))
+    inputs = capture_block_inputs(model, blocks, ids, torch.device("cpu"), batch_size=2)
     named = target_layers(model, PruneSettings())[0]
-    stats = gather_layer_stats(blocks[0], named, inputs, args, kwargs, torch.device("cpu"))
+    stats = gather_layer_stats(blocks[0], named, inputs, torch.device("cpu"))
     prefix = "model.layers.0."
     assert stats[prefix + "self_attn.q_proj"] is stats[prefix + "self_attn.v_proj"]
     assert stats[prefix + "mlp.gate_proj"] is stats[prefix + "mlp.up_proj"]
@@ -151,11 +154,20 @@ def test_layers_with_the_same_input_share_exact_statistics():
     handles = [m.register_forward_hook(lambda _m, i, _o, n=n: captured.setdefault(n, []).append(
         i[0].reshape(-1, i[0].shape[-1]))) for n, m in named.items()]
     with torch.no_grad():
-        for x in inputs:
-            blocks[0](x, *args, **kwargs)
+        for x in inputs.batches:
+            inputs.run(blocks[0], x)
     for h in handles:
         h.remove()
     for name, xs in captured.items():
         x = torch.cat(xs)
         torch.testing.assert_close(stats[name].hessian, 2 * x.T @ x / x.shape[0])
         assert stats[name].nsamples == 3 * 16
+
+
+def test_batching_changes_speed_not_results():
+    a, b = tiny_model("mistral"), tiny_model("mistral")
+    ids = token_batch(5, 32, seed=4)
+    prune_model(a, ids, method="thanos", pattern="2:4", batch_size=1, progress=False)
+    prune_model(b, ids, method="thanos", pattern="2:4", batch_size=4, progress=False)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=name)

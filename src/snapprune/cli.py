@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: 2048)")
     calib.add_argument("--seed", type=int, default=0, metavar="S",
                        help="seed of the window sampling (default: 0)")
+    calib.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                       help="calibration windows per forward pass; speed only (default: 8)")
     evaluation = prune.add_argument_group("evaluation")
     _add_eval_args(evaluation, "--eval", "perplexity source after pruning; repeatable")
     evaluation.add_argument("--compare-dense", action="store_true",
@@ -235,7 +237,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.device != "cpu":
         model.to("cpu")
     run = prune_model(model, calibration, settings, device=args.device,
-                      progress=not args.quiet, log=_log if args.verbose else None)
+                      batch_size=args.batch_size, progress=not args.quiet, log=_log if args.verbose else None)
     _log(f"pruned {len(run.layers)} layers to sparsity {run.achieved_sparsity:.4f} in "
          f"{run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
     if args.device != "cpu" and args.eval_sources:

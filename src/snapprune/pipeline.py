@@ -68,20 +68,33 @@ class _StopForward(Exception):
 
 
 class _InputCatcher(nn.Module):
-    """Stands in for block 0: records hidden states and every keyword argument, then stops."""
+    """Stands in for block 0: records hidden states and every other argument, then stops."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
         self.inputs: list[torch.Tensor] = []
-        self.kwargs: dict | None = None
+        self.calls: dict[int, tuple[tuple, dict]] = {}
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         self.inputs.append(hidden.detach().cpu())
-        if self.kwargs is None:
-            self.kwargs = {"args": args[1:], **kwargs}
+        self.calls.setdefault(hidden.shape[0], (args[1:], kwargs))
         raise _StopForward
+
+
+@dataclass
+class BlockInputs:
+    """Calibration activations entering the current block, in batches, on the CPU, and the
+    other arguments the model passes to its blocks (masks, positions, rotary embeddings) for
+    each batch size."""
+
+    batches: list[torch.Tensor]
+    calls: dict[int, tuple[tuple, dict]]
+
+    def run(self, block: nn.Module, x: torch.Tensor):
+        args, kwargs = self.calls[x.shape[0]]
+        return block(x, *args, **kwargs)
 
 
 def _select(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
@@ -145,10 +158,14 @@ def _to_device(value, device):
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, device: torch.device
-) -> tuple[list[torch.Tensor], tuple, dict]:
-    """Run the model up to block 0 on each calibration window; keep inputs on the CPU."""
-    outside = [m for m in model.children()]
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    calibration: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 8,
+) -> BlockInputs:
+    """Run the model up to block 0 on the calibration windows, ``batch_size`` at a time."""
+    outside = list(model.children())
     block_ids = {id(b) for b in blocks}
     original = blocks[0]
     catcher = _InputCatcher(original)
@@ -158,21 +175,23 @@ def capture_block_inputs(
         if device.type != "cpu":
             for module in outside:
                 _move_except_blocks(module, block_ids, device, moved)
-        for window in calibration:
+        for start in range(0, calibration.shape[0], batch_size):
             with contextlib.suppress(_StopForward):
-                model(window[None].to(device), use_cache=False)
+                model(calibration[start : start + batch_size].to(device), use_cache=False)
     finally:
         blocks[0] = original
         for module in moved:
             module.to("cpu")
-    if catcher.kwargs is None:
+    if not catcher.calls:
         raise SnapPruneError("the model never reached its first decoder block")
-    kwargs = dict(catcher.kwargs)
-    args = kwargs.pop("args")
-    kwargs.pop("use_cache", None)
-    for key in ("past_key_value", "past_key_values", "cache", "layer_past"):
-        kwargs.pop(key, None)
-    return catcher.inputs, args, kwargs
+    calls = {}
+    for size, (args, kwargs) in catcher.calls.items():
+        kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+        calls[size] = (_to_device(args, device), _to_device(kwargs, device))
+    return BlockInputs(catcher.inputs, calls)
+
+
+_CACHE_KWARGS = ("use_cache", "past_key_value", "past_key_values", "cache", "layer_past")
 
 
 def _move_except_blocks(module: nn.Module, block_ids: set[int], device, moved: list) -> None:
@@ -196,9 +215,7 @@ def _move_except_blocks(module: nn.Module, block_ids: set[int], device, moved: l
 def gather_layer_stats(
     block: nn.Module,
     named: dict[str, nn.Module],
-    inputs: list[torch.Tensor],
-    args: tuple,
-    kwargs: dict,
+    inputs: BlockInputs,
     device: torch.device,
 ) -> dict[str, LayerStats]:
     """Run ``block`` on every input with hooks on its layers; one ``LayerStats`` per layer.
@@ -224,8 +241,8 @@ def gather_layer_stats(
 
     hooks = [module.register_forward_hook(hook(name)) for name, module in named.items()]
     try:
-        for x in inputs:
-            block(x.to(device), *args, **kwargs)
+        for x in inputs.batches:
+            inputs.run(block, x.to(device))
             seen.clear()
     finally:
         for handle in hooks:
@@ -251,6 +268,7 @@ def prune_model(
     settings: PruneSettings | None = None,
     *,
     device: str | torch.device = "cpu",
+    batch_size: int = 8,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     **overrides,
@@ -258,7 +276,8 @@ def prune_model(
     """Prune every selected linear layer of ``model`` in place, block by block.
 
     ``calibration``: ``nsamples × seqlen`` token ids. Only the block being pruned is moved to
-    ``device``; activations stay on the CPU in the model's dtype. Keyword overrides set fields
+    ``device``; activations stay on the CPU in the model's dtype, ``batch_size`` windows per
+    forward pass (batching changes speed, not results). Keyword overrides set fields
     of ``PruneSettings`` (``method=``, ``sparsity=``, ...).
     """
     settings = settings or PruneSettings()
@@ -279,10 +298,8 @@ def prune_model(
         torch.cuda.reset_peak_memory_stats(device)
 
     t = time.perf_counter()
-    inputs, args, kwargs = capture_block_inputs(model, blocks, calibration, device)
+    inputs = capture_block_inputs(model, blocks, calibration, device, batch_size)
     run.calibration_seconds += time.perf_counter() - t
-    kwargs = _to_device(kwargs, device)
-    args = _to_device(args, device)
 
     bar = tqdm(range(len(blocks)), desc=f"{settings.method} {settings.pattern}",
                unit="block", disable=not progress)
@@ -290,7 +307,7 @@ def prune_model(
         block = blocks[index].to(device)
         named = layers[index]
         t = time.perf_counter()
-        stats = gather_layer_stats(block, named, inputs, args, kwargs, device)
+        stats = gather_layer_stats(block, named, inputs, device)
         run.calibration_seconds += time.perf_counter() - t
 
         for name, module in named.items():
@@ -310,9 +327,9 @@ def prune_model(
         del stats
 
         t = time.perf_counter()
-        for i, x in enumerate(inputs):
-            out = _block_output(block(x.to(device), *args, **kwargs))
-            inputs[i] = out.to("cpu", x.dtype)
+        for i, x in enumerate(inputs.batches):
+            out = _block_output(inputs.run(block, x.to(device)))
+            inputs.batches[i] = out.to("cpu", x.dtype)
         run.calibration_seconds += time.perf_counter() - t
         blocks[index] = block.to("cpu") if device.type != "cpu" else block
     run.total_seconds = time.perf_counter() - start
