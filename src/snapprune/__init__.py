@@ -4,6 +4,7 @@ from .engine import METHODS, PruneResult, prune_weight, reconstruction_error
 from .errors import SnapPruneError
 from .layout import linear_weight, set_linear_weight
 from .masks import parse_pattern
+from .pipeline import PruneRun, PruneSettings, prune_model
 from .scores import METRICS
 from .stats import LayerStats
 
@@ -14,9 +15,12 @@ __all__ = [
     "METRICS",
     "LayerStats",
     "PruneResult",
+    "PruneRun",
+    "PruneSettings",
     "SnapPruneError",
     "linear_weight",
     "parse_pattern",
+    "prune_model",
     "prune_weight",
     "reconstruction_error",
     "set_linear_weight",

@@ -237,7 +237,8 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.device != "cpu":
         model.to("cpu")
     run = prune_model(model, calibration, settings, device=args.device,
-                      batch_size=args.batch_size, progress=not args.quiet, log=_log if args.verbose else None)
+                      batch_size=args.batch_size, progress=not args.quiet,
+                      log=_log if args.verbose else None)
     _log(f"pruned {len(run.layers)} layers to sparsity {run.achieved_sparsity:.4f} in "
          f"{run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
     if args.device != "cpu" and args.eval_sources:
