@@ -55,6 +55,16 @@ def read_documents(path: str | Path) -> list[str]:
         raise SnapPruneError(f"cannot read {path}: {exc}") from exc
 
 
+def _local_documents(source: str, what: str, named: str) -> tuple[Path, list[str]]:
+    path = Path(source)
+    if not path.exists():
+        raise SnapPruneError(
+            f"{what} {source!r} not found: use {named}, or a path to a .txt, .jsonl or "
+            ".json.gz file"
+        )
+    return path, read_documents(path)
+
+
 def wikitext_join(text: str) -> str:
     """WikiText as the published protocol sees it: rows (each keeping its newline) joined by a
     blank line. Works on the Hub's rows and on raw files whose blank lines were dropped."""
@@ -152,13 +162,7 @@ def calibration_windows(
         text = " ".join(_hub_rows("wikitext", "wikitext-2-raw-v1", "train", "text"))
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
         return _windows_from_stream(ids, nsamples, seqlen, seed, "WikiText-2 train")
-    path = Path(source)
-    if not path.exists():
-        raise SnapPruneError(
-            f"calibration source {source!r} not found: use c4, wikitext2, self, or a path to a "
-            ".txt/.jsonl/.json.gz file"
-        )
-    docs = read_documents(path)
+    path, docs = _local_documents(source, "calibration source", "c4, wikitext2, self")
     if _is_json(path):
         return _windows_from_documents(docs, tokenizer, nsamples, seqlen, seed, str(path))
     ids = tokenizer(docs[0], return_tensors="pt").input_ids[0]
@@ -207,13 +211,7 @@ def evaluation_ids(source: str, tokenizer) -> torch.Tensor:
     elif source == "ptb":
         text = " ".join(_hub_rows("ptb_text_only", "penn_treebank", "test", "sentence"))
     else:
-        path = Path(source)
-        if not path.exists():
-            raise SnapPruneError(
-                f"evaluation source {source!r} not found: use wikitext2, c4, ptb, or a path to "
-                "a text or JSON lines file"
-            )
-        docs = read_documents(path)
+        path, docs = _local_documents(source, "evaluation source", "wikitext2, c4, ptb")
         if _is_json(path):
             text = "\n\n".join(docs)
         elif path.name.startswith("wiki."):
