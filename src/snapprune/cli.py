@@ -77,10 +77,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_eval_args(parser: argparse.ArgumentParser, flag: str, help_text: str) -> None:
+def _add_eval_args(parser, flag: str, help_text: str, seqlen_flags: tuple[str, ...]) -> None:
     parser.add_argument(flag, dest="eval_sources", action="append", default=[], metavar="SRC",
                         help=help_text)
-    parser.add_argument("--eval-seqlen", type=_positive_int, default=2048, metavar="L",
+    parser.add_argument(*seqlen_flags, dest="eval_seqlen", type=_positive_int, default=2048,
+                        metavar="L",
                         help="perplexity window length, capped at the model's context "
                              "(default: 2048)")
     parser.add_argument("--max-windows", type=_positive_int, default=None, metavar="W",
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                        help="calibration windows per forward pass; speed only (default: 8)")
     evaluation = prune.add_argument_group("evaluation")
-    _add_eval_args(evaluation, "--eval", "perplexity source after pruning; repeatable")
+    _add_eval_args(evaluation, "--eval", "perplexity source after pruning; repeatable",
+                   ("--eval-seqlen",))
     evaluation.add_argument("--compare-dense", action="store_true",
                             help="also evaluate the dense model before pruning")
     output = prune.add_argument_group("output")
@@ -161,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model's perplexity",
                         description="Perplexity over non-overlapping windows.")
     _add_model_args(ev)
-    _add_eval_args(ev, "--ppl", "perplexity source (wikitext2, c4, ptb, or a file); repeatable")
+    _add_eval_args(ev, "--ppl", "perplexity source (wikitext2, c4, ptb, or a file); repeatable",
+                   ("--seqlen", "--eval-seqlen"))
     ev.add_argument("--json", metavar="PATH", help="write the results to PATH")
     return parser
 
