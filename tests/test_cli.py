@@ -86,7 +86,8 @@ def test_prune_eval_save_and_reload(tiny_dir, tmp_path, capsys):
 
 def test_eval_command(tiny_dir, tmp_path, capsys):
     path = tmp_path / "ppl.json"
-    code, err = _run(capsys, "eval", "--model", tiny_dir, "--ppl", WIKI_TEST, "--seqlen", 64, "--max-windows", 3, "--json", path, "--quiet")
+    code, err = _run(capsys, "eval", "--model", tiny_dir, "--ppl", WIKI_TEST, "--seqlen", 64,
+                     "--max-windows", 3, "--json", path, "--quiet")
     assert code == 0, err
     result = json.loads(path.read_text())["perplexity"][str(WIKI_TEST)]
     assert result["windows"] == 3 and result["perplexity"] > 1
