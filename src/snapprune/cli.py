@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev)
     _add_eval_args(ev, "--ppl", "perplexity source (wikitext2, c4, ptb, or a file); repeatable",
                    ("--seqlen", "--eval-seqlen"))
+    ev.add_argument("--zeroshot", metavar="TASKS",
+                    help="comma-separated zero-shot tasks: lm-eval task names (arc_easy, piqa, "
+                         "...; needs the network) or local .jsonl task files")
+    ev.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                    help="zero-shot: at most N examples per task (default: all)")
     ev.add_argument("--json", metavar="PATH", help="write the results to PATH")
     return parser
 
@@ -273,18 +278,31 @@ def run_eval(args: argparse.Namespace) -> int:
     from .report import library_versions
     from .save import write_json_atomic
 
-    if not args.eval_sources:
-        raise SnapPruneError("nothing to evaluate: pass --ppl SRC (wikitext2, c4, ptb or a file)")
+    tasks = [t.strip() for t in (args.zeroshot or "").split(",") if t.strip()]
+    if not args.eval_sources and not tasks:
+        raise SnapPruneError("nothing to evaluate: pass --ppl SRC (wikitext2, c4, ptb or a file) "
+                             "and/or --zeroshot TASKS")
     for source in args.eval_sources:
         _check_source(source, NAMED_SOURCES, "evaluation source")
+    for task in tasks:
+        if task.endswith((".jsonl", ".json")) and not Path(task).is_file():
+            raise SnapPruneError(f"task file {task} not found")
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, progress=not args.quiet)
     model.to(args.device)
     results = _evaluate_all(model, tokenizer, args.eval_sources, args)
-    payload = {"model": args.model, "perplexity": {k: vars(v) for k, v in results.items()},
-               "versions": library_versions()}
+    payload = {"model": args.model, "perplexity": {k: vars(v) for k, v in results.items()}}
+    if tasks:
+        from .zeroshot import evaluate_zeroshot
+
+        payload["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit,
+                                                device=args.device)
+        for name, row in payload["zeroshot"].items():
+            _log(f"zero-shot {name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float)
+                                                   else f"{k} {v}" for k, v in row.items()))
+    payload["versions"] = library_versions()
     if args.json:
         write_json_atomic(args.json, payload)
-    print(json.dumps(payload["perplexity"], indent=2))
+    print(json.dumps({k: v for k, v in payload.items() if k != "versions"}, indent=2))
     return 0
 
 
