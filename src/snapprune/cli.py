@@ -206,7 +206,7 @@ def run_prune(args: argparse.Namespace) -> int:
     from .data import NAMED_SOURCES, calibration_windows
     from .evaluate import capped_seqlen
     from .models.loading import load_model
-    from .pipeline import PruneSettings, prune_model
+    from .pipeline import PruneSettings, check_model_for_pruning, prune_model, target_layers
     from .report import prune_report
     from .save import check_output_dir, save_pruned_model, write_json_atomic
 
@@ -230,8 +230,6 @@ def run_prune(args: argparse.Namespace) -> int:
         method=args.method, pattern=args.pattern, sparsity=args.sparsity, alpha=args.alpha,
         blocksize=args.blocksize, percdamp=args.percdamp, metric=args.metric,
         include=tuple(args.include), exclude=tuple(args.exclude))
-    from .pipeline import check_model_for_pruning, target_layers
-
     check_model_for_pruning(target_layers(model, settings), settings)
 
     dense = {}

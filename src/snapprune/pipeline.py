@@ -76,6 +76,13 @@ class _InputCatcher(nn.Module):
         self.inputs: list[torch.Tensor] = []
         self.calls: dict[int, tuple[tuple, dict]] = {}
 
+    def __getattr__(self, name: str):
+        # Models read attributes of their blocks (e.g. ``attention_type``): answer for block 0.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("block"), name)
+
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         self.inputs.append(hidden.detach().cpu())
