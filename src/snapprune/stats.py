@@ -53,14 +53,6 @@ class LayerStats:
         self._sq += sq
         self.nsamples += x.shape[0]
 
-    def merge(self, other: LayerStats) -> None:
-        """Fold in statistics gathered elsewhere (another device or process)."""
-        if other.columns != self.columns:
-            raise SnapPruneError("cannot merge statistics of layers with different widths")
-        self._xxt += other._xxt.to(self._xxt)
-        self._sq += other._sq.to(self._sq)
-        self.nsamples += other.nsamples
-
     def _require_samples(self) -> None:
         if self.nsamples == 0:
             raise SnapPruneError(
@@ -78,11 +70,6 @@ class LayerStats:
         """Mean squared input per column, ``Σ x_j² / N``."""
         self._require_samples()
         return self._sq / self.nsamples
-
-    @property
-    def input_norms(self) -> torch.Tensor:
-        """``‖x_j‖₂`` up to the common factor ``√N``: what the Wanda score multiplies by."""
-        return self.sq_norms.sqrt()
 
     @classmethod
     def from_inputs(cls, x: torch.Tensor, **kwargs) -> LayerStats:
