@@ -167,11 +167,72 @@ def build_parser() -> argparse.ArgumentParser:
                    ("--seqlen", "--eval-seqlen"))
     ev.add_argument("--zeroshot", metavar="TASKS",
                     help="comma-separated zero-shot tasks: lm-eval task names (arc_easy, piqa, "
-                         "...; needs the network) or local .jsonl task files")
+                         "...; needs the network), local .jsonl task files, or a directory "
+                         "of them")
     ev.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                     help="zero-shot: at most N examples per task (default: all)")
     ev.add_argument("--json", metavar="PATH", help="write the results to PATH")
+    _add_sweep_parser(sub)
     return parser
+
+
+SWEEP_EPILOG = """\
+A grid is either one sweep file (--grid, JSON: model, defaults, evaluation, and a list of
+named grids, each a Cartesian product of its settings; see benchmarks/grids/) or the
+comma-separated lists given here (one grid). Method 'dense' adds the unpruned model.
+
+The dense model is loaded once and its weights restored before each cell; calibration text is
+tokenised (or generated, for 'self') once, and the first block's inputs captured once per
+calibration set. Each finished cell is appended to DIR/cells.jsonl at once: run the same
+command again after an interruption and only unfinished cells run. DIR/results.md (one table
+per grid) and PNG plots (perplexity vs sparsity, block size, α, calibration windows) are
+rewritten as cells finish.
+
+example:
+  snapprune sweep --model smollm2-135m --method magnitude,wanda,sparsegpt,thanos \\
+      --sparsity 0.1,0.3,0.5,0.7 --calib ../shared/data/c4/c4-validation-2k-part1.json.gz \\
+      --nsamples 16 --seqlen 512 --ppl ../shared/data/wikitext-2-raw-v1/wiki.test.raw \\
+      --eval-seqlen 1024 --max-windows 16 --out runs/sweep
+"""
+
+
+def _add_sweep_parser(sub) -> None:
+    sweep = sub.add_parser(
+        "sweep", help="run a grid of pruning settings, resumable, with tables and plots",
+        description="Prune and evaluate every cell of a grid of settings on one model.",
+        epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("--model", metavar="M",
+                       help="as for prune (default: the sweep file's model)")
+    sweep.add_argument("--device", default="cpu", metavar="D", help="cpu or cuda (default: cpu)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
+    sweep.add_argument("--out", required=True, metavar="DIR",
+                       help="where cells.jsonl, results.md and the plots go (resumes from it)")
+    sweep.add_argument("--grid", metavar="FILE", help="sweep file (JSON); replaces the lists")
+    sweep.add_argument("--render-only", action="store_true",
+                       help="only rewrite results.md and the plots from DIR/cells.jsonl")
+    lists = sweep.add_argument_group("grid as comma-separated lists (without --grid)")
+    for name, default, text in (
+            ("method", None, "methods, and/or dense"),
+            ("pattern", "unstructured", "patterns: unstructured, N:M, structured"),
+            ("sparsity", "0.5", "sparsities (ignored by N:M)"),
+            ("alpha", "0", "structured outlier row fractions"),
+            ("blocksize", "128", "block sizes"),
+            ("metric", "default", "mask metrics; 'default' is each method's own"),
+            ("calib", "c4", "calibration sources"),
+            ("nsamples", "128", "calibration window counts"),
+            ("seqlen", "2048", "calibration window lengths"),
+            ("seed", "0", "calibration seeds")):
+        lists.add_argument(f"--{name}", default=default, metavar="LIST",
+                           help=f"{text} (default: {default})" if default else text)
+    lists.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                       help="calibration windows per forward pass (default: 8)")
+    evaluation = sweep.add_argument_group("evaluation (without --grid)")
+    _add_eval_args(evaluation, "--ppl", "perplexity source; repeatable",
+                   ("--eval-seqlen",))
+    evaluation.add_argument("--zeroshot", metavar="TASKS",
+                            help="zero-shot tasks for every cell (names, files or a directory)")
+    evaluation.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                            help="zero-shot: at most N examples per task (default: all)")
 
 
 def _check_source(source: str, named: tuple[str, ...], what: str) -> None:
@@ -206,7 +267,13 @@ def run_prune(args: argparse.Namespace) -> int:
     from .data import NAMED_SOURCES, calibration_windows
     from .evaluate import capped_seqlen
     from .models.loading import load_model
-    from .pipeline import PruneSettings, check_model_for_pruning, prune_model, target_layers
+    from .pipeline import (
+        PruneSettings,
+        check_model_for_pruning,
+        needs_calibration,
+        prune_model,
+        target_layers,
+    )
     from .report import prune_report
     from .save import check_output_dir, save_pruned_model, write_json_atomic
 
@@ -237,8 +304,10 @@ def run_prune(args: argparse.Namespace) -> int:
         dense = _evaluate_all(model, tokenizer, args.eval_sources, args)
     seqlen = capped_seqlen(model, args.seqlen)
     t = time.perf_counter()
-    calibration = calibration_windows(args.calib, tokenizer, nsamples=args.nsamples,
-                                      seqlen=seqlen, seed=args.seed, model=model)
+    calibration = None
+    if needs_calibration(settings):
+        calibration = calibration_windows(args.calib, tokenizer, nsamples=args.nsamples,
+                                          seqlen=seqlen, seed=args.seed, model=model)
     data_seconds = time.perf_counter() - t
     if args.device != "cpu":
         model.to("cpu")
@@ -282,9 +351,10 @@ def run_eval(args: argparse.Namespace) -> int:
                              "and/or --zeroshot TASKS")
     for source in args.eval_sources:
         _check_source(source, NAMED_SOURCES, "evaluation source")
-    for task in tasks:
-        if task.endswith((".jsonl", ".json")) and not Path(task).is_file():
-            raise SnapPruneError(f"task file {task} not found")
+    if tasks:
+        from .zeroshot import expand_tasks
+
+        tasks = expand_tasks(tasks)
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, progress=not args.quiet)
     model.to(args.device)
     results = _evaluate_all(model, tokenizer, args.eval_sources, args)
@@ -304,11 +374,84 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(text: str, cast=str) -> list:
+    try:
+        return [cast(v.strip()) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise SnapPruneError(f"cannot read the list {text!r}; give comma-separated values, "
+                             "e.g. 0.3,0.5") from None
+
+
+def _plan_from_lists(args: argparse.Namespace):
+    from .sweep import Evaluation, SweepPlan, expand_grid
+
+    if not args.model:
+        raise SnapPruneError("sweep needs --model (or a --grid file that names one)")
+    if not args.method:
+        raise SnapPruneError("sweep needs --method (a list, e.g. thanos,sparsegpt) or --grid")
+    axes = {
+        "method": _split(args.method), "pattern": _split(args.pattern),
+        "sparsity": _split(args.sparsity, float), "alpha": _split(args.alpha, float),
+        "blocksize": _split(args.blocksize, int),
+        "metric": [None if m == "default" else m for m in _split(args.metric)],
+        "calib": _split(args.calib), "nsamples": _split(args.nsamples, int),
+        "seqlen": _split(args.seqlen, int), "seed": _split(args.seed, int),
+    }
+    tasks = _split(args.zeroshot or "")
+    evaluation = Evaluation(ppl=list(args.eval_sources), eval_seqlen=args.eval_seqlen,
+                            max_windows=args.max_windows, zeroshot=tasks, limit=args.limit)
+    return SweepPlan(args.model, [expand_grid("cli", axes, zeroshot=bool(tasks))], evaluation,
+                     args.batch_size)
+
+
+def _check_plan_inputs(plan) -> None:
+    from .data import NAMED_SOURCES
+    from .zeroshot import expand_tasks
+
+    for source in plan.evaluation.ppl:
+        _check_source(source, NAMED_SOURCES, "evaluation source")
+    for cell, _, _ in plan.requests():
+        if cell.calib is not None:
+            _check_source(cell.calib, (*NAMED_SOURCES[:2], "self"), "calibration source")
+    plan.evaluation.zeroshot = expand_tasks(plan.evaluation.zeroshot)
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from .sweep import load_plan, read_cells, run_sweep
+    from .sweep_report import render
+
+    plan = load_plan(args.grid, args.model) if args.grid else _plan_from_lists(args)
+    out = Path(args.out)
+    if args.render_only:
+        records = read_cells(out)
+        if not records:
+            raise SnapPruneError(f"no finished cells in {out}; run the sweep first")
+        for path in render(out, records, plan):
+            _log(f"wrote {path}")
+        return 0
+    _check_plan_inputs(plan)
+    if out.exists() and not out.is_dir():
+        raise SnapPruneError(f"--out {out} is a file; give a directory")
+    if not out.parent.is_dir():
+        raise SnapPruneError(f"parent directory {out.parent} of --out does not exist")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SnapPruneError("--device cuda requested but no CUDA device is available")
+    records = run_sweep(plan, out, device=args.device, progress=not args.quiet, log=_log,
+                        after_cell=lambda done: render(out, done, plan, plots=False))
+    for path in render(out, records, plan):
+        _log(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"prune": run_prune, "eval": run_eval}[args.command](args)
+        commands = {"prune": run_prune, "eval": run_eval, "sweep": run_sweep_command}
+        return commands[args.command](args)
     except SnapPruneError as exc:
         print(f"snapprune: error: {exc}", file=sys.stderr)
         return 2

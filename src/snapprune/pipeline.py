@@ -260,6 +260,14 @@ def gather_layer_stats(
     return stats
 
 
+def needs_calibration(settings: PruneSettings) -> bool:
+    """Only magnitude pruning by magnitude scores works from the weights alone."""
+    from .engine import DEFAULT_METRIC
+
+    metric = settings.metric or DEFAULT_METRIC.get(settings.method)
+    return not (settings.method == "magnitude" and metric == "magnitude")
+
+
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -271,21 +279,24 @@ def _peak_memory(device: torch.device) -> int:
 @torch.no_grad()
 def prune_model(
     model: nn.Module,
-    calibration: torch.Tensor,
+    calibration: torch.Tensor | None,
     settings: PruneSettings | None = None,
     *,
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    block_inputs: BlockInputs | None = None,
     **overrides,
 ) -> PruneRun:
     """Prune every selected linear layer of ``model`` in place, block by block.
 
-    ``calibration``: ``nsamples × seqlen`` token ids. Only the block being pruned is moved to
-    ``device``; activations stay on the CPU in the model's dtype, ``batch_size`` windows per
-    forward pass (batching changes speed, not results). Keyword overrides set fields
-    of ``PruneSettings`` (``method=``, ``sparsity=``, ...).
+    ``calibration``: ``nsamples × seqlen`` token ids (``None`` for magnitude pruning, which
+    needs no data). Only the block being pruned is moved to ``device``; activations stay on the
+    CPU in the model's dtype, ``batch_size`` windows per forward pass (batching changes speed,
+    not results). ``block_inputs``: the first block's inputs captured earlier from the same
+    calibration ids (``capture_block_inputs``), which sweeps reuse; they are not modified.
+    Keyword overrides set fields of ``PruneSettings`` (``method=``, ``sparsity=``, ...).
     """
     settings = settings or PruneSettings()
     for key, value in overrides.items():
@@ -304,8 +315,15 @@ def prune_model(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    if not needs_calibration(settings):
+        return _prune_weights_only(layers, settings, run, device, start, log)
     t = time.perf_counter()
-    inputs = capture_block_inputs(model, blocks, calibration, device, batch_size)
+    if block_inputs is not None:
+        inputs = BlockInputs(list(block_inputs.batches), block_inputs.calls)
+    elif calibration is None:
+        raise SnapPruneError(f"{settings.method} pruning needs calibration data")
+    else:
+        inputs = capture_block_inputs(model, blocks, calibration, device, batch_size)
     run.calibration_seconds += time.perf_counter() - t
 
     bar = tqdm(range(len(blocks)), desc=f"{settings.method} {settings.pattern}",
@@ -318,19 +336,7 @@ def prune_model(
         run.calibration_seconds += time.perf_counter() - t
 
         for name, module in named.items():
-            result = prune_weight(
-                linear_weight(module), stats[name], method=settings.method,
-                sparsity=settings.sparsity, pattern=settings.pattern, alpha=settings.alpha,
-                blocksize=settings.blocksize, percdamp=settings.percdamp, metric=settings.metric,
-            )
-            set_linear_weight(module, result.weight)
-            record = LayerRecord(name, tuple(result.weight.shape), result.sparsity,
-                                 result.error, result.seconds)
-            run.layers.append(record)
-            run.solver_seconds += result.seconds
-            if log:
-                log(f"{name:48s} {record.shape[0]}x{record.shape[1]}  sparsity "
-                    f"{record.sparsity:.3f}  error {record.error:.4g}  {record.seconds:.2f}s")
+            _prune_layer(name, module, stats[name], settings, run, log)
         del stats
 
         t = time.perf_counter()
@@ -339,6 +345,36 @@ def prune_model(
             inputs.batches[i] = out.to("cpu", x.dtype)
         run.calibration_seconds += time.perf_counter() - t
         blocks[index] = block.to("cpu") if device.type != "cpu" else block
+    run.total_seconds = time.perf_counter() - start
+    run.peak_memory_bytes = _peak_memory(device)
+    return run
+
+
+def _prune_layer(name: str, module: nn.Module, stats: LayerStats | None,
+                 settings: PruneSettings, run: PruneRun, log) -> None:
+    result = prune_weight(
+        linear_weight(module), stats, method=settings.method,
+        sparsity=settings.sparsity, pattern=settings.pattern, alpha=settings.alpha,
+        blocksize=settings.blocksize, percdamp=settings.percdamp, metric=settings.metric,
+    )
+    set_linear_weight(module, result.weight)
+    record = LayerRecord(name, tuple(result.weight.shape), result.sparsity,
+                         result.error, result.seconds)
+    run.layers.append(record)
+    run.solver_seconds += result.seconds
+    if log:
+        log(f"{name:48s} {record.shape[0]}x{record.shape[1]}  sparsity "
+            f"{record.sparsity:.3f}  error {record.error:.4g}  {record.seconds:.2f}s")
+
+
+def _prune_weights_only(layers, settings, run, device, start, log) -> PruneRun:
+    """Magnitude pruning: no forward pass at all (layer errors are unknown: NaN)."""
+    for named in layers.values():
+        for name, module in named.items():
+            weight = module.weight
+            module.to(device)
+            _prune_layer(name, module, None, settings, run, log)
+            module.to(weight.device)
     run.total_seconds = time.perf_counter() - start
     run.peak_memory_bytes = _peak_memory(device)
     return run

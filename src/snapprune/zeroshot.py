@@ -99,6 +99,23 @@ def local_task_config(path: str | Path, name: str | None = None) -> dict:
     return config
 
 
+def expand_tasks(tasks: list[str]) -> list[str]:
+    """Task names and files as given; a directory stands for every ``*.jsonl`` file in it."""
+    expanded: list[str] = []
+    for task in tasks:
+        path = Path(task)
+        if path.is_dir():
+            files = sorted(str(f) for f in path.glob("*.jsonl"))
+            if not files:
+                raise SnapPruneError(f"task directory {path} holds no .jsonl task files")
+            expanded.extend(files)
+        elif task.endswith((".jsonl", ".json")) and not path.is_file():
+            raise SnapPruneError(f"task file {task} not found")
+        else:
+            expanded.append(task)
+    return expanded
+
+
 def evaluate_zeroshot(
     model,
     tokenizer,
@@ -121,7 +138,7 @@ def evaluate_zeroshot(
             "zero-shot evaluation needs lm-evaluation-harness: pip install 'snapprune[eval]'"
         ) from exc
     specs, names = [], []
-    for task in tasks:
+    for task in expand_tasks(tasks):
         if Path(task).suffix in (".jsonl", ".json") or Path(task).exists():
             config = local_task_config(task)
             specs.append(config)
