@@ -63,6 +63,9 @@ def test_never_seen_task_files_work_unchanged(tmp_path, tiny):
     for name in ("local_colours", "local_pronouns"):
         assert 0.0 <= results[name]["acc"] <= 1.0
     assert "acc_norm" in results["local_colours"]
+    assert "acc_norm" not in results["local_pronouns"]  # partial scoring: acc only
+    assert results["mean"]["acc_norm"] == pytest.approx(
+        (results["local_colours"]["acc_norm"] + results["local_pronouns"]["acc"]) / 2)
     again = evaluate_zeroshot(model, tokenizer, [str(query), str(partial)], batch_size=1)
     assert again == results  # deterministic, batch size irrelevant
 
@@ -72,3 +75,14 @@ def test_shared_task_files_with_limit(tiny):
     tasks = [str(ZEROSHOT / "arc_easy.jsonl"), str(ZEROSHOT / "winogrande.jsonl")]
     results = evaluate_zeroshot(model, tokenizer, tasks, limit=4)
     assert results["local_arc_easy"]["n"] == 4 and results["local_winogrande"]["n"] == 4
+
+
+def test_task_directory_expands_to_its_files(tmp_path):
+    from snapprune.zeroshot import expand_tasks
+
+    assert expand_tasks([str(ZEROSHOT)]) == sorted(str(p) for p in ZEROSHOT.glob("*.jsonl"))
+    assert expand_tasks(["arc_easy"]) == ["arc_easy"]  # a Hub task name passes through
+    with pytest.raises(SnapPruneError, match=r"holds no \.jsonl"):
+        expand_tasks([str(tmp_path)])
+    with pytest.raises(SnapPruneError, match="not found"):
+        expand_tasks([str(tmp_path / "gone.jsonl")])

@@ -83,9 +83,12 @@ def local_task_config(path: str | Path, name: str | None = None) -> dict:
         "test_split": "test",
         "output_type": "multiple_choice",
         "target_delimiter": " ",
+        # Partial scoring compares one continuation after different contexts: a length
+        # normalisation of the choices (the contexts) means nothing there, so acc only.
         "metric_list": [
             {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            *([{"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
+              if form == "query" else []),
         ],
         "metadata": {"version": 1.0},
     }
