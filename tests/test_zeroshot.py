@@ -86,3 +86,46 @@ def test_task_directory_expands_to_its_files(tmp_path):
         expand_tasks([str(tmp_path)])
     with pytest.raises(SnapPruneError, match="not found"):
         expand_tasks([str(tmp_path / "gone.jsonl")])
+
+
+def _reference_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """Summed log-probability of ``continuation`` after ``context``, written out by hand
+    (the convention of the shared data README: tokenise the pair whole, score the tail)."""
+    import torch
+
+    whole = tokenizer.encode(context + continuation)
+    head = tokenizer.encode(context)
+    tail = whole[len(head):]
+    with torch.no_grad():
+        logprobs = model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
+    return sum(logprobs[len(head) - 1 + i, token].item() for i, token in enumerate(tail))
+
+
+def test_accuracy_matches_a_hand_written_scorer(tmp_path, tiny):
+    """Each task file holds one document, so lm-eval's acc is that document's 0/1 verdict:
+    compare it, and acc_norm, with choices scored by hand."""
+    model, tokenizer = tiny
+    query_docs = [json.loads(line) for line in
+                  (ZEROSHOT / "arc_easy.jsonl").read_text().splitlines()[:3]]
+    query_docs += [json.loads((ZEROSHOT / "piqa.jsonl").open().readline())]
+    partial_docs = [json.loads(line) for line in
+                    (ZEROSHOT / "winogrande.jsonl").read_text().splitlines()[:2]]
+    paths, expected = [], {}
+    for i, doc in enumerate(query_docs):
+        paths.append(str(_write(tmp_path / f"q{i}.jsonl", [doc])))
+        lls = [_reference_loglikelihood(model, tokenizer, doc["query"], " " + c)
+               for c in doc["choices"]]
+        normed = [ll / len(c) for ll, c in zip(lls, doc["choices"], strict=True)]
+        expected[f"local_q{i}"] = {
+            "acc": float(max(range(len(lls)), key=lls.__getitem__) == doc["gold"]),
+            "acc_norm": float(max(range(len(normed)), key=normed.__getitem__) == doc["gold"])}
+    for i, doc in enumerate(partial_docs):
+        paths.append(str(_write(tmp_path / f"p{i}.jsonl", [doc])))
+        lls = [_reference_loglikelihood(model, tokenizer, ctx, " " + doc["continuation"])
+               for ctx in doc["context_options"]]
+        expected[f"local_p{i}"] = {"acc": float(max(range(2), key=lls.__getitem__) == doc["gold"])}
+    results = evaluate_zeroshot(model, tokenizer, paths, batch_size=4)
+    got = {name: {k: v for k, v in row.items() if k != "n"}
+           for name, row in results.items() if name != "mean"}
+    assert got == expected
+    assert len({row["acc"] for row in expected.values()}) == 2  # both verdicts occur
