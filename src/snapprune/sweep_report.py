@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -37,7 +38,9 @@ def _fmt(value, digits: int = 3) -> str:
 def grid_table(records: list[dict]) -> str:
     """One Markdown table: the settings that vary across ``records``, then the results."""
     cells = [asdict(cell_from_record(r)) for r in records]
-    varying = [c for c in SETTING_COLUMNS if len({str(cell[c]) for cell in cells}) > 1]
+    # A column appears when pruned cells differ in it (None: the setting does not apply).
+    varying = [c for c in SETTING_COLUMNS
+               if len({str(cell[c]) for cell in cells if cell[c] is not None}) > 1]
     sources = sorted({s for r in records for s in r.get("perplexity", {})})
     zeroshot = any("zeroshot" in r for r in records)
     head = ["method", *(HEADERS.get(c, c) for c in varying),
@@ -86,6 +89,15 @@ def _label(cell: Cell) -> str:
     return " ".join(p for p in parts if p)
 
 
+def _task_names(tasks: list[str]) -> list[str]:
+    from .errors import SnapPruneError
+    from .zeroshot import expand_tasks
+
+    with contextlib.suppress(SnapPruneError):  # rendering elsewhere than the sweep ran
+        tasks = expand_tasks(tasks)
+    return [Path(t).stem for t in tasks]
+
+
 def render_markdown(plan: SweepPlan | None, records: dict[str, dict]) -> str:
     """The whole report: one section per grid (in the plan's order, or one table of all)."""
     sections = ["# Sweep results", ""]
@@ -94,7 +106,7 @@ def render_markdown(plan: SweepPlan | None, records: dict[str, dict]) -> str:
         sections += [f"Model: `{plan.model}`. Perplexity: {', '.join(Path(s).name for s in ev.ppl)}"
                      f", windows of {ev.eval_seqlen} tokens, at most {ev.max_windows or 'all'}"
                      " windows. "
-                     + (f"Zero-shot: {len(ev.zeroshot)} task source(s), at most "
+                     + (f"Zero-shot: {', '.join(_task_names(ev.zeroshot))}, at most "
                         f"{ev.limit or 'all'} examples per task." if ev.zeroshot else ""), ""]
         groups = []
         for grid in plan.grids:
