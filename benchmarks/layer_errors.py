@@ -33,7 +33,8 @@ def main() -> None:
         if (cell["method"] not in METHODS or not row.get("layer_errors")
                 or cell["nsamples"] != args.nsamples or cell["calib"] is None
                 or "c4" not in cell["calib"] or cell["metric"] != default_metric[cell["method"]]
-                or cell["blocksize"] not in (None, 128) or cell["sparsity"] not in (0.3, 0.5)):
+                or cell["blocksize"] not in (None, 128)
+                or cell["sparsity"] != (0.3 if cell["pattern"] == "structured" else 0.5)):
             continue
         regime = (cell["pattern"], cell["sparsity"], cell["alpha"])
         chosen[regime][cell["method"]] = row["layer_errors"]

@@ -136,6 +136,16 @@ def _series(records: list[dict], axis: str, source: str) -> dict[tuple, list[tup
     return {k: sorted(v) for k, v in lines.items() if len({x for x, _ in v}) >= 2}
 
 
+def _series_label(key: tuple, keys: list[tuple]) -> str:
+    """The method, plus the settings (not applying = None ignored) that tell apart the lines
+    of the same method."""
+    method = key[0][1]
+    siblings = [k for k in keys if k[0][1] == method]
+    extra = [f"{HEADERS.get(name, name)} {_fmt(value)}" for i, (name, value) in enumerate(key)
+             if i and len({k[i][1] for k in siblings}) > 1]
+    return ", ".join([method, *extra])
+
+
 def plot_against(records: list[dict], axis: str, source: str, path: Path) -> bool:
     """Perplexity against one swept setting, a line per method (and per other setting that
     differs between lines). Returns False when the sweep holds no such series."""
@@ -148,14 +158,11 @@ def plot_against(records: list[dict], axis: str, source: str, path: Path) -> boo
     import matplotlib.pyplot as plt
 
     keys = list(series)
-    differing = [i for i in range(len(keys[0])) if len({k[i][1] for k in keys}) > 1]
-    _, xlabel, log2 = PLOTS[axis]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    _, xlabel, log2 = PLOTS[axis]
     for key in keys:
         xs, ys = zip(*series[key], strict=True)
-        label = ", ".join(f"{_fmt(key[i][1])}" if key[i][0] == "method"
-                          else f"{HEADERS.get(key[i][0], key[i][0])} {_fmt(key[i][1])}"
-                          for i in differing) or key[0][1]
+        label = _series_label(key, keys)
         ax.plot(xs, ys, marker="o", label=label)
     dense = [r["perplexity"][source] for r in records
              if r["cell"]["method"] == DENSE and source in r["perplexity"]]
