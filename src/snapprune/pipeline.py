@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .engine import check_settings, prune_weight
+from .engine import DEFAULT_METRIC, check_settings, prune_weight
 from .errors import SnapPruneError
 from .layout import input_width, is_prunable, linear_weight, set_linear_weight
 from .models.adapters import adapter_for
@@ -262,8 +262,6 @@ def gather_layer_stats(
 
 def needs_calibration(settings: PruneSettings) -> bool:
     """Only magnitude pruning by magnitude scores works from the weights alone."""
-    from .engine import DEFAULT_METRIC
-
     metric = settings.metric or DEFAULT_METRIC.get(settings.method)
     return not (settings.method == "magnitude" and metric == "magnitude")
 

@@ -265,7 +265,6 @@ class SweepContext:
     plan: SweepPlan
     device: str = "cpu"
     progress: bool = True
-    log: Callable[[str], None] = print
     _calibration: dict = field(default_factory=dict)
     _inputs: tuple | None = None
     _eval_ids: dict = field(default_factory=dict)
@@ -390,7 +389,7 @@ def run_sweep(
             raise SnapPruneError(f"evaluation source {source!r} not found")
     layers = target_layers(model, PruneSettings())
     dense = DenseWeights(m for named in layers.values() for m in named.values())
-    ctx = SweepContext(model, tokenizer, plan, device, progress, log)
+    ctx = SweepContext(model, tokenizer, plan, device, progress)
     # Every data source is read (and 'self' text generated) from the dense model up front.
     for cell, _, _ in todo:
         if cell.calibration_key is not None:
