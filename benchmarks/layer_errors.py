@@ -16,6 +16,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from snapprune.engine import DEFAULT_METRIC
+
 METHODS = ("wanda", "sparsegpt", "thanos")
 
 
@@ -29,10 +31,9 @@ def main() -> None:
     chosen: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for row in rows:
         cell = row["cell"]
-        default_metric = {"wanda": "wanda", "sparsegpt": "obs", "thanos": "wanda"}
         if (cell["method"] not in METHODS or not row.get("layer_errors")
                 or cell["nsamples"] != args.nsamples or cell["calib"] is None
-                or "c4" not in cell["calib"] or cell["metric"] != default_metric[cell["method"]]
+                or "c4" not in cell["calib"] or cell["metric"] != DEFAULT_METRIC[cell["method"]]
                 or cell["blocksize"] not in (None, 128)
                 or cell["sparsity"] != (0.3 if cell["pattern"] == "structured" else 0.5)):
             continue

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .data import NAMED_SOURCES
 from .engine import DEFAULT_METRIC, UPDATING_METHODS, check_settings
 from .errors import SnapPruneError
 
@@ -144,6 +145,11 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def source_label(source: str) -> str:
+    """How records name an evaluation source: a file by its name, a Hub dataset as given."""
+    return Path(source).name if Path(source).exists() else source
+
+
 @dataclass
 class Evaluation:
     """Fixed evaluation budget of a sweep: every cell is measured the same way."""
@@ -155,7 +161,7 @@ class Evaluation:
     limit: int | None = None
 
     def describe(self, with_zeroshot: bool) -> dict:
-        out = {"ppl": {Path(s).name if Path(s).exists() else s: {
+        out = {"ppl": {source_label(s): {
             "seqlen": self.eval_seqlen, "max_windows": self.max_windows} for s in self.ppl}}
         if with_zeroshot and self.zeroshot:
             out["zeroshot"] = {"tasks": [Path(t).stem for t in self.zeroshot],
@@ -339,8 +345,7 @@ def run_cell(ctx: SweepContext, cell: Cell, zeroshot: bool) -> dict:
         res = perplexity(ctx.model, ctx.eval_ids(source), seqlen=evaluation.eval_seqlen,
                          max_windows=evaluation.max_windows, device=ctx.device,
                          source=Path(source).name, progress=ctx.progress)
-        result["perplexity"][Path(source).name if Path(source).exists() else source] = (
-            res.perplexity)
+        result["perplexity"][source_label(source)] = res.perplexity
     if zeroshot and evaluation.zeroshot:
         from .zeroshot import evaluate_zeroshot
 
@@ -371,10 +376,11 @@ def run_sweep(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = read_cells(out_dir)
-    todo = [(cell, zs, names) for cell, zs, names in plan.requests()
+    requests = plan.requests()
+    todo = [(cell, zs, names) for cell, zs, names in requests
             if not (cell.key in done
                     and covers(done[cell.key], plan.evaluation.describe(zs)))]
-    log(f"sweep: {len(plan.requests())} cells, {len(plan.requests()) - len(todo)} already "
+    log(f"sweep: {len(requests)} cells, {len(requests) - len(todo)} already "
         f"finished in {out_dir / CELLS_FILE}, {len(todo)} to run")
     if not todo:
         return done
@@ -385,7 +391,7 @@ def run_sweep(
     else:
         model, tokenizer = model_and_tokenizer
     for source in plan.evaluation.ppl:
-        if not (source in ("wikitext2", "c4", "ptb") or Path(source).exists()):
+        if not (source in NAMED_SOURCES or Path(source).exists()):
             raise SnapPruneError(f"evaluation source {source!r} not found")
     layers = target_layers(model, PruneSettings())
     dense = DenseWeights(m for named in layers.values() for m in named.values())
