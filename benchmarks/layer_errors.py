@@ -16,7 +16,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from snapprune.engine import DEFAULT_METRIC
+from snapprune.engine import get_method
 
 METHODS = ("wanda", "sparsegpt", "thanos")
 
@@ -33,7 +33,8 @@ def main() -> None:
         cell = row["cell"]
         if (cell["method"] not in METHODS or not row.get("layer_errors")
                 or cell["nsamples"] != args.nsamples or cell["calib"] is None
-                or "c4" not in cell["calib"] or cell["metric"] != DEFAULT_METRIC[cell["method"]]
+                or "c4" not in cell["calib"]
+                or cell["metric"] != get_method(cell["method"]).default_metric
                 or cell["blocksize"] not in (None, 128)
                 or cell["sparsity"] != (0.3 if cell["pattern"] == "structured" else 0.5)):
             continue

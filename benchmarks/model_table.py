@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from snapprune.data import calibration_windows, evaluation_ids
-from snapprune.evaluate import perplexity
+from snapprune.eval.perplexity import perplexity
 from snapprune.models.loading import load_model
-from snapprune.pipeline import PruneSettings, prune_model
+from snapprune.models.pipeline import PruneSettings, prune_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CELLS = [

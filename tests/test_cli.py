@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from snapprune.cli import main
 from snapprune.data import calibration_windows
-from snapprune.pipeline import prune_model
+from snapprune.models.pipeline import prune_model
 
 
 @pytest.fixture(scope="module")

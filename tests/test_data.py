@@ -20,7 +20,7 @@ from snapprune.data import (
     self_generated_windows,
     wikitext_join,
 )
-from snapprune.evaluate import perplexity
+from snapprune.eval.perplexity import perplexity
 
 
 def test_c4_windows_are_seeded_and_from_long_documents(smollm2_tokenizer):

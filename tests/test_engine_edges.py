@@ -171,7 +171,7 @@ def test_lstsq_reference_detects_a_wrong_update():
 
 @pytest.mark.parametrize("n", [10, 70_000, 300_001])
 def test_kth_smallest_is_exact(n):
-    from snapprune.masks import kth_smallest, lowest_k_mask
+    from snapprune.engine.masks import kth_smallest, lowest_k_mask
 
     gen = torch.Generator().manual_seed(n)
     values = torch.randn(n, generator=gen).exp()

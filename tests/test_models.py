@@ -8,7 +8,7 @@ from tiny_models import FAMILIES, LAYERS, tiny_model, token_batch
 
 from snapprune import SnapPruneError, linear_weight
 from snapprune.models import adapter_for
-from snapprune.pipeline import (
+from snapprune.models.pipeline import (
     PruneSettings,
     _block_output,
     capture_block_inputs,
@@ -138,7 +138,7 @@ def test_run_report_numbers():
 
 
 def test_layers_with_the_same_input_share_exact_statistics():
-    from snapprune.pipeline import gather_layer_stats
+    from snapprune.models.pipeline import gather_layer_stats
 
     model = tiny_model("llama")
     ids = token_batch(3, 16)

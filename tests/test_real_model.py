@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from snapprune.cli import main
 from snapprune.data import calibration_windows, evaluation_ids
-from snapprune.evaluate import perplexity
+from snapprune.eval.perplexity import perplexity
 from snapprune.models.loading import load_model
-from snapprune.pipeline import prune_model
+from snapprune.models.pipeline import prune_model
 
 
 @pytest.fixture(scope="module")

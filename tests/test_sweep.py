@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from snapprune import SnapPruneError
 from snapprune.data import calibration_windows, evaluation_ids
-from snapprune.evaluate import perplexity
-from snapprune.pipeline import prune_model
+from snapprune.eval.perplexity import perplexity
+from snapprune.models.pipeline import prune_model
 from snapprune.sweep import CELLS_FILE, canonical_cell, covers, expand_grid, load_plan, read_cells
 
 

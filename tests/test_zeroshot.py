@@ -9,7 +9,7 @@ from conftest import SHARED_DATA
 from tiny_models import tiny_model
 
 from snapprune import SnapPruneError
-from snapprune.zeroshot import evaluate_zeroshot, local_task_config, task_form
+from snapprune.eval.zeroshot import evaluate_zeroshot, local_task_config, task_form
 
 ZEROSHOT = SHARED_DATA / "zeroshot"
 
@@ -78,7 +78,7 @@ def test_shared_task_files_with_limit(tiny):
 
 
 def test_task_directory_expands_to_its_files(tmp_path):
-    from snapprune.zeroshot import expand_tasks
+    from snapprune.eval.zeroshot import expand_tasks
 
     assert expand_tasks([str(ZEROSHOT)]) == sorted(str(p) for p in ZEROSHOT.glob("*.jsonl"))
     assert expand_tasks(["arc_easy"]) == ["arc_easy"]  # a Hub task name passes through

@@ -1,27 +1,40 @@
 """snapprune: post-training pruning of large language models (Thanos and its baselines)."""
 
-from .engine import METHODS, PruneResult, prune_weight, reconstruction_error
+from .engine import (
+    METRICS,
+    LayerProblem,
+    LayerStats,
+    Method,
+    PruneResult,
+    get_method,
+    method_names,
+    parse_pattern,
+    prune_weight,
+    reconstruction_error,
+    register_method,
+)
 from .errors import SnapPruneError
-from .layout import linear_weight, set_linear_weight
-from .masks import parse_pattern
-from .pipeline import PruneRun, PruneSettings, prune_model
-from .scores import METRICS
-from .stats import LayerStats
+from .models.layout import linear_weight, set_linear_weight
+from .models.pipeline import PruneRun, PruneSettings, prune_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS",
     "METRICS",
+    "LayerProblem",
     "LayerStats",
+    "Method",
     "PruneResult",
     "PruneRun",
     "PruneSettings",
     "SnapPruneError",
+    "get_method",
     "linear_weight",
+    "method_names",
     "parse_pattern",
     "prune_model",
     "prune_weight",
     "reconstruction_error",
+    "register_method",
     "set_linear_weight",
 ]

@@ -8,9 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from .engine import METHODS, check_settings
+from .engine import METRICS, get_method, method_names
 from .errors import SnapPruneError
-from .scores import METRICS
 
 DESCRIPTION = """\
 snapprune: post-training pruning of large language models.
@@ -88,6 +87,15 @@ def _add_eval_args(parser, flag: str, help_text: str, seqlen_flags: tuple[str, .
                         help="evaluate at most W windows, for quick looks (default: all)")
 
 
+def _add_zeroshot_args(parser) -> None:
+    parser.add_argument("--zeroshot", metavar="TASKS",
+                        help="comma-separated zero-shot tasks: lm-eval task names (arc_easy, "
+                             "piqa, ...; needs the network), local .jsonl task files, or a "
+                             "directory of them")
+    parser.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                        help="zero-shot: at most N examples per task (default: all)")
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes get the same one-line error and exit code 2 as every other bad input."""
 
@@ -112,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(prune)
     what = prune.add_argument_group("what to prune")
     what.add_argument("--method", required=True, metavar="NAME",
-                      help=f"pruning method: {', '.join(METHODS)} (thanos is this project's "
-                           "core)")
+                      help="pruning method, one of: " + "; ".join(
+                          f"{name} ({get_method(name).summary})" for name in method_names()))
     what.add_argument("--pattern", default="unstructured", metavar="P",
                       help="unstructured, N:M (e.g. 2:4, 4:8) or structured "
                            "(default: unstructured)")
@@ -128,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Hessian damping, fraction of its mean diagonal (default: 0.01)")
     what.add_argument("--metric", default=None, metavar="NAME",
                       help=f"score that picks the mask: {', '.join(METRICS)} (default: the "
-                           "method's own: thanos and "
-                           "wanda use wanda, sparsegpt obs, magnitude magnitude)")
+                           "method's own: " + ", ".join(
+                               f"{name} {get_method(name).default_metric}"
+                               for name in method_names()) + ")")
     what.add_argument("--include", action="append", default=[], metavar="PAT",
                       help="only layers whose name matches (glob or name part, e.g. mlp, "
                            "*q_proj); repeatable")
@@ -152,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    ("--eval-seqlen",))
     evaluation.add_argument("--compare-dense", action="store_true",
                             help="also evaluate the dense model before pruning")
+    _add_zeroshot_args(evaluation)
     output = prune.add_argument_group("output")
     output.add_argument("--out", metavar="DIR",
                         help="save the pruned model, tokenizer and report here")
@@ -165,12 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev)
     _add_eval_args(ev, "--ppl", "perplexity source (wikitext2, c4, ptb, or a file); repeatable",
                    ("--seqlen", "--eval-seqlen"))
-    ev.add_argument("--zeroshot", metavar="TASKS",
-                    help="comma-separated zero-shot tasks: lm-eval task names (arc_easy, piqa, "
-                         "...; needs the network), local .jsonl task files, or a directory "
-                         "of them")
-    ev.add_argument("--limit", type=_positive_int, default=None, metavar="N",
-                    help="zero-shot: at most N examples per task (default: all)")
+    _add_zeroshot_args(ev)
     ev.add_argument("--json", metavar="PATH", help="write the results to PATH")
     _add_sweep_parser(sub)
     return parser
@@ -235,99 +240,70 @@ def _add_sweep_parser(sub) -> None:
                             help="zero-shot: at most N examples per task (default: all)")
 
 
-def _check_source(source: str, named: tuple[str, ...], what: str) -> None:
-    if source not in named and not Path(source).exists():
-        raise SnapPruneError(
-            f"{what} {source!r} not found: use {', '.join(named)} or a path to an existing file"
-        )
-
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _evaluate_all(model, tokenizer, sources, args) -> dict:
-    from .data import evaluation_ids
-    from .evaluate import perplexity
+def _evaluation_spec(args: argparse.Namespace):
+    from .run import EvaluationSpec
 
-    results = {}
-    for source in sources:
-        ids = evaluation_ids(source, tokenizer)
-        results[source] = perplexity(model, ids, seqlen=args.eval_seqlen,
-                                     max_windows=args.max_windows, device=args.device,
-                                     source=Path(source).name, progress=not args.quiet)
-        _log(f"perplexity {source}: {results[source].perplexity:.3f} "
-             f"({results[source].windows} windows of {results[source].seqlen})")
-    return results
+    tasks = [t.strip() for t in (args.zeroshot or "").split(",") if t.strip()]
+    if tasks:
+        from .eval.zeroshot import expand_tasks
+
+        tasks = expand_tasks(tasks)
+    return EvaluationSpec(ppl=tuple(args.eval_sources), seqlen=args.eval_seqlen,
+                          max_windows=args.max_windows, zeroshot=tuple(tasks),
+                          limit=args.limit)
 
 
-def run_prune(args: argparse.Namespace) -> int:
-    import torch
+def _prune_job(args: argparse.Namespace):
+    from .models.pipeline import PruneSettings
+    from .run import CalibrationSpec, Job
 
-    from .data import NAMED_SOURCES, calibration_windows
-    from .evaluate import capped_seqlen
-    from .models.loading import load_model
-    from .pipeline import (
-        PruneSettings,
-        check_model_for_pruning,
-        needs_calibration,
-        prune_model,
-        target_layers,
-    )
-    from .report import prune_report
-    from .save import check_output_dir, save_pruned_model, write_json_atomic
-
-    # Everything that can be refused is refused before the model is loaded.
-    check_settings(args.method, args.pattern, args.sparsity, args.alpha, args.blocksize,
-                   args.metric)
-    _check_source(args.calib, (*NAMED_SOURCES[:2], "self"), "calibration source")
-    for source in args.eval_sources:
-        _check_source(source, NAMED_SOURCES, "evaluation source")
-    if args.out:
-        check_output_dir(args.out, args.overwrite)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SnapPruneError("--device cuda requested but no CUDA device is available; use cpu")
-
-    t = time.perf_counter()
-    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, progress=not args.quiet)
-    load_seconds = time.perf_counter() - t
-    if args.device != "cpu" and args.eval_sources:
-        model.to(args.device)
     settings = PruneSettings(
         method=args.method, pattern=args.pattern, sparsity=args.sparsity, alpha=args.alpha,
         blocksize=args.blocksize, percdamp=args.percdamp, metric=args.metric,
         include=tuple(args.include), exclude=tuple(args.exclude))
-    check_model_for_pruning(target_layers(model, settings), settings)
+    calibration = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
+    return Job(settings, calibration, _evaluation_spec(args), args.batch_size)
 
-    dense = {}
-    if args.compare_dense and args.eval_sources:
-        dense = _evaluate_all(model, tokenizer, args.eval_sources, args)
-    seqlen = capped_seqlen(model, args.seqlen)
-    t = time.perf_counter()
-    calibration = None
-    if needs_calibration(settings):
-        calibration = calibration_windows(args.calib, tokenizer, nsamples=args.nsamples,
-                                          seqlen=seqlen, seed=args.seed, model=model)
-    data_seconds = time.perf_counter() - t
-    if args.device != "cpu":
-        model.to("cpu")
-    run = prune_model(model, calibration, settings, device=args.device,
-                      batch_size=args.batch_size, progress=not args.quiet,
-                      log=_log if args.verbose else None)
-    _log(f"pruned {len(run.layers)} layers to sparsity {run.achieved_sparsity:.4f} in "
-         f"{run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
-    if args.device != "cpu" and args.eval_sources:
-        model.to(args.device)
-    pruned = _evaluate_all(model, tokenizer, args.eval_sources, args)
-    report = prune_report(
-        run, model=args.model, device=args.device,
-        calibration={"source": args.calib, "nsamples": args.nsamples, "seqlen": seqlen,
-                     "seed": args.seed},
-        perplexities=pruned, dense_perplexities=dense,
-        extra_seconds={"model_loading_seconds": load_seconds,
-                       "calibration_data_seconds": data_seconds})
+
+def run_prune(args: argparse.Namespace) -> int:
+    from .eval.perplexity import capped_seqlen
+    from .models.loading import load_model
+    from .models.save import check_output_dir, save_pruned_model, write_json_atomic
+    from .report import prune_report
+    from .run import Workbench, check_device
+
+    # Everything that can be refused is refused before the model is loaded.
+    job = _prune_job(args)
+    job.validate()
     if args.out:
-        model.to("cpu")
+        check_output_dir(args.out, args.overwrite)
+    check_device(args.device)
+
+    t = time.perf_counter()
+    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, progress=not args.quiet)
+    load_seconds = time.perf_counter() - t
+    bench = Workbench(model, tokenizer, device=args.device, progress=not args.quiet, log=_log)
+    bench.check(job)
+    dense = bench.evaluate(job.evaluation) if args.compare_dense else None
+    outcome = bench.run(job, verbose=args.verbose)
+    calibration = job.calibration
+    report = prune_report(
+        outcome.run, model=args.model, device=args.device,
+        calibration={"source": calibration.source, "nsamples": calibration.nsamples,
+                     "seqlen": capped_seqlen(model, calibration.seqlen),
+                     "seed": calibration.seed},
+        perplexities=outcome.evaluated.perplexity,
+        dense_perplexities=dense.perplexity if dense else None,
+        zeroshot={"pruned": outcome.evaluated.zeroshot,
+                  **({"dense": dense.zeroshot} if dense and dense.zeroshot else {})}
+        if outcome.evaluated.zeroshot else None,
+        extra_seconds={"model_loading_seconds": load_seconds,
+                       "calibration_data_seconds": outcome.calibration_data_seconds})
+    if args.out:
         out = save_pruned_model(model, tokenizer, args.out, report, overwrite=args.overwrite)
         _log(f"saved to {out}")
     if args.json:
@@ -340,31 +316,25 @@ def run_prune(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .data import NAMED_SOURCES
     from .models.loading import load_model
+    from .models.save import write_json_atomic
     from .report import library_versions
-    from .save import write_json_atomic
+    from .run import Workbench, check_device, check_evaluation
 
-    tasks = [t.strip() for t in (args.zeroshot or "").split(",") if t.strip()]
-    if not args.eval_sources and not tasks:
+    evaluation = _evaluation_spec(args)
+    if evaluation.empty:
         raise SnapPruneError("nothing to evaluate: pass --ppl SRC (wikitext2, c4, ptb or a file) "
                              "and/or --zeroshot TASKS")
-    for source in args.eval_sources:
-        _check_source(source, NAMED_SOURCES, "evaluation source")
-    if tasks:
-        from .zeroshot import expand_tasks
-
-        tasks = expand_tasks(tasks)
+    check_evaluation(evaluation)
+    check_device(args.device)
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, progress=not args.quiet)
-    model.to(args.device)
-    results = _evaluate_all(model, tokenizer, args.eval_sources, args)
-    payload = {"model": args.model, "perplexity": {k: vars(v) for k, v in results.items()}}
-    if tasks:
-        from .zeroshot import evaluate_zeroshot
-
-        payload["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit,
-                                                device=args.device)
-        for name, row in payload["zeroshot"].items():
+    result = Workbench(model, tokenizer, device=args.device, progress=not args.quiet,
+                       log=_log).evaluate(evaluation)
+    payload = {"model": args.model,
+               "perplexity": {k: vars(v) for k, v in result.perplexity.items()}}
+    if result.zeroshot is not None:
+        payload["zeroshot"] = result.zeroshot
+        for name, row in result.zeroshot.items():
             _log(f"zero-shot {name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float)
                                                    else f"{k} {v}" for k, v in row.items()))
     payload["versions"] = library_versions()
@@ -405,18 +375,18 @@ def _plan_from_lists(args: argparse.Namespace):
 
 
 def _check_plan_inputs(plan) -> None:
-    from .data import NAMED_SOURCES
-    from .zeroshot import expand_tasks
+    from .eval.zeroshot import expand_tasks
+    from .run import CALIBRATION_NAMES, check_evaluation, check_source
 
-    for source in plan.evaluation.ppl:
-        _check_source(source, NAMED_SOURCES, "evaluation source")
+    check_evaluation(plan.evaluation.spec(False))
     for cell, _, _ in plan.requests():
         if cell.calib is not None:
-            _check_source(cell.calib, (*NAMED_SOURCES[:2], "self"), "calibration source")
+            check_source(cell.calib, CALIBRATION_NAMES, "calibration source")
     plan.evaluation.zeroshot = expand_tasks(plan.evaluation.zeroshot)
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
+    from .run import check_device
     from .sweep import load_plan, read_cells, run_sweep
     from .sweep_report import render
 
@@ -434,11 +404,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         raise SnapPruneError(f"--out {out} is a file; give a directory")
     if not out.parent.is_dir():
         raise SnapPruneError(f"parent directory {out.parent} of --out does not exist")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SnapPruneError("--device cuda requested but no CUDA device is available")
+    check_device(args.device)
     records = run_sweep(plan, out, device=args.device, progress=not args.quiet, log=_log,
                         after_cell=lambda done: render(out, done, plan, plots=False))
     for path in render(out, records, plan):

@@ -7,8 +7,8 @@ import sys
 import time
 from dataclasses import asdict
 
-from .evaluate import PerplexityResult
-from .pipeline import PruneRun
+from .eval.perplexity import PerplexityResult
+from .models.pipeline import PruneRun
 
 
 def library_versions() -> dict[str, str]:
@@ -31,6 +31,7 @@ def prune_report(
     perplexities: dict[str, PerplexityResult] | None = None,
     dense_perplexities: dict[str, PerplexityResult] | None = None,
     extra_seconds: dict[str, float] | None = None,
+    zeroshot: dict | None = None,
 ) -> dict:
     settings = asdict(run.settings)
     return {
@@ -53,13 +54,11 @@ def prune_report(
         "peak_memory_bytes": run.peak_memory_bytes,
         "perplexity": {k: asdict(v) for k, v in (perplexities or {}).items()},
         "dense_perplexity": {k: asdict(v) for k, v in (dense_perplexities or {}).items()},
+        **({"zeroshot": zeroshot} if zeroshot else {}),
         "versions": library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
 def _target(run: PruneRun) -> float:
-    from .engine import check_settings
-
-    s = run.settings
-    return check_settings(s.method, s.pattern, s.sparsity, s.alpha, s.blocksize, s.metric)[1]
+    return run.settings.check()[1]

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .data import NAMED_SOURCES
-from .engine import DEFAULT_METRIC, UPDATING_METHODS, check_settings
+from .engine import check_settings, get_method
 from .errors import SnapPruneError
+from .models.pipeline import PruneSettings
+from .run import CalibrationSpec, EvaluationSpec, Job, Workbench, check_evaluation
 
 CELLS_FILE = "cells.jsonl"
 DENSE = "dense"
@@ -62,34 +63,40 @@ class Cell:
             return None
         return (self.calib, self.nsamples, self.seqlen, self.seed)
 
+    def job(self, evaluation: EvaluationSpec, batch_size: int) -> Job:
+        """The cell as a run of the shared run path (``None`` settings back to defaults)."""
+        settings = PruneSettings(
+            method=self.method, pattern=self.pattern, sparsity=self.sparsity,
+            alpha=self.alpha or 0.0, blocksize=self.blocksize or DEFAULTS["blocksize"],
+            percdamp=self.percdamp or DEFAULTS["percdamp"], metric=self.metric)
+        calibration = CalibrationSpec(*self.calibration_key) if self.calib is not None \
+            else CalibrationSpec()
+        return Job(settings, calibration, evaluation, batch_size)
+
 
 def canonical_cell(method: str, **settings) -> Cell:
     """Validate one configuration and drop what cannot matter (see ``Cell``)."""
     if method == DENSE:
         return Cell(DENSE)
-    from .masks import parse_pattern
+    from .engine import parse_pattern
 
     s = {**DEFAULTS, **{k: v for k, v in settings.items() if v is not None or k == "metric"}}
-    if method not in DEFAULT_METRIC:
-        check_settings(method, "unstructured", 0.0)  # the one-line "unknown method" error
+    declared = get_method(method)  # the one-line "unknown method" error
     # A grid may cross α with several patterns: α only exists for the structured one.
     alpha = s["alpha"] if parse_pattern(s["pattern"]).kind == "structured" else 0.0
     pattern, sparsity = check_settings(method, s["pattern"], _sparsity_for(s), alpha,
                                        int(s["blocksize"]), s["metric"])
-    metric = s["metric"] or DEFAULT_METRIC[method]
+    metric = s["metric"] or declared.default_metric
     structured = pattern.kind == "structured"
-    updating = method in UPDATING_METHODS
-    data_free = method == "magnitude" and metric == "magnitude"
-    uses_hessian = updating or metric == "obs"
+    data_free = not declared.needs_activations(metric)
     return Cell(
         method=method,
         pattern=str(pattern),
         sparsity=round(float(sparsity), 6),
         alpha=float(alpha) if structured else None,
-        blocksize=int(s["blocksize"]) if updating and not (structured and method == "thanos")
-        else None,
+        blocksize=int(s["blocksize"]) if declared.uses_blocksize(pattern) else None,
         metric=metric,
-        percdamp=float(s["percdamp"]) if uses_hessian else None,
+        percdamp=float(s["percdamp"]) if declared.needs_hessian(metric) else None,
         calib=None if data_free else str(s["calib"]),
         nsamples=None if data_free else int(s["nsamples"]),
         seqlen=None if data_free else int(s["seqlen"]),
@@ -159,6 +166,12 @@ class Evaluation:
     max_windows: int | None = None
     zeroshot: list[str] = field(default_factory=list)
     limit: int | None = None
+
+    def spec(self, with_zeroshot: bool) -> EvaluationSpec:
+        return EvaluationSpec(ppl=tuple(self.ppl), seqlen=self.eval_seqlen,
+                              max_windows=self.max_windows,
+                              zeroshot=tuple(self.zeroshot) if with_zeroshot else (),
+                              limit=self.limit)
 
     def describe(self, with_zeroshot: bool) -> dict:
         out = {"ppl": {source_label(s): {
@@ -262,95 +275,34 @@ class DenseWeights:
             module.weight.copy_(weight)
 
 
-@dataclass
-class SweepContext:
-    """What cells share: the dense model, tokenised data and first-block inputs."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    plan: SweepPlan
-    device: str = "cpu"
-    progress: bool = True
-    _calibration: dict = field(default_factory=dict)
-    _inputs: tuple | None = None
-    _eval_ids: dict = field(default_factory=dict)
-
-    def calibration(self, cell: Cell) -> tuple[torch.Tensor, float]:
-        """Token ids for the cell's calibration set, and the seconds it took the first time."""
-        from .data import calibration_windows
-        from .evaluate import capped_seqlen
-
-        key = cell.calibration_key
-        if key not in self._calibration:
-            t = time.perf_counter()
-            ids = calibration_windows(cell.calib, self.tokenizer, nsamples=cell.nsamples,
-                                      seqlen=capped_seqlen(self.model, cell.seqlen),
-                                      seed=cell.seed, model=self.model)
-            self._calibration[key] = (ids, time.perf_counter() - t)
-        return self._calibration[key]
-
-    def block_inputs(self, cell: Cell):
-        """First-block inputs for the cell's calibration set (the last one is kept)."""
-        from .models.adapters import adapter_for
-        from .pipeline import capture_block_inputs
-
-        key = cell.calibration_key
-        if self._inputs is None or self._inputs[0] != key:
-            ids, _ = self.calibration(cell)
-            blocks = adapter_for(self.model).decoder_blocks(self.model)
-            inputs = capture_block_inputs(self.model, blocks, ids, torch.device(self.device),
-                                          self.plan.batch_size)
-            self._inputs = (key, inputs)
-        return self._inputs[1]
-
-    def eval_ids(self, source: str) -> torch.Tensor:
-        from .data import evaluation_ids
-
-        if source not in self._eval_ids:
-            self._eval_ids[source] = evaluation_ids(source, self.tokenizer)
-        return self._eval_ids[source]
-
-
-def run_cell(ctx: SweepContext, cell: Cell, zeroshot: bool) -> dict:
-    """Prune the (dense) model in ``ctx`` as ``cell`` says, evaluate it, return the record."""
-    from .evaluate import perplexity
-    from .pipeline import PruneSettings, needs_calibration, prune_model
-
+def run_cell(bench: Workbench, cell: Cell, zeroshot: bool, plan: SweepPlan) -> dict:
+    """Prune the (dense) model on ``bench`` as ``cell`` says, evaluate it, return the record's
+    results. The dense cell is evaluated only."""
+    job = cell.job(plan.evaluation.spec(zeroshot), plan.batch_size)
     result: dict = {}
-    if cell.method != DENSE:
-        settings = PruneSettings(
-            method=cell.method, pattern=cell.pattern, sparsity=cell.sparsity,
-            alpha=cell.alpha or 0.0, blocksize=cell.blocksize or DEFAULTS["blocksize"],
-            percdamp=cell.percdamp or DEFAULTS["percdamp"], metric=cell.metric)
-        data_seconds, inputs = 0.0, None
-        if needs_calibration(settings):
-            _, data_seconds = ctx.calibration(cell)
-            inputs = ctx.block_inputs(cell)
-        run = prune_model(ctx.model, None, settings, device=ctx.device,
-                          batch_size=ctx.plan.batch_size, progress=ctx.progress,
-                          block_inputs=inputs)
+    if cell.method == DENSE:
+        evaluated = bench.evaluate(job.evaluation)
+    else:
+        outcome = bench.run(job)
+        run, evaluated = outcome.run, outcome.evaluated
         errors = [r.error for r in run.layers if math.isfinite(r.error)]
         result.update(
             achieved_sparsity=run.achieved_sparsity,
             timing={"pruning_seconds": run.total_seconds,
                     "calibration_forward_seconds": run.calibration_seconds,
                     "solver_seconds": run.solver_seconds,
-                    "calibration_data_seconds": data_seconds},
+                    "calibration_data_seconds": outcome.calibration_data_seconds},
             mean_layer_error=sum(errors) / len(errors) if errors else None,
             layer_errors={r.name: r.error for r in run.layers} if errors else {},
         )
-    evaluation = ctx.plan.evaluation
-    result["perplexity"] = {}
-    for source in evaluation.ppl:
-        res = perplexity(ctx.model, ctx.eval_ids(source), seqlen=evaluation.eval_seqlen,
-                         max_windows=evaluation.max_windows, device=ctx.device,
-                         source=Path(source).name, progress=ctx.progress)
-        result["perplexity"][source_label(source)] = res.perplexity
-    if zeroshot and evaluation.zeroshot:
-        from .zeroshot import evaluate_zeroshot
-
-        result["zeroshot"] = evaluate_zeroshot(ctx.model, ctx.tokenizer, evaluation.zeroshot,
-                                               limit=evaluation.limit, device=ctx.device)
+        raised = {r.name: r.percdamp for r in run.layers
+                  if r.percdamp is not None and r.percdamp != job.settings.percdamp}
+        if raised:
+            result["raised_damping"] = raised
+    result["perplexity"] = {source_label(k): v.perplexity
+                            for k, v in evaluated.perplexity.items()}
+    if evaluated.zeroshot is not None:
+        result["zeroshot"] = evaluated.zeroshot
     return result
 
 
@@ -370,7 +322,7 @@ def run_sweep(
     weights are restored to their dense values after the sweep. ``after_cell`` sees all
     records after each finished cell (to refresh a report).
     """
-    from .pipeline import PruneSettings, target_layers
+    from .models.pipeline import target_layers
     from .report import library_versions
 
     out_dir = Path(out_dir)
@@ -390,23 +342,22 @@ def run_sweep(
         model, tokenizer, _ = load_model(plan.model, progress=progress)
     else:
         model, tokenizer = model_and_tokenizer
-    for source in plan.evaluation.ppl:
-        if not (source in NAMED_SOURCES or Path(source).exists()):
-            raise SnapPruneError(f"evaluation source {source!r} not found")
+    check_evaluation(plan.evaluation.spec(True))
     layers = target_layers(model, PruneSettings())
     dense = DenseWeights(m for named in layers.values() for m in named.values())
-    ctx = SweepContext(model, tokenizer, plan, device, progress)
+    bench = Workbench(model, tokenizer, device=device, progress=progress)
     # Every data source is read (and 'self' text generated) from the dense model up front.
     for cell, _, _ in todo:
         if cell.calibration_key is not None:
-            ctx.calibration(cell)
+            bench.calibration_ids(cell.job(plan.evaluation.spec(False), plan.batch_size)
+                                  .calibration)
     versions = library_versions()
     try:
         for number, (cell, zeroshot, names) in enumerate(todo, 1):
             log(f"sweep cell {number}/{len(todo)} [{', '.join(names)}]: {describe_cell(cell)}")
             dense.restore()
             t = time.perf_counter()
-            result = run_cell(ctx, cell, zeroshot)
+            result = run_cell(bench, cell, zeroshot, plan)
             record = {"key": cell.key, "cell": asdict(cell), "grids": names,
                       "evaluation": plan.evaluation.describe(zeroshot), "model": plan.model,
                       **result, "cell_seconds": time.perf_counter() - t,

@@ -91,7 +91,7 @@ def _label(cell: Cell) -> str:
 
 def _task_names(tasks: list[str]) -> list[str]:
     from .errors import SnapPruneError
-    from .zeroshot import expand_tasks
+    from .eval.zeroshot import expand_tasks
 
     with contextlib.suppress(SnapPruneError):  # rendering elsewhere than the sweep ran
         tasks = expand_tasks(tasks)
@@ -186,7 +186,7 @@ def plot_against(records: list[dict], axis: str, source: str, path: Path) -> boo
 def render(out_dir: str | Path, records: dict[str, dict], plan: SweepPlan | None = None,
            plots: bool = True) -> list[Path]:
     """Write ``results.md`` and the plots into ``out_dir``; return the files written."""
-    from .save import write_text_atomic
+    from .models.save import write_text_atomic
 
     out_dir = Path(out_dir)
     written = [out_dir / TABLE_FILE]

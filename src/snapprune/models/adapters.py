@@ -1,17 +1,20 @@
-"""Where each model family keeps its decoder blocks, embeddings and final norm.
+"""What each model family is: where its decoder blocks sit, and what is inside a block.
 
-One small adapter per family; a generic fallback finds the decoder's ``ModuleList`` for
-architectures nobody has written an adapter for yet.
+One adapter per family names the block's layer groups (attention q/k/v/o with its head
+geometry, MLP in/out), so that the pipeline prunes exactly the layers a rule covers, width
+pruning knows which rows feed which columns, and every other block parameter is either covered
+by a rule (norms, the groups' biases) or reported. A generic fallback finds the decoder's
+``ModuleList`` for architectures without an adapter; it is marked as such in the report.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..errors import SnapPruneError
-from ..layout import is_prunable
+from .layout import is_prunable
 
 
 def _get(root: nn.Module, path: str) -> nn.Module | None:
@@ -23,15 +26,76 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
     return module if isinstance(module, nn.Module) else None
 
 
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm and their per-family variants: scale (and shift) vectors, never
+    pruned."""
+    return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
+
+
+@dataclass(frozen=True)
+class HeadGeometry:
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def head_geometry(config) -> HeadGeometry:
+    """Query heads, key/value heads (grouped-query attention) and head width from a config."""
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    if not heads:
+        raise SnapPruneError(f"{type(config).__name__} does not say how many attention heads")
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return HeadGeometry(int(heads), int(kv), int(head_dim))
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Attention projections, relative to a block. ``qkv`` names a fused q/k/v projection
+    (GPT-2's ``c_attn``, GPT-NeoX's ``query_key_value``); otherwise ``q``, ``k``, ``v``."""
+
+    o: str
+    q: str = ""
+    k: str = ""
+    v: str = ""
+    qkv: str = ""
+
+    def roles(self) -> dict[str, str]:
+        inputs = {self.qkv: "attention.qkv"} if self.qkv else {
+            self.q: "attention.q", self.k: "attention.k", self.v: "attention.v"}
+        return {**inputs, self.o: "attention.o"}
+
+
+@dataclass(frozen=True)
+class MLP:
+    """MLP projections, relative to a block: ``inputs`` produce the hidden neurons (gate/up,
+    fc1), ``output`` consumes them (down, fc2)."""
+
+    inputs: tuple[str, ...]
+    output: str
+
+    def roles(self) -> dict[str, str]:
+        return {**{name: "mlp.in" for name in self.inputs}, self.output: "mlp.out"}
+
+
 @dataclass(frozen=True)
 class Adapter:
-    """Dotted paths, relative to the ``*ForCausalLM`` model, of the parts the pipeline needs."""
+    """A family: dotted paths relative to the ``*ForCausalLM`` model, and the block's groups."""
 
     family: str
     model_types: tuple[str, ...]
     blocks: str
     embeddings: tuple[str, ...]
     final_norm: str | None
+    attention: Attention | None = None
+    mlp: MLP | None = None
+    never_prune: tuple[str, ...] = field(default=())
+    """Block-relative names of linear layers that must keep every weight (routers, gates)."""
+
+    @property
+    def generic(self) -> bool:
+        return self.attention is None and self.mlp is None
 
     def decoder_blocks(self, model: nn.Module) -> nn.ModuleList:
         blocks = _get(model, self.blocks)
@@ -42,25 +106,95 @@ class Adapter:
             )
         return blocks
 
+    def layer_roles(self, block: nn.Module) -> dict[str, str]:
+        """Block-relative name → role of every layer to prune, in the block's module order."""
+        if self.generic:
+            named = {n: "linear" for n, m in block.named_modules() if is_prunable(m)}
+        else:
+            declared = {**(self.attention.roles() if self.attention else {}),
+                        **(self.mlp.roles() if self.mlp else {})}
+            named = {n: declared[n] for n, _ in block.named_modules() if n in declared}
+        return {n: r for n, r in named.items() if n not in self.never_prune}
+
+    def coverage(self, block: nn.Module) -> tuple[dict[str, str], list[str]]:
+        """Every parameter of ``block`` with the rule that covers it, and those none covers.
+
+        Rules: a layer's role (its weight is pruned, its bias follows it), ``norm`` (never
+        pruned), ``never pruned`` (the adapter's list), and for the generic adapter
+        ``left alone (generic adapter)`` for anything that is not a linear layer.
+        """
+        roles = self.layer_roles(block)
+        rules: dict[str, str] = {}
+        uncovered: list[str] = []
+        for module_name, module in block.named_modules():
+            for pname, _ in module.named_parameters(recurse=False):
+                full = f"{module_name}.{pname}" if module_name else pname
+                if module_name in roles:
+                    rules[full] = f"{roles[module_name]} {pname}"
+                elif module_name in self.never_prune:
+                    rules[full] = "never pruned"
+                elif is_norm(module):
+                    rules[full] = "norm"
+                elif self.generic and not is_prunable(module):
+                    rules[full] = "left alone (generic adapter)"
+                else:
+                    uncovered.append(full)
+        return rules, uncovered
+
+    def matches(self, model: nn.Module) -> bool:
+        """The family's paths and groups exist in this model (block 0 stands for all)."""
+        blocks = _get(model, self.blocks)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            return False
+        names = {n for n, _ in blocks[0].named_modules()}
+        declared = {**(self.attention.roles() if self.attention else {}),
+                    **(self.mlp.roles() if self.mlp else {})}
+        return all(name in names for name in declared)
+
     def describe(self, model: nn.Module) -> dict:
-        """Where things are, for the report: proves the adapter matches the model."""
-        return {
+        """Where things are and what each rule covers, for the report."""
+        blocks = self.decoder_blocks(model)
+        _, uncovered = self.coverage(blocks[0])
+        out = {
             "family": self.family,
-            "blocks": f"{self.blocks} ({len(self.decoder_blocks(model))})",
+            "generic_adapter": self.generic,
+            "blocks": f"{self.blocks} ({len(blocks)})",
             "embeddings": [p for p in self.embeddings if _get(model, p) is not None],
             "final_norm": self.final_norm if self.final_norm and _get(model, self.final_norm)
             else None,
+            "groups": self.layer_roles(blocks[0]),
+            "uncovered_parameters": uncovered,
         }
+        if self.attention is not None:
+            geometry = head_geometry(model.config)
+            out["heads"] = {"heads": geometry.heads, "kv_heads": geometry.kv_heads,
+                            "head_dim": geometry.head_dim}
+        return out
 
+
+_LLAMA_ATTENTION = Attention(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                             o="self_attn.o_proj")
+_GATED_MLP = MLP(inputs=("mlp.gate_proj", "mlp.up_proj"), output="mlp.down_proj")
 
 ADAPTERS = (
     Adapter(
         "llama",
-        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "granite", "olmo",
-         "olmo2", "smollm3"),
+        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo", "olmo2",
+         "smollm3"),
         "model.layers",
         ("model.embed_tokens", "model.rotary_emb"),
         "model.norm",
+        attention=_LLAMA_ATTENTION,
+        mlp=_GATED_MLP,
+    ),
+    Adapter(
+        "phi3",
+        ("phi3",),
+        "model.layers",
+        ("model.embed_tokens", "model.rotary_emb"),
+        "model.norm",
+        attention=Attention(qkv="self_attn.qkv_proj", o="self_attn.o_proj"),
+        mlp=MLP(inputs=("mlp.gate_up_proj",), output="mlp.down_proj"),
     ),
     Adapter(
         "opt",
@@ -69,12 +203,45 @@ ADAPTERS = (
         ("model.decoder.embed_tokens", "model.decoder.embed_positions",
          "model.decoder.project_in"),
         "model.decoder.final_layer_norm",
+        attention=Attention(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                            o="self_attn.out_proj"),
+        mlp=MLP(inputs=("fc1",), output="fc2"),
     ),
-    Adapter("gpt2", ("gpt2",), "transformer.h", ("transformer.wte", "transformer.wpe"),
-            "transformer.ln_f"),
-    Adapter("gpt_neox", ("gpt_neox",), "gpt_neox.layers",
-            ("gpt_neox.embed_in", "gpt_neox.rotary_emb"), "gpt_neox.final_layer_norm"),
+    Adapter(
+        "gpt2", ("gpt2",), "transformer.h", ("transformer.wte", "transformer.wpe"),
+        "transformer.ln_f",
+        attention=Attention(qkv="attn.c_attn", o="attn.c_proj"),
+        mlp=MLP(inputs=("mlp.c_fc",), output="mlp.c_proj"),
+    ),
+    Adapter(
+        "gpt_neox", ("gpt_neox",), "gpt_neox.layers",
+        ("gpt_neox.embed_in", "gpt_neox.rotary_emb"), "gpt_neox.final_layer_norm",
+        attention=Attention(qkv="attention.query_key_value", o="attention.dense"),
+        mlp=MLP(inputs=("mlp.dense_h_to_4h",), output="mlp.dense_4h_to_h"),
+    ),
 )
+
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def refuse_mixture_of_experts(model: nn.Module, blocks: nn.ModuleList) -> None:
+    """Mixture-of-experts blocks need per-expert statistics (only the tokens routed to each
+    expert) and must never prune their routers; until that exists they are refused, never
+    pruned partly or silently skipped."""
+    config = getattr(model, "config", None)
+    experts = next((getattr(config, k) for k in _EXPERT_COUNT_KEYS
+                    if isinstance(getattr(config, k, None), int) and getattr(config, k) > 1),
+                   None)
+    fused = [n for n, p in blocks[0].named_parameters() if p.dim() >= 3]
+    if experts is None and not fused:
+        return
+    what = f"{experts} experts" if experts else "fused expert weights"
+    detail = f" ({', '.join(fused[:2])}{', …' if len(fused) > 2 else ''})" if fused else ""
+    raise SnapPruneError(
+        f"{type(model).__name__} is a mixture-of-experts model ({what}{detail}); snapprune "
+        "prunes dense decoders only: per-expert statistics and router handling are not "
+        "implemented"
+    )
 
 
 def _generic_adapter(model: nn.Module) -> Adapter:
@@ -95,9 +262,10 @@ def _generic_adapter(model: nn.Module) -> Adapter:
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    """The family adapter for ``model``, by ``config.model_type``; else the generic fallback."""
+    """The family adapter for ``model`` by ``config.model_type`` when its groups are all
+    there; else the generic fallback. Mixture-of-experts models are refused."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for adapter in ADAPTERS:
-        if model_type in adapter.model_types and _get(model, adapter.blocks) is not None:
-            return adapter
-    return _generic_adapter(model)
+    adapter = next((a for a in ADAPTERS if model_type in a.model_types and a.matches(model)),
+                   None) or _generic_adapter(model)
+    refuse_mixture_of_experts(model, adapter.decoder_blocks(model))
+    return adapter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import time
 from collections.abc import Callable
@@ -12,16 +13,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .engine import DEFAULT_METRIC, check_settings, prune_weight
-from .errors import SnapPruneError
-from .layout import input_width, is_prunable, linear_weight, set_linear_weight
-from .models.adapters import adapter_for
-from .stats import LayerStats
+from ..engine import LayerStats, check_settings, get_method, prune_weight
+from ..errors import SnapPruneError
+from .adapters import adapter_for
+from .layout import input_width, linear_weight, set_linear_weight
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneSettings:
-    """Everything that decides the pruned weights (besides the model and calibration data)."""
+    """Everything that decides the pruned weights (besides the model and calibration data).
+    Immutable: ``dataclasses.replace`` makes a changed copy."""
 
     method: str = "thanos"
     pattern: str = "unstructured"
@@ -33,6 +34,20 @@ class PruneSettings:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
+    @property
+    def resolved_metric(self) -> str:
+        return self.metric or get_method(self.method).default_metric
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any calibration data enters the result (magnitude scores need none)."""
+        return get_method(self.method).needs_activations(self.resolved_metric)
+
+    def check(self):
+        """Refuse a bad request before any work; return ``(pattern, target sparsity)``."""
+        return check_settings(self.method, self.pattern, self.sparsity, self.alpha,
+                              self.blocksize, self.metric)
+
 
 @dataclass
 class LayerRecord:
@@ -41,6 +56,9 @@ class LayerRecord:
     sparsity: float
     error: float
     seconds: float
+    role: str = ""
+    percdamp: float | None = None
+    """Damping the factorisation used: the request, or more if it had to be raised."""
 
 
 @dataclass
@@ -54,10 +72,11 @@ class PruneRun:
     total_seconds: float = 0.0
     peak_memory_bytes: int = 0
     architecture: dict = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def achieved_sparsity(self) -> float:
-        """Zeros over weights, across the pruned layers."""
+        """Removed weights (by the masks) over weights, across the pruned layers."""
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)
         zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
         return zeros / total if total else 0.0
@@ -113,15 +132,16 @@ def _select(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bo
 
 
 def target_layers(model: nn.Module, settings: PruneSettings) -> dict[int, dict[str, nn.Module]]:
-    """Per block index, the linear layers to prune (names relative to the model)."""
+    """Per block index, the linear layers to prune (names relative to the model): those the
+    family adapter's groups name, narrowed by ``include``/``exclude``."""
     adapter = adapter_for(model)
     blocks = adapter.decoder_blocks(model)
     chosen: dict[int, dict[str, nn.Module]] = {}
     for index, block in enumerate(blocks):
         prefix = f"{adapter.blocks}.{index}."
-        layers = {prefix + n: m for n, m in block.named_modules() if is_prunable(m)}
-        chosen[index] = {n: m for n, m in layers.items()
-                         if _select(n, settings.include, settings.exclude)}
+        modules = dict(block.named_modules())
+        chosen[index] = {prefix + n: modules[n] for n in adapter.layer_roles(block)
+                         if _select(prefix + n, settings.include, settings.exclude)}
     if not any(chosen.values()):
         raise SnapPruneError(
             "no linear layer matches --include/--exclude; check the names with --verbose"
@@ -129,10 +149,17 @@ def target_layers(model: nn.Module, settings: PruneSettings) -> dict[int, dict[s
     return chosen
 
 
+def layer_roles(model: nn.Module) -> dict[str, str]:
+    """Model-relative layer name → its group role (``attention.q``, ``mlp.out``, …)."""
+    adapter = adapter_for(model)
+    return {f"{adapter.blocks}.{i}.{n}": role
+            for i, block in enumerate(adapter.decoder_blocks(model))
+            for n, role in adapter.layer_roles(block).items()}
+
+
 def check_model_for_pruning(layers: dict[int, dict[str, nn.Module]], settings: PruneSettings):
     """Refuse before any work: settings, pattern widths, finite weights."""
-    pattern, _ = check_settings(settings.method, settings.pattern, settings.sparsity,
-                                settings.alpha, settings.blocksize, settings.metric)
+    pattern, _ = settings.check()
     for named in layers.values():
         for name, module in named.items():
             width = input_width(module)
@@ -177,7 +204,7 @@ def capture_block_inputs(
     original = blocks[0]
     catcher = _InputCatcher(original)
     blocks[0] = catcher
-    moved: list[nn.Module] = []
+    moved: list[tuple[nn.Module, torch.device]] = []
     try:
         if device.type != "cpu":
             for module in outside:
@@ -187,8 +214,8 @@ def capture_block_inputs(
                 model(calibration[start : start + batch_size].to(device), use_cache=False)
     finally:
         blocks[0] = original
-        for module in moved:
-            module.to("cpu")
+        for module, home in moved:
+            module.to(home)
     if not catcher.calls:
         raise SnapPruneError("the model never reached its first decoder block")
     calls = {}
@@ -208,8 +235,8 @@ def _move_except_blocks(module: nn.Module, block_ids: set[int], device, moved: l
         return
     inner = [m for m in module.modules() if id(m) in block_ids]
     if not inner:
+        moved.append((module, _home_device(module)))
         module.to(device)
-        moved.append(module)
         return
     for child in module.children():
         _move_except_blocks(child, block_ids, device, moved)
@@ -260,12 +287,6 @@ def gather_layer_stats(
     return stats
 
 
-def needs_calibration(settings: PruneSettings) -> bool:
-    """Only magnitude pruning by magnitude scores works from the weights alone."""
-    metric = settings.metric or DEFAULT_METRIC.get(settings.method)
-    return not (settings.method == "magnitude" and metric == "magnitude")
-
-
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -294,13 +315,18 @@ def prune_model(
     CPU in the model's dtype, ``batch_size`` windows per forward pass (batching changes speed,
     not results). ``block_inputs``: the first block's inputs captured earlier from the same
     calibration ids (``capture_block_inputs``), which sweeps reuse; they are not modified.
-    Keyword overrides set fields of ``PruneSettings`` (``method=``, ``sparsity=``, ...).
+    Keyword overrides replace fields of ``PruneSettings`` (``method=``, ``sparsity=``, ...) in
+    a copy; ``settings`` itself is never changed. Every module ends where it started.
     """
     settings = settings or PruneSettings()
-    for key, value in overrides.items():
-        if not hasattr(settings, key):
-            raise SnapPruneError(f"unknown pruning setting {key!r}")
-        setattr(settings, key, value)
+    known = {f.name for f in dataclasses.fields(PruneSettings)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise SnapPruneError(f"unknown pruning setting(s) {unknown}; use {', '.join(known)}")
+    if isinstance(overrides.get("include"), list) or isinstance(overrides.get("exclude"), list):
+        overrides = {k: tuple(v) if k in ("include", "exclude") else v
+                     for k, v in overrides.items()}
+    settings = dataclasses.replace(settings, **overrides)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SnapPruneError("--device cuda requested but no CUDA device is available; use cpu")
@@ -309,11 +335,12 @@ def prune_model(
     blocks = adapter.decoder_blocks(model)
     layers = target_layers(model, settings)
     check_model_for_pruning(layers, settings)
-    run = PruneRun(settings=settings, architecture=adapter.describe(model))
+    run = PruneRun(settings=settings, architecture=adapter.describe(model),
+                   roles=layer_roles(model))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    if not needs_calibration(settings):
+    if not settings.needs_calibration:
         return _prune_weights_only(layers, settings, run, device, start, log)
     t = time.perf_counter()
     if block_inputs is not None:
@@ -327,6 +354,7 @@ def prune_model(
     bar = tqdm(range(len(blocks)), desc=f"{settings.method} {settings.pattern}",
                unit="block", disable=not progress)
     for index in bar:
+        home = _home_device(blocks[index])
         block = blocks[index].to(device)
         named = layers[index]
         t = time.perf_counter()
@@ -342,14 +370,20 @@ def prune_model(
             out = _block_output(inputs.run(block, x.to(device)))
             inputs.batches[i] = out.to("cpu", x.dtype)
         run.calibration_seconds += time.perf_counter() - t
-        blocks[index] = block.to("cpu") if device.type != "cpu" else block
+        blocks[index] = block.to(home)
     run.total_seconds = time.perf_counter() - start
     run.peak_memory_bytes = _peak_memory(device)
     return run
 
 
+def _home_device(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def _prune_layer(name: str, module: nn.Module, stats: LayerStats | None,
                  settings: PruneSettings, run: PruneRun, log) -> None:
+    role = run.roles.get(name, "")
     result = prune_weight(
         linear_weight(module), stats, method=settings.method,
         sparsity=settings.sparsity, pattern=settings.pattern, alpha=settings.alpha,
@@ -357,7 +391,7 @@ def _prune_layer(name: str, module: nn.Module, stats: LayerStats | None,
     )
     set_linear_weight(module, result.weight)
     record = LayerRecord(name, tuple(result.weight.shape), result.sparsity,
-                         result.error, result.seconds)
+                         result.error, result.seconds, role, result.percdamp)
     run.layers.append(record)
     run.solver_seconds += result.seconds
     if log:
@@ -369,10 +403,10 @@ def _prune_weights_only(layers, settings, run, device, start, log) -> PruneRun:
     """Magnitude pruning: no forward pass at all (layer errors are unknown: NaN)."""
     for named in layers.values():
         for name, module in named.items():
-            weight = module.weight
+            home = _home_device(module)
             module.to(device)
             _prune_layer(name, module, None, settings, run, log)
-            module.to(weight.device)
+            module.to(home)
     run.total_seconds = time.perf_counter() - start
     run.peak_memory_bytes = _peak_memory(device)
     return run

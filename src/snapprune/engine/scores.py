@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import SnapPruneError
+from ..errors import SnapPruneError
 
 METRICS = ("wanda", "magnitude", "obs")
 

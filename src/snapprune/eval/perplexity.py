@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import iter_windows
-from .errors import SnapPruneError
+from ..data import iter_windows
+from ..errors import SnapPruneError
 
 
 @dataclass

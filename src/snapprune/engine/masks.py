@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SnapPruneError
+from ..errors import SnapPruneError
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,13 @@ characters (lm-eval's definitions).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import SnapPruneError
+from ..errors import SnapPruneError
 
 QUERY_FORM = ("query", "choices", "gold")
 PARTIAL_FORM = ("context_options", "continuation", "gold")
@@ -119,6 +122,23 @@ def expand_tasks(tasks: list[str]) -> list[str]:
     return expanded
 
 
+@contextlib.contextmanager
+def _tqdm_disabled(disabled: bool) -> Iterator[None]:
+    """lm-eval draws its own tqdm bars; tqdm reads ``TQDM_DISABLE`` when a bar is created."""
+    if not disabled:
+        yield
+        return
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
+
+
 def evaluate_zeroshot(
     model,
     tokenizer,
@@ -127,6 +147,7 @@ def evaluate_zeroshot(
     limit: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
+    progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Accuracy per task (``acc``, ``acc_norm`` where defined, ``n``) and their ``mean``.
 
@@ -151,9 +172,11 @@ def evaluate_zeroshot(
             names.append(task)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     try:
-        output = simple_evaluate(model=lm, tasks=specs, num_fewshot=0, limit=limit,
-                                 bootstrap_iters=0, log_samples=False, random_seed=0,
-                                 numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        with _tqdm_disabled(not progress):
+            output = simple_evaluate(
+                model=lm, tasks=specs, num_fewshot=0, limit=limit, bootstrap_iters=0,
+                log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                fewshot_random_seed=0)
     except Exception as exc:  # unknown Hub task, no network: one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SnapPruneError(f"zero-shot evaluation failed: {first}") from exc

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import SnapPruneError
+from ..errors import SnapPruneError
 
 REPORT_NAME = "snapprune_report.json"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import SnapPruneError
+from ..errors import SnapPruneError
 
 
 class LayerStats:

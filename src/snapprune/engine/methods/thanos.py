@@ -1,0 +1,47 @@
+"""Thanos: many weights of a row at once, closed-form least-squares update, block by block."""
+
+from __future__ import annotations
+
+import torch
+
+from ..masks import lowest_k_mask, nm_mask, structured_mask
+from ..problem import LayerProblem
+from ..registry import Method
+from ..thanos import thanos_blockwise, thanos_shared_columns
+
+
+def prune(problem: LayerProblem) -> torch.Tensor:
+    w, pat = problem.weight, problem.pattern
+    if pat.kind == "structured":
+        # One mask for the layer, chosen on the original weights; one shared exact solve.
+        smask = structured_mask(problem.scores(w), problem.sparsity, problem.alpha)
+        thanos_shared_columns(w, problem.upper, smask.columns, ~smask.outlier_rows)
+        return smask.full()
+
+    if pat.kind == "nm":
+        def block_mask(weight: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+            return nm_mask(problem.scores(weight[:, i1:i2], i1), pat.n, pat.m)
+    else:
+        removed = [0]
+
+        def block_mask(weight: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+            # Global residual mask: the lowest of all still-free (already updated) weights,
+            # of which this block takes its part.
+            free = problem.scores(weight[:, i1:], i1)
+            block = lowest_k_mask(free, problem.target_total - removed[0])[:, : i2 - i1]
+            removed[0] += int(block.sum().item())
+            return block
+
+    return thanos_blockwise(w, problem.upper, block_mask, problem.blocksize,
+                            max_solve_bytes=problem.max_solve_bytes)
+
+
+METHOD = Method(
+    name="thanos",
+    summary="many weights of a row at once, closed-form least-squares update (this project's "
+            "core)",
+    default_metric="wanda",
+    updates_weights=True,
+    prune=prune,
+    blocksize_patterns=frozenset({"unstructured", "nm"}),
+)

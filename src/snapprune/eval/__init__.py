@@ -1,0 +1,1 @@
+"""Evaluation: perplexity over windows of text, zero-shot accuracy through lm-eval."""
