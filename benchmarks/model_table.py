@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from snapprune.data import calibration_windows, evaluation_ids
-from snapprune.eval.perplexity import perplexity
 from snapprune.models.loading import load_model
-from snapprune.models.pipeline import PruneSettings, prune_model
+from snapprune.models.pipeline import PruneSettings
+from snapprune.run import CalibrationSpec, EvaluationSpec, Job, Workbench
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CELLS = [
@@ -56,13 +55,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, _ = load_model(args.model)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    eval_ids = evaluation_ids(args.eval, tokenizer)
-    calibration = calibration_windows(args.calib, tokenizer, nsamples=args.nsamples,
-                                      seqlen=args.seqlen, seed=0)
+    bench = Workbench(model, tokenizer, progress=False)
+    calibration = CalibrationSpec(args.calib, args.nsamples, args.seqlen, seed=0)
+    evaluation = EvaluationSpec(ppl=(args.eval,), seqlen=args.eval_seqlen,
+                                max_windows=args.eval_windows)
 
     def ppl() -> float:
-        return perplexity(model, eval_ids, seqlen=args.eval_seqlen,
-                          max_windows=args.eval_windows, progress=False).perplexity
+        return bench.evaluate(evaluation).perplexity[args.eval].perplexity
 
     rows = [{"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": ppl(),
              "prune_seconds": 0.0, "solver_seconds": 0.0}]
@@ -72,12 +71,16 @@ def main() -> int:
             model.load_state_dict(dense_state)
             settings = PruneSettings(method=method, pattern=pattern, sparsity=sparsity,
                                      alpha=alpha)
-            run = prune_model(model, calibration, settings, progress=False)
+            outcome = bench.run(Job(settings, calibration, evaluation))
+            run = outcome.run
+            errors = [r.error for r in run.layers if r.error == r.error]
             row = {"method": method, "pattern": pattern, "sparsity": run.achieved_sparsity,
-                   "alpha": alpha, "prune_seconds": run.total_seconds, "ppl": ppl(),
+                   "alpha": alpha, "prune_seconds": run.total_seconds,
+                   "ppl": outcome.evaluated.perplexity[args.eval].perplexity,
                    "solver_seconds": run.solver_seconds,
-                   "calibration_seconds": run.calibration_seconds,
-                   "mean_layer_error": sum(r.error for r in run.layers) / len(run.layers)}
+                   "calibration_seconds": run.calibration_seconds}
+            if errors:  # magnitude pruning runs no calibration: no layer errors
+                row["mean_layer_error"] = sum(errors) / len(errors)
             rows.append(row)
             print(json.dumps(row), flush=True)
     with open(out / "cells.jsonl", "w") as handle:
@@ -100,6 +103,7 @@ def write_table(rows: list[dict], path: Path) -> None:
                      f"| {calib} | {r['solver_seconds']:.1f} | {err} |")
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -140,6 +140,21 @@ def test_sparsegpt_matches_direct_obs(pattern, blocksize):
     relative_close(res.weight, expected, 1e-4)
 
 
+@pytest.mark.parametrize("sparsity,blocksize", [(0.3, 5), (0.45, 7)])
+def test_sparsegpt_blocks_share_an_exact_total(sparsity, blocksize):
+    """``p·rows·B`` not whole: each block takes its share of ``⌊p·rows·cols⌋``, not its own
+    rounded count, so the layer total is exact and the masks match the direct OBS pass."""
+    rows, cols = 7, 25
+    p = make_problem(rows, cols, seed=blocksize)
+    res = prune_weight(p.weight, p.stats, method="sparsegpt", sparsity=sparsity,
+                       blocksize=blocksize)
+    assert res.mask.sum().item() == math.floor(sparsity * rows * cols + 1e-9)
+    expected, mask = slow_sparsegpt(p.weight, damped_hessian64(p.inputs, PERCDAMP), sparsity,
+                                    blocksize)
+    assert torch.equal(res.mask, mask)
+    relative_close(res.weight, expected, 1e-4)
+
+
 def test_wanda_is_row_balanced_and_update_free():
     rows, cols = 10, 37  # 0.5·370 = 185: five rows remove one extra weight
     p = make_problem(rows, cols, seed=5)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from conftest import C4_FILE, WIKI_TEST
-from test_cli import _run, tiny_dir  # noqa: F401  (module fixture reused)
+from test_cli import _run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from snapprune import SnapPruneError
@@ -65,14 +65,14 @@ def test_sweep_file_and_coverage(tmp_path):
         load_plan(tmp_path / "missing.json")
 
 
-def _sweep_args(tiny_dir, out, methods="wanda,thanos", sparsity="0.5"):  # noqa: F811
+def _sweep_args(tiny_dir, out, methods="wanda,thanos", sparsity="0.5"):
     return ["sweep", "--model", tiny_dir, "--method", methods, "--pattern", "unstructured",
             "--sparsity", sparsity, "--calib", C4_FILE, "--nsamples", 2, "--seqlen", 64,
             "--ppl", WIKI_TEST, "--eval-seqlen", 64, "--max-windows", 2, "--out", out,
             "--quiet"]
 
 
-def test_tiny_sweep_is_exact_and_resumes(tiny_dir, tmp_path, capsys):  # noqa: F811
+def test_tiny_sweep_is_exact_and_resumes(tiny_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
     code, err = _run(capsys, *_sweep_args(tiny_dir, out))
     assert code == 0, err
@@ -117,7 +117,7 @@ def test_tiny_sweep_is_exact_and_resumes(tiny_dir, tmp_path, capsys):  # noqa: F
     assert len(read_cells(out)) == 4
 
 
-def test_sweep_plots_and_render_only(tiny_dir, tmp_path, capsys):  # noqa: F811
+def test_sweep_plots_and_render_only(tiny_dir, tmp_path, capsys):
     out = tmp_path / "plots"
     code, err = _run(capsys, *_sweep_args(tiny_dir, out, methods="dense,magnitude",
                                           sparsity="0.2,0.4,0.6"))
@@ -142,7 +142,7 @@ def test_sweep_plots_and_render_only(tiny_dir, tmp_path, capsys):  # noqa: F811
     (("--calib", "missing.json.gz"), "calibration source"),
     (("--pattern", "3:2"), "not a valid N:M"),
 ])
-def test_sweep_refusals_are_one_line(tiny_dir, tmp_path, capsys, change, message):  # noqa: F811
+def test_sweep_refusals_are_one_line(tiny_dir, tmp_path, capsys, change, message):
     args = _sweep_args(tiny_dir, tmp_path / "out")
     i = args.index(change[0])
     args[i + 1] = change[1]

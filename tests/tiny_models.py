@@ -9,9 +9,12 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     OPTConfig,
+    Phi3Config,
     PhiConfig,
     Qwen2Config,
+    Qwen2MoeConfig,
 )
 
 VOCAB = 512
@@ -35,12 +38,32 @@ def _configs(vocab: int) -> dict:
         "gpt_neox": GPTNeoXConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=128,
                                   num_hidden_layers=LAYERS, num_attention_heads=4,
                                   max_position_embeddings=256),
+        "phi3": Phi3Config(num_key_value_heads=4, pad_token_id=0, **common_rope),
         # No adapter for Phi: exercises the generic fallback.
         "phi": PhiConfig(**common_rope),
     }
 
 
 FAMILIES = tuple(_configs(VOCAB))
+
+
+def _moe_configs(vocab: int) -> dict:
+    common = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=256)
+    return {
+        "mixtral": MixtralConfig(num_local_experts=4, **common),
+        "qwen2_moe": Qwen2MoeConfig(num_experts=4, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=64, **common),
+    }
+
+
+MOE_FAMILIES = tuple(_moe_configs(VOCAB))
+
+
+def tiny_moe_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(_moe_configs(VOCAB)[family]).eval()
 
 
 def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB):

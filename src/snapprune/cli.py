@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .engine import METRICS, get_method, method_names
@@ -412,12 +413,20 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (e.g. damping raised for a layer) as one line each, no source location."""
+    print(f"snapprune: warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         commands = {"prune": run_prune, "eval": run_eval, "sweep": run_sweep_command}
-        return commands[args.command](args)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("default", module=r"snapprune\.")
+            warnings.showwarning = _print_warning
+            return commands[args.command](args)
     except SnapPruneError as exc:
         print(f"snapprune: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,9 @@
-"""Mask selection from saliency scores: pure functions, ``True`` = weight removed."""
+"""Mask selection from saliency scores: pure functions, ``True`` = weight removed.
+
+Ties are broken by position everywhere: among equal scores the weight (row, column) that comes
+first in row-major order is removed first, and among equal-scoring outlier rows the first row
+is kept dense. Stable sorts make that hold on every device.
+"""
 
 from __future__ import annotations
 
@@ -93,11 +98,11 @@ def row_balanced_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     rows, cols = scores.shape
     base, extra = divmod(k, rows)
-    order = torch.argsort(scores, dim=1)
+    order = torch.argsort(scores, dim=1, stable=True)
     counts = torch.full((rows,), base, dtype=torch.long, device=scores.device)
     if extra:
         next_scores = scores.gather(1, order[:, base : base + 1]).squeeze(1)
-        counts[torch.topk(next_scores, extra, largest=False).indices] += 1
+        counts[torch.argsort(next_scores, stable=True)[:extra]] += 1
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols))
     return ranks < counts[:, None]
@@ -112,7 +117,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
             "choose another M or exclude the layer"
         )
     groups = scores.reshape(rows, cols // m, m)
-    idx = torch.topk(groups, n, dim=2, largest=False).indices
+    idx = torch.argsort(groups, dim=2, stable=True)[:, :, :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
     return mask.reshape(rows, cols)
 
@@ -138,7 +143,7 @@ def structured_mask(scores: torch.Tensor, sparsity: float, alpha: float) -> Stru
     n_out = math.floor(alpha * rows + 1e-9)
     outliers = torch.zeros(rows, dtype=torch.bool, device=scores.device)
     if n_out:
-        outliers[torch.topk(scores.sum(1), n_out).indices] = True
+        outliers[torch.argsort(scores.sum(1), descending=True, stable=True)[:n_out]] = True
     s = round(sparsity * rows * cols / (rows - n_out))
     if s >= cols:
         raise SnapPruneError(
@@ -148,5 +153,5 @@ def structured_mask(scores: torch.Tensor, sparsity: float, alpha: float) -> Stru
     columns = torch.zeros(cols, dtype=torch.bool, device=scores.device)
     if s:
         col_scores = scores[~outliers].sum(0)
-        columns[torch.topk(col_scores, s, largest=False).indices] = True
+        columns[torch.argsort(col_scores, stable=True)[:s]] = True
     return StructuredMask(columns, outliers)

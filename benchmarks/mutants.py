@@ -1,0 +1,184 @@
+"""Mutation check: deliberate bugs in the engine, one at a time; the engine tests must fail.
+
+    python benchmarks/mutants.py [--only NAME ...] [--jobs 2]
+
+Each mutant is a copy of ``src/snapprune`` with one small edit (every edit must match its
+source text exactly once, so a refactor that moves the code makes the script fail loudly
+instead of testing nothing). The engine tests run against the copy (``PYTHONPATH`` puts it
+first; the script checks that the copy is what gets imported). A mutant is *killed* when the
+tests fail, *survived* when they pass. Exit code 1 if any survives: a survivor is a missing test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "src" / "snapprune"
+ENGINE_TESTS = ["tests/test_engine_exact.py", "tests/test_engine_edges.py",
+                "tests/test_engine_properties.py", "tests/test_mask_references.py"]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    why: str
+    file: str
+    edits: tuple[tuple[str, str], ...]
+
+
+MUTANTS = (
+    Mutant("residual-mask-on-original-weights",
+           "global residual mask scored on the original weights instead of the updated ones",
+           "engine/methods/thanos.py",
+           (("    w, pat = problem.weight, problem.pattern\n",
+             "    w, pat = problem.weight, problem.pattern\n    original = w.clone()\n"),
+            ("free = problem.scores(weight[:, i1:], i1)",
+             "free = problem.scores(original[:, i1:], i1)"))),
+    Mutant("nm-mask-on-original-weights",
+           "N:M groups scored on the original weights instead of the updated ones",
+           "engine/methods/thanos.py",
+           (("    w, pat = problem.weight, problem.pattern\n",
+             "    w, pat = problem.weight, problem.pattern\n    original = w.clone()\n"),
+            ("nm_mask(problem.scores(weight[:, i1:i2], i1), pat.n, pat.m)",
+             "nm_mask(problem.scores(original[:, i1:i2], i1), pat.n, pat.m)"))),
+    Mutant("outliers-lowest-saliency",
+           "the lowest-saliency rows kept as α outlier rows instead of the highest",
+           "engine/masks.py",
+           (("torch.argsort(scores.sum(1), descending=True, stable=True)",
+             "torch.argsort(scores.sum(1), descending=False, stable=True)"),)),
+    Mutant("structured-removes-highest-columns",
+           "the highest-scoring columns removed instead of the lowest (structured)",
+           "engine/masks.py",
+           (("columns[torch.argsort(col_scores, stable=True)[:s]] = True",
+             "columns[torch.argsort(col_scores, descending=True, stable=True)[:s]] = True"),)),
+    Mutant("structured-columns-include-outliers",
+           "structured column scores summed over all rows, outlier rows included",
+           "engine/masks.py",
+           (("col_scores = scores[~outliers].sum(0)", "col_scores = scores.sum(0)"),)),
+    Mutant("obs-wrong-inverse-diagonal",
+           "obs metric divides by U_jj² instead of the trailing inverse's diagonal",
+           "engine/factor.py",
+           (("return upper[i1:, i1:].square().sum(0)",
+             "return upper[i1:, i1:].diagonal().square()"),)),
+    Mutant("obs-inverse-over-all-columns",
+           "obs metric ignores which columns are still free (always the full inverse)",
+           "engine/problem.py",
+           (("hinv_diag = trailing_inverse_diagonal(self.upper, i1)[: i2 - i1]",
+             "hinv_diag = trailing_inverse_diagonal(self.upper, 0)[i1:i2]"),)),
+    Mutant("wanda-norm-not-squared",
+           "Wanda's score uses ‖x‖ where the squared score needs ‖x‖² (ranks change)",
+           "engine/scores.py",
+           (("return w2 * sq_norms", "return w2 * sq_norms.sqrt()"),)),
+    Mutant("row-balance-extra-to-highest",
+           "Wanda's leftover removals go to the rows whose next candidate scores highest",
+           "engine/masks.py",
+           (("counts[torch.argsort(next_scores, stable=True)[:extra]] += 1",
+             "counts[torch.argsort(next_scores, descending=True, stable=True)[:extra]] += 1"),)),
+    Mutant("damping-absolute",
+           "damping added as an absolute λ instead of a fraction of the mean diagonal",
+           "engine/factor.py",
+           (("diag += percdamp * diag.mean()", "diag += percdamp"),)),
+    Mutant("thanos-update-frozen-columns-free",
+           "the block update also reaches columns of earlier, frozen blocks",
+           "engine/thanos.py",
+           (("weight[:, i1:] -= (lam @ u_bb.T) @ upper[i1:i2, i1:]",
+             "weight[:, i1:] -= (lam @ u_bb.T) @ upper[i1:i2, i1:]\n"
+             "        weight[:, :i1] -= 1e-3 * lam.sum() / max(1, i1)"),)),
+    Mutant("sparsegpt-share-off-by-one-block",
+           "SparseGPT's per-block share computed from the wrong block bounds",
+           "engine/methods/sparsegpt.py",
+           (("k = target_count(problem.sparsity, rows * i2) - target_count(problem.sparsity, "
+             "rows * i1)",
+             "k = target_count(problem.sparsity, rows * (i2 - i1))"),)),
+    Mutant("target-count-rounds",
+           "the exact weight count rounded instead of floored",
+           "engine/masks.py",
+           (("return min(total, math.floor(sparsity * total + 1e-9))",
+             "return min(total, round(sparsity * total))"),)),
+    Mutant("padding-rhs-not-zeroed",
+           "padded entries of the batched solve's right-hand side keep real weights",
+           "engine/thanos.py",
+           (("rhs = weights[seg].gather(1, idx).masked_fill_(~valid, 0.0)",
+             "rhs = weights[seg].gather(1, idx)"),)),
+)
+
+
+def make_copy(mutant: Mutant, where: Path) -> Path:
+    package = where / "snapprune"
+    shutil.copytree(SOURCE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    path = package / mutant.file
+    text = path.read_text()
+    for old, new in mutant.edits:
+        count = text.count(old)
+        if count != 1:
+            raise SystemExit(f"mutant {mutant.name}: expected the text once in {mutant.file}, "
+                             f"found it {count} times: {old!r}")
+        text = text.replace(old, new)
+    path.write_text(text)
+    return package
+
+
+def run_tests(mutant: Mutant | None, threads: int) -> tuple[str, float, str]:
+    """Run the engine tests on a mutated copy (or the clean source); return the verdict."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="snapprune-mutant-") as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        if mutant is not None:
+            package = make_copy(mutant, Path(tmp))
+            env["PYTHONPATH"] = os.pathsep.join([tmp, env.get("PYTHONPATH", "")])
+            where = subprocess.run(
+                [sys.executable, "-c", "import snapprune; print(snapprune.__file__)"],
+                env=env, capture_output=True, text=True, cwd=ROOT)
+            if not where.stdout.strip().startswith(str(package)):
+                raise SystemExit(f"mutant {mutant.name}: the copy is not what gets imported "
+                                 f"({where.stdout.strip() or where.stderr.strip()})")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+             "-p", "no:randomly", *ENGINE_TESTS],
+            env=env, capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FAILED")]
+    verdict = "passed" if proc.returncode == 0 else "failed"
+    return verdict, time.perf_counter() - start, lines[0] if lines else ""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=None, help="mutant names to run")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+
+    baseline, seconds, first = run_tests(None, 1)
+    print(f"clean source: tests {baseline} in {seconds:.0f}s", flush=True)
+    if baseline != "passed":
+        print(f"the engine tests fail on the clean source ({first}); fix that first")
+        return 2
+    survived = []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [(m, pool.submit(run_tests, m, 1)) for m in chosen]
+        for mutant, future in futures:
+            verdict, seconds, first = future.result()
+            state = "killed" if verdict == "failed" else "SURVIVED"
+            if state == "SURVIVED":
+                survived.append(mutant.name)
+            caught = f" by {first.split('::')[-1][:70]}" if first else ""
+            print(f"{state:8s} {mutant.name:38s} {seconds:5.0f}s  {mutant.why}{caught}",
+                  flush=True)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} mutants killed"
+          + (f"; survived: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
