@@ -145,7 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
                            "*q_proj); repeatable")
     what.add_argument("--exclude", action="append", default=[], metavar="PAT",
                       help="skip layers whose name matches; repeatable")
-    calib = prune.add_argument_group("calibration")
+    _add_run_args(prune, "pruning")
+    _add_shrink_parser(sub)
+
+    ev = sub.add_parser("eval", help="evaluate a model's perplexity",
+                        description="Perplexity over non-overlapping windows.")
+    _add_model_args(ev)
+    _add_eval_args(ev, "--ppl", "perplexity source (wikitext2, c4, ptb, or a file); repeatable",
+                   ("--seqlen", "--eval-seqlen"))
+    _add_zeroshot_args(ev)
+    ev.add_argument("--json", metavar="PATH", help="write the results to PATH")
+    _add_sweep_parser(sub)
+    return parser
+
+
+def _add_run_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """Calibration, evaluation and output options: the same for every command that prunes."""
+    calib = parser.add_argument_group("calibration")
     calib.add_argument("--calib", default="c4", metavar="SRC",
                        help="c4, wikitext2, self, or a local file (default: c4)")
     calib.add_argument("--nsamples", type=_positive_int, default=128, metavar="K",
@@ -157,29 +173,62 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seed of the window sampling (default: 0)")
     calib.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                        help="calibration windows per forward pass; speed only (default: 8)")
-    evaluation = prune.add_argument_group("evaluation")
-    _add_eval_args(evaluation, "--eval", "perplexity source after pruning; repeatable",
+    evaluation = parser.add_argument_group("evaluation")
+    _add_eval_args(evaluation, "--eval", f"perplexity source after {what}; repeatable",
                    ("--eval-seqlen",))
     evaluation.add_argument("--compare-dense", action="store_true",
-                            help="also evaluate the dense model before pruning")
+                            help=f"also evaluate the dense model before {what}")
     _add_zeroshot_args(evaluation)
-    output = prune.add_argument_group("output")
+    output = parser.add_argument_group("output")
     output.add_argument("--out", metavar="DIR",
-                        help="save the pruned model, tokenizer and report here")
+                        help="save the model, tokenizer and report here")
     output.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     output.add_argument("--json", metavar="PATH", help="also write the report to PATH")
     output.add_argument("--verbose", action="store_true",
                         help="print one line per pruned layer")
 
-    ev = sub.add_parser("eval", help="evaluate a model's perplexity",
-                        description="Perplexity over non-overlapping windows.")
-    _add_model_args(ev)
-    _add_eval_args(ev, "--ppl", "perplexity source (wikitext2, c4, ptb, or a file); repeatable",
-                   ("--seqlen", "--eval-seqlen"))
-    _add_zeroshot_args(ev)
-    ev.add_argument("--json", metavar="PATH", help="write the results to PATH")
-    _add_sweep_parser(sub)
-    return parser
+
+SHRINK_EPILOG = """\
+shrink removes whole MLP neurons (--mlp) and attention heads (--heads) from every decoder block
+and cuts them out: the saved model has a smaller standard config (intermediate_size,
+num_attention_heads) that plain transformers loads, and runs faster everywhere. The method
+picks the units (summed saliency of their columns in down_proj / o_proj) and, for thanos and
+sparsegpt, updates the remaining columns to compensate. Every block loses the same count; the
+MLP width is rounded to --multiple-of; with grouped-query attention every key/value group loses
+the same number of query heads. Heads need a config with its own head_dim (LLaMA family);
+OPT, GPT-2 and GPT-NeoX shrink their MLP only.
+
+example:
+  snapprune shrink --model smollm2-135m --mlp 0.3 --method thanos \\
+      --calib ../shared/data/c4/c4-validation-2k-part1.json.gz --nsamples 32 --seqlen 512 \\
+      --eval ../shared/data/wikitext-2-raw-v1/wiki.test.raw --eval-seqlen 1024 \\
+      --max-windows 40 --compare-dense --out smollm2-mlp30
+"""
+
+
+def _add_shrink_parser(sub) -> None:
+    shrink = sub.add_parser(
+        "shrink", help="remove whole MLP neurons / heads: a smaller, faster model",
+        description="Cut whole MLP neurons and attention heads out of every decoder block.",
+        epilog=SHRINK_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(shrink)
+    what = shrink.add_argument_group("what to remove")
+    what.add_argument("--method", required=True, metavar="NAME",
+                      help="how units are chosen and the rest updated: " + ", ".join(
+                          method_names()) + " (thanos: one exact shared solve)")
+    what.add_argument("--mlp", type=_sparsity, default=0.0, metavar="F",
+                      help="fraction of MLP neurons removed per block, in [0, 1) (default: 0)")
+    what.add_argument("--heads", type=_sparsity, default=0.0, metavar="F",
+                      help="fraction of query heads removed per block, in [0, 1) (default: 0)")
+    what.add_argument("--multiple-of", type=_positive_int, default=8, metavar="K",
+                      help="round the new MLP width to a multiple of K (default: 8)")
+    what.add_argument("--metric", default=None, metavar="NAME",
+                      help=f"unit saliency: {', '.join(METRICS)} (default: the method's own)")
+    what.add_argument("--percdamp", type=float, default=0.01, metavar="F",
+                      help="Hessian damping, fraction of its mean diagonal (default: 0.01)")
+    what.add_argument("--alpha", type=float, default=0.0, metavar="A",
+                      help="must be 0: outlier rows cannot be cut out (see prune --alpha)")
+    _add_run_args(shrink, "shrinking")
 
 
 SWEEP_EPILOG = """\
@@ -270,7 +319,27 @@ def _prune_job(args: argparse.Namespace):
     return Job(settings, calibration, _evaluation_spec(args), args.batch_size)
 
 
+def _shrink_job(args: argparse.Namespace):
+    from .models.width import WidthSettings
+    from .run import CalibrationSpec, Job
+
+    settings = WidthSettings(
+        method=args.method, mlp=args.mlp, heads=args.heads, metric=args.metric,
+        percdamp=args.percdamp, multiple_of=args.multiple_of, alpha=args.alpha)
+    calibration = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
+    return Job(settings, calibration, _evaluation_spec(args), args.batch_size)
+
+
 def run_prune(args: argparse.Namespace) -> int:
+    return _run_job(args, _prune_job(args))
+
+
+def run_shrink(args: argparse.Namespace) -> int:
+    return _run_job(args, _shrink_job(args))
+
+
+def _run_job(args: argparse.Namespace, job) -> int:
+    """load → (dense evaluation) → prune or shrink → evaluate → report → save."""
     from .eval.perplexity import capped_seqlen
     from .models.loading import load_model
     from .models.save import check_output_dir, save_pruned_model, write_json_atomic
@@ -278,7 +347,6 @@ def run_prune(args: argparse.Namespace) -> int:
     from .run import Workbench, check_device
 
     # Everything that can be refused is refused before the model is loaded.
-    job = _prune_job(args)
     job.validate()
     if args.out:
         check_output_dir(args.out, args.overwrite)
@@ -305,7 +373,8 @@ def run_prune(args: argparse.Namespace) -> int:
         extra_seconds={"model_loading_seconds": load_seconds,
                        "calibration_data_seconds": outcome.calibration_data_seconds})
     if args.out:
-        out = save_pruned_model(model, tokenizer, args.out, report, overwrite=args.overwrite)
+        out = save_pruned_model(bench.model, tokenizer, args.out, report,
+                                overwrite=args.overwrite)
         _log(f"saved to {out}")
     if args.json:
         write_json_atomic(args.json, report)
@@ -422,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        commands = {"prune": run_prune, "eval": run_eval, "sweep": run_sweep_command}
+        commands = {"prune": run_prune, "shrink": run_shrink, "eval": run_eval,
+                    "sweep": run_sweep_command}
         with warnings.catch_warnings():
             warnings.filterwarnings("default", module=r"snapprune\.")
             warnings.showwarning = _print_warning

@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 from .eval.perplexity import PerplexityResult
 from .models.pipeline import PruneRun
+from .models.width import ShrinkRun, width_report
 
 
 def library_versions() -> dict[str, str]:
@@ -23,7 +24,7 @@ def library_versions() -> dict[str, str]:
 
 
 def prune_report(
-    run: PruneRun,
+    run: PruneRun | ShrinkRun,
     *,
     model: str,
     calibration: dict,
@@ -34,14 +35,17 @@ def prune_report(
     zeroshot: dict | None = None,
 ) -> dict:
     settings = asdict(run.settings)
+    settings.pop("pattern", None)
+    shrink = isinstance(run, ShrinkRun)
     return {
         "model": model,
         "architecture": run.architecture,
         "method": settings.pop("method"),
-        "pattern": settings.pop("pattern"),
-        "target_sparsity": _target(run),
+        "pattern": run.settings.pattern,
+        "target_sparsity": None if shrink else _target(run),
         "achieved_sparsity": run.achieved_sparsity,
         "settings": settings,
+        **({"width": width_report(run)} if shrink else {}),
         "calibration": calibration,
         "device": device,
         "layers": [asdict(r) for r in run.layers],

@@ -30,6 +30,7 @@ from .models.pipeline import (
     prune_model,
     target_layers,
 )
+from .models.width import ShrinkRun, WidthSettings, plan_width, shrink_model
 
 CALIBRATION_NAMES = ("c4", "wikitext2", "self")
 
@@ -59,9 +60,10 @@ class EvaluationSpec:
 
 @dataclass(frozen=True)
 class Job:
-    """One pruning run: settings, calibration data, evaluation, batch size."""
+    """One pruning run: settings (zeros in place, or whole units cut out), calibration data,
+    evaluation, batch size."""
 
-    settings: PruneSettings
+    settings: PruneSettings | WidthSettings
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     batch_size: int = 8
@@ -101,7 +103,7 @@ class Evaluated:
 class Outcome:
     """What a job did: the pruning run, the evaluation after it, and data preparation time."""
 
-    run: PruneRun
+    run: PruneRun | ShrinkRun
     evaluated: Evaluated
     calibration_data_seconds: float = 0.0
 
@@ -192,10 +194,13 @@ class Workbench:
         return result
 
     def check(self, job: Job) -> None:
-        """Refusals that need the model (layer widths, finite weights)."""
-        check_model_for_pruning(target_layers(self.model, job.settings), job.settings)
+        """Refusals that need the model (layer widths, finite weights, width plans)."""
+        if isinstance(job.settings, WidthSettings):
+            plan_width(self.model, job.settings)
+        else:
+            check_model_for_pruning(target_layers(self.model, job.settings), job.settings)
 
-    def prune(self, job: Job, *, verbose: bool = False) -> tuple[PruneRun, float]:
+    def prune(self, job: Job, *, verbose: bool = False) -> tuple[PruneRun | ShrinkRun, float]:
         """Prune the model in place as ``job`` says; return the run and the seconds its
         calibration set took to make (once per workbench; 0 when none is needed)."""
         inputs, data_seconds, capture_seconds = None, 0.0, 0.0
@@ -204,9 +209,17 @@ class Workbench:
             t = time.perf_counter()
             inputs = self.block_inputs(job.calibration, job.batch_size)
             capture_seconds = time.perf_counter() - t
-        run = prune_model(self.model, None, job.settings, device=self.device,
-                          batch_size=job.batch_size, progress=self.progress,
-                          log=self.log if verbose else None, block_inputs=inputs)
+        log = self.log if verbose else None
+        if isinstance(job.settings, WidthSettings):
+            # The smaller model replaces the loaded one; cached first-block inputs (embeddings
+            # and block arguments) stay valid, since shrinking never touches them.
+            self.model, run = shrink_model(
+                self.model, None, job.settings, device=self.device, batch_size=job.batch_size,
+                progress=self.progress, log=log, block_inputs=inputs)
+        else:
+            run = prune_model(self.model, None, job.settings, device=self.device,
+                              batch_size=job.batch_size, progress=self.progress, log=log,
+                              block_inputs=inputs)
         # The first block's inputs are part of the calibration passes when this job made them.
         run.calibration_seconds += capture_seconds
         run.total_seconds += capture_seconds
@@ -215,8 +228,15 @@ class Workbench:
     def run(self, job: Job, *, verbose: bool = False) -> Outcome:
         """The run path: prune, then evaluate."""
         run, data_seconds = self.prune(job, verbose=verbose)
-        self.log(f"pruned {len(run.layers)} layers to sparsity {run.achieved_sparsity:.4f} in "
-                 f"{run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
+        if isinstance(run, ShrinkRun):
+            plan = run.plan
+            self.log(f"shrank MLP {plan.mlp_old} -> {plan.mlp_new} neurons, heads "
+                     f"{plan.heads_old} -> {plan.heads_new}: {run.parameters_before:,} -> "
+                     f"{run.parameters_after:,} parameters in {run.total_seconds:.1f}s "
+                     f"(solver {run.solver_seconds:.1f}s)")
+        else:
+            self.log(f"pruned {len(run.layers)} layers to sparsity {run.achieved_sparsity:.4f} "
+                     f"in {run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
         return Outcome(run, self.evaluate(job.evaluation), data_seconds)
 
 

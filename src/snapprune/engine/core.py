@@ -140,6 +140,7 @@ def prune_weight(
     percdamp: float = 0.01,
     metric: str | None = None,
     max_solve_bytes: int = DEFAULT_SOLVE_BYTES,
+    choose_columns=None,
 ) -> PruneResult:
     """Prune one weight matrix (``rows × cols``, ``y = W x``) given its input statistics.
 
@@ -149,8 +150,12 @@ def prune_weight(
     (whole input columns; ``alpha`` = fraction of outlier rows kept dense). ``metric`` overrides
     the score that picks the mask (wanda, magnitude, obs). Computes in float32 on the weight's
     device and returns the weight in its own dtype. The input tensor is not modified.
+    ``choose_columns`` (structured only): ``scores -> bool[cols]``, the columns to remove,
+    chosen by the caller from the method's saliency (whole width units: ``engine.width``).
     """
     pat, target = check_settings(method, pattern, sparsity, alpha, blocksize, metric)
+    if choose_columns is not None and pat.kind != "structured":
+        raise SnapPruneError("choose_columns applies only to the structured pattern")
     declared = get_method(method)
     metric = metric or declared.default_metric
     _check_weight(weight, stats, declared, pat, blocksize, metric)
@@ -159,7 +164,8 @@ def prune_weight(
     original = weight.detach().to(torch.float32)
     problem = LayerProblem(
         weight=original.clone(), stats=stats, pattern=pat, sparsity=target, alpha=alpha,
-        blocksize=blocksize, percdamp=percdamp, metric=metric, max_solve_bytes=max_solve_bytes)
+        blocksize=blocksize, percdamp=percdamp, metric=metric, max_solve_bytes=max_solve_bytes,
+        choose_columns=choose_columns)
     if target == 0.0:
         mask = torch.zeros_like(problem.weight, dtype=torch.bool)
     else:

@@ -3,13 +3,14 @@ computed at most once, on first use, for whichever method needs it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
 from .factor import damped_hessian, inverse_cholesky_upper, trailing_inverse_diagonal
-from .masks import Pattern, target_count
+from .masks import Pattern, StructuredMask, structured_mask, target_count
 from .scores import saliency
 from .stats import LayerStats
 
@@ -28,6 +29,9 @@ class LayerProblem:
     percdamp: float
     metric: str
     max_solve_bytes: int
+    choose_columns: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Structured only: ``scores -> removed columns`` chosen by the caller (whole width units,
+    see ``width``) instead of the lowest columns for ``sparsity`` with ``alpha`` outliers."""
     damping_log: list[float] = field(default_factory=list)
     """Damping fractions tried by the factorisation, the last one used (see ``factor``)."""
 
@@ -69,6 +73,15 @@ class LayerProblem:
         if self.stats is None:
             return None
         return self.stats.sq_norms.to(device=self.weight.device, dtype=torch.float32)
+
+    def structured_choice(self, scores: torch.Tensor) -> StructuredMask:
+        """The structured mask from scores of the whole layer: the caller's unit rule when
+        given, else outlier rows and the lowest columns (``masks.structured_mask``)."""
+        if self.choose_columns is not None:
+            columns = self.choose_columns(scores)
+            return StructuredMask(columns, torch.zeros(self.rows, dtype=torch.bool,
+                                                       device=columns.device))
+        return structured_mask(scores, self.sparsity, self.alpha)
 
     def scores(self, weight: torch.Tensor, i1: int = 0, *, hinv_diag=None) -> torch.Tensor:
         """Saliency of ``weight`` = columns ``i1 : i1 + weight.shape[1]`` of the layer.

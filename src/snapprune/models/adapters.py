@@ -92,6 +92,12 @@ class Adapter:
     mlp: MLP | None = None
     never_prune: tuple[str, ...] = field(default=())
     """Block-relative names of linear layers that must keep every weight (routers, gates)."""
+    mlp_width_key: str | None = None
+    """Config field of the MLP's hidden width (``intermediate_size``, ``ffn_dim``, ``n_inner``):
+    set for families whose MLP neurons can be cut out (``snapprune shrink --mlp``)."""
+    head_dim_key: str | None = None
+    """Config field fixing the head width apart from the hidden size: only then can whole
+    heads be cut out and the config stay standard (``snapprune shrink --heads``)."""
 
     @property
     def generic(self) -> bool:
@@ -186,6 +192,8 @@ ADAPTERS = (
         "model.norm",
         attention=_LLAMA_ATTENTION,
         mlp=_GATED_MLP,
+        mlp_width_key="intermediate_size",
+        head_dim_key="head_dim",
     ),
     Adapter(
         "phi3",
@@ -206,18 +214,21 @@ ADAPTERS = (
         attention=Attention(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
                             o="self_attn.out_proj"),
         mlp=MLP(inputs=("fc1",), output="fc2"),
+        mlp_width_key="ffn_dim",
     ),
     Adapter(
         "gpt2", ("gpt2",), "transformer.h", ("transformer.wte", "transformer.wpe"),
         "transformer.ln_f",
         attention=Attention(qkv="attn.c_attn", o="attn.c_proj"),
         mlp=MLP(inputs=("mlp.c_fc",), output="mlp.c_proj"),
+        mlp_width_key="n_inner",
     ),
     Adapter(
         "gpt_neox", ("gpt_neox",), "gpt_neox.layers",
         ("gpt_neox.embed_in", "gpt_neox.rotary_emb"), "gpt_neox.final_layer_norm",
         attention=Attention(qkv="attention.query_key_value", o="attention.dense"),
         mlp=MLP(inputs=("mlp.dense_h_to_4h",), output="mlp.dense_4h_to_h"),
+        mlp_width_key="intermediate_size",
     ),
 )
 

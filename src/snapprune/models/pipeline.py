@@ -332,7 +332,6 @@ def prune_model(
         raise SnapPruneError("--device cuda requested but no CUDA device is available; use cpu")
     start = time.perf_counter()
     adapter = adapter_for(model)
-    blocks = adapter.decoder_blocks(model)
     layers = target_layers(model, settings)
     check_model_for_pruning(layers, settings)
     run = PruneRun(settings=settings, architecture=adapter.describe(model),
@@ -342,18 +341,51 @@ def prune_model(
 
     if not settings.needs_calibration:
         return _prune_weights_only(layers, settings, run, device, start, log)
+
+    def prune_block(_index: int, named: dict[str, nn.Module], stats: dict[str, LayerStats]):
+        for name, module in named.items():
+            _prune_layer(name, module, stats[name], settings, run, log)
+
+    run_blocks(model, layers, prune_block, calibration, run, device=device,
+               batch_size=batch_size, progress=progress, block_inputs=block_inputs,
+               desc=f"{settings.method} {settings.pattern}")
+    run.total_seconds = time.perf_counter() - start
+    run.peak_memory_bytes = _peak_memory(device)
+    return run
+
+
+BlockStep = Callable[[int, dict[str, nn.Module], dict[str, LayerStats]], None]
+"""``(block index, its target layers, their statistics)``: change the block's weights in
+place; the loop then propagates the calibration activations through the changed block."""
+
+
+def run_blocks(
+    model: nn.Module,
+    layers: dict[int, dict[str, nn.Module]],
+    step: BlockStep,
+    calibration: torch.Tensor | None,
+    run,
+    *,
+    device: torch.device,
+    batch_size: int = 8,
+    progress: bool = True,
+    block_inputs: BlockInputs | None = None,
+    desc: str = "",
+) -> None:
+    """The sequential loop: for each block, gather its layers' statistics on the current
+    activations, let ``step`` change the block, propagate, move on. Times go to ``run``
+    (``calibration_seconds``); each block returns to the device it came from."""
+    blocks = adapter_for(model).decoder_blocks(model)
     t = time.perf_counter()
     if block_inputs is not None:
         inputs = BlockInputs(list(block_inputs.batches), block_inputs.calls)
     elif calibration is None:
-        raise SnapPruneError(f"{settings.method} pruning needs calibration data")
+        raise SnapPruneError(f"{run.settings.method} needs calibration data")
     else:
         inputs = capture_block_inputs(model, blocks, calibration, device, batch_size)
     run.calibration_seconds += time.perf_counter() - t
 
-    bar = tqdm(range(len(blocks)), desc=f"{settings.method} {settings.pattern}",
-               unit="block", disable=not progress)
-    for index in bar:
+    for index in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
         home = _home_device(blocks[index])
         block = blocks[index].to(device)
         named = layers[index]
@@ -361,8 +393,7 @@ def prune_model(
         stats = gather_layer_stats(block, named, inputs, device)
         run.calibration_seconds += time.perf_counter() - t
 
-        for name, module in named.items():
-            _prune_layer(name, module, stats[name], settings, run, log)
+        step(index, named, stats)
         del stats
 
         t = time.perf_counter()
@@ -371,9 +402,6 @@ def prune_model(
             inputs.batches[i] = out.to("cpu", x.dtype)
         run.calibration_seconds += time.perf_counter() - t
         blocks[index] = block.to(home)
-    run.total_seconds = time.perf_counter() - start
-    run.peak_memory_bytes = _peak_memory(device)
-    return run
 
 
 def _home_device(module: nn.Module) -> torch.device:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..masks import nm_mask, structured_mask
+from ..masks import nm_mask
 from ..problem import LayerProblem
 
 UnstructuredRule = Callable[[torch.Tensor, int], torch.Tensor]
@@ -20,7 +20,7 @@ def prune_fixed_mask(problem: LayerProblem, unstructured: UnstructuredRule) -> t
     if pat.kind == "nm":
         mask = nm_mask(scores, pat.n, pat.m)
     elif pat.kind == "structured":
-        mask = structured_mask(scores, problem.sparsity, problem.alpha).full()
+        mask = problem.structured_choice(scores).full()
     else:
         mask = unstructured(scores, problem.target_total)
     w[mask] = 0.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import lowest_k_mask, nm_mask, structured_mask, target_count
+from ..masks import lowest_k_mask, nm_mask, target_count
 from ..problem import LayerProblem
 from ..registry import Method
 from ..sparsegpt import sparsegpt_blockwise
@@ -14,7 +14,7 @@ def prune(problem: LayerProblem) -> torch.Tensor:
     w, pat, upper = problem.weight, problem.pattern, problem.upper
     if pat.kind == "structured":
         # The mask is fixed up front on the original weights (DESIGN.md §2).
-        full = structured_mask(problem.scores(w), problem.sparsity, problem.alpha).full()
+        full = problem.structured_choice(problem.scores(w)).full()
         return sparsegpt_blockwise(w, upper, problem.blocksize,
                                    select_block=lambda _w1, _d, i1, i2: full[:, i1:i2].clone())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import lowest_k_mask, nm_mask, structured_mask
+from ..masks import lowest_k_mask, nm_mask
 from ..problem import LayerProblem
 from ..registry import Method
 from ..thanos import thanos_blockwise, thanos_shared_columns
@@ -14,7 +14,7 @@ def prune(problem: LayerProblem) -> torch.Tensor:
     w, pat = problem.weight, problem.pattern
     if pat.kind == "structured":
         # One mask for the layer, chosen on the original weights; one shared exact solve.
-        smask = structured_mask(problem.scores(w), problem.sparsity, problem.alpha)
+        smask = problem.structured_choice(problem.scores(w))
         thanos_shared_columns(w, problem.upper, smask.columns, ~smask.outlier_rows)
         return smask.full()
 

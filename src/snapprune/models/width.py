@@ -1,0 +1,361 @@
+"""Physically smaller models: remove whole MLP neurons and attention heads, then cut them out.
+
+Per block, the layer that consumes the units (``down_proj``/``fc2`` for neurons, ``o_proj`` for
+heads) loses the units' input columns through the method's structured path with whole units
+chosen (Thanos: one exact shared least-squares solve over the remaining columns), and the rows
+that produce them (``gate_proj``/``up_proj``/``fc1``, ``q_proj`` and, without grouped-query
+attention, ``k_proj``/``v_proj``) are zeroed. Activations propagate through the zeroed block,
+exactly as through the cut one. At the end every block loses the same number of units, so the
+result is a standard config (smaller ``intermediate_size``, fewer ``num_attention_heads``) that
+plain ``transformers`` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..engine import METRICS, LayerStats, get_method, prune_weight
+from ..engine.width import lowest_units
+from ..errors import SnapPruneError
+from .adapters import Adapter, adapter_for, head_geometry
+from .layout import is_conv1d, linear_weight, set_linear_weight
+from .pipeline import LayerRecord, _peak_memory, run_blocks
+
+
+@dataclass(frozen=True)
+class WidthSettings:
+    """What ``shrink`` removes: fractions of MLP neurons and of query heads."""
+
+    method: str = "thanos"
+    mlp: float = 0.0
+    heads: float = 0.0
+    metric: str | None = None
+    percdamp: float = 0.01
+    multiple_of: int = 8
+    alpha: float = 0.0
+
+    @property
+    def pattern(self) -> str:
+        return "width"
+
+    @property
+    def resolved_metric(self) -> str:
+        return self.metric or get_method(self.method).default_metric
+
+    @property
+    def needs_calibration(self) -> bool:
+        return get_method(self.method).needs_activations(self.resolved_metric)
+
+    def check(self) -> None:
+        """Refuse a bad request before any work."""
+        get_method(self.method)
+        if self.metric is not None and self.metric not in METRICS:
+            raise SnapPruneError(f"unknown mask metric {self.metric!r}; choose one of "
+                                 f"{', '.join(METRICS)}")
+        for name in ("mlp", "heads"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise SnapPruneError(f"--{name} must be a fraction in [0, 1), got {value}")
+        if not self.mlp and not self.heads:
+            raise SnapPruneError("nothing to remove: pass --mlp F and/or --heads F (in (0, 1))")
+        if self.alpha:
+            raise SnapPruneError(
+                "alpha > 0 keeps outlier rows dense, and a row that keeps a column's weights "
+                "cannot be cut out; shrink removes whole units (use alpha 0, or 'prune "
+                "--pattern structured --alpha A' for zeros in place)")
+        if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise SnapPruneError(f"--multiple-of must be a positive integer, "
+                                 f"got {self.multiple_of}")
+        if self.percdamp < 0:
+            raise SnapPruneError(f"percdamp must be >= 0, got {self.percdamp}")
+
+
+@dataclass(frozen=True)
+class WidthPlan:
+    """Old and new widths, fixed before any weight changes."""
+
+    mlp_old: int
+    mlp_new: int
+    heads_old: int
+    heads_new: int
+    kv_old: int
+    kv_new: int
+    head_dim: int
+    groups: int
+    """Head groups that lose the same count (key/value groups under GQA, else 1)."""
+
+    @property
+    def mlp_removed(self) -> int:
+        return self.mlp_old - self.mlp_new
+
+    @property
+    def heads_removed_per_group(self) -> int:
+        return (self.heads_old - self.heads_new) // self.groups
+
+    def describe(self) -> dict:
+        return {"mlp": {"old": self.mlp_old, "new": self.mlp_new},
+                "heads": {"old": self.heads_old, "new": self.heads_new,
+                          "kv_old": self.kv_old, "kv_new": self.kv_new,
+                          "head_dim": self.head_dim}}
+
+
+def mlp_width(config, adapter: Adapter) -> int:
+    value = getattr(config, adapter.mlp_width_key, None)
+    if value is None and adapter.family == "gpt2":  # n_inner None means 4 × n_embd
+        value = 4 * config.n_embd
+    if not isinstance(value, int):
+        raise SnapPruneError(f"{type(config).__name__} has no {adapter.mlp_width_key}")
+    return value
+
+
+def plan_width(model: nn.Module, settings: WidthSettings) -> WidthPlan:
+    """New widths, rounded to ``multiple_of`` (neurons) and whole heads per group, or a
+    one-line refusal naming the problem and the fix."""
+    settings.check()
+    adapter = adapter_for(model)
+    config = model.config
+    if adapter.mlp_width_key is None or adapter.attention is None:
+        raise SnapPruneError(
+            f"the {adapter.family} family has no width adapter (MLP neurons and heads it could "
+            "cut out); shrink supports the LLaMA family (LLaMA, Mistral, Qwen2, ...), OPT, "
+            "GPT-2 and GPT-NeoX")
+    mlp_old = mlp_width(config, adapter)
+    mlp_new = mlp_old
+    if settings.mlp:
+        step = settings.multiple_of
+        mlp_new = max(step, round(mlp_old * (1 - settings.mlp) / step) * step)
+        if mlp_new >= mlp_old:
+            raise SnapPruneError(
+                f"--mlp {settings.mlp} of {mlp_old} neurons rounds to no removal at "
+                f"--multiple-of {step}; raise --mlp or lower --multiple-of")
+    geometry = head_geometry(config)
+    heads_new, kv_new, groups = geometry.heads, geometry.kv_heads, 1
+    if settings.heads:
+        if adapter.head_dim_key is None:
+            raise SnapPruneError(
+                f"{type(config).__name__} derives the head width from the hidden size, so "
+                "removing heads would need custom model code; use --mlp only for this family")
+        grouped = geometry.kv_heads < geometry.heads
+        groups = geometry.kv_heads if grouped else 1
+        size = geometry.heads // groups
+        removed = round(settings.heads * size)
+        if removed == 0:
+            raise SnapPruneError(
+                f"--heads {settings.heads} removes no head: {size} query heads per group; "
+                f"use at least {1 / size:.3g}")
+        if removed >= size:
+            raise SnapPruneError(
+                f"--heads {settings.heads} would leave a key/value group empty ({removed} of "
+                f"its {size} query heads removed); lower --heads")
+        heads_new = geometry.heads - removed * groups
+        kv_new = geometry.kv_heads if grouped else heads_new
+    return WidthPlan(mlp_old, mlp_new, geometry.heads, heads_new, geometry.kv_heads, kv_new,
+                     geometry.head_dim, groups)
+
+
+@dataclass
+class ShrinkRun:
+    """What ``shrink_model`` did: the new widths, per-layer records, sizes and times."""
+
+    settings: WidthSettings
+    plan: WidthPlan
+    layers: list[LayerRecord] = field(default_factory=list)
+    removed: dict[int, dict[str, list[int]]] = field(default_factory=dict)
+    calibration_seconds: float = 0.0
+    solver_seconds: float = 0.0
+    total_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    parameters_before: int = 0
+    parameters_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    architecture: dict = field(default_factory=dict)
+
+    @property
+    def achieved_sparsity(self) -> float:
+        """Fraction of the pruned layers' weights removed (by their masks)."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        removed = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return removed / total if total else 0.0
+
+
+def _sizes(model: nn.Module) -> tuple[int, int]:
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def _zero_outputs(module: nn.Module, rows: torch.Tensor) -> None:
+    """Zero output units ``rows`` of a layer (weight rows in ``out × in`` terms, bias)."""
+    w = linear_weight(module).clone()
+    w[rows] = 0.0
+    set_linear_weight(module, w)
+    if getattr(module, "bias", None) is not None:
+        module.bias.data[rows] = 0.0
+
+
+@torch.no_grad()
+def shrink_model(
+    model: nn.Module,
+    calibration: torch.Tensor | None,
+    settings: WidthSettings,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+    log=None,
+    block_inputs=None,
+) -> tuple[nn.Module, ShrinkRun]:
+    """Remove ``settings.mlp`` of every block's MLP neurons and ``settings.heads`` of its query
+    heads; return a new, smaller model (standard config, same dtype, on the CPU) and the run.
+    ``model`` itself ends with the removed units zeroed in place (the reference the smaller
+    model equals)."""
+    start = time.perf_counter()
+    device = torch.device(device)
+    plan = plan_width(model, settings)
+    adapter = adapter_for(model)
+    blocks = adapter.decoder_blocks(model)
+    params, nbytes = _sizes(model)
+    run = ShrinkRun(settings, plan, parameters_before=params, bytes_before=nbytes,
+                    architecture=adapter.describe(model))
+    mlp_out = adapter.mlp.output
+    attn_out = adapter.attention.o
+    layers: dict[int, dict[str, nn.Module]] = {}
+    for index, block in enumerate(blocks):
+        modules = dict(block.named_modules())
+        named = {}
+        if plan.mlp_removed:
+            named[f"{adapter.blocks}.{index}.{mlp_out}"] = modules[mlp_out]
+        if plan.heads_new < plan.heads_old:
+            named[f"{adapter.blocks}.{index}.{attn_out}"] = modules[attn_out]
+        layers[index] = named
+
+    def step(index: int, named: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
+        modules = dict(blocks[index].named_modules())
+        removed: dict[str, list[int]] = {}
+        for name, module in named.items():
+            is_mlp = name.endswith("." + mlp_out)
+            if is_mlp:
+                chooser = lambda s: lowest_units(s, 1, plan.mlp_removed)  # noqa: E731
+                fraction = plan.mlp_removed / plan.mlp_old
+            else:
+                chooser = lambda s: lowest_units(  # noqa: E731
+                    s, plan.head_dim, plan.heads_removed_per_group, plan.groups)
+                fraction = 1 - plan.heads_new / plan.heads_old
+            result = prune_weight(
+                linear_weight(module), stats.get(name), method=settings.method,
+                pattern="structured", sparsity=fraction, metric=settings.metric,
+                percdamp=settings.percdamp, choose_columns=chooser)
+            set_linear_weight(module, result.weight)
+            columns = result.mask.any(0)
+            if is_mlp:
+                units = columns.nonzero().squeeze(1)
+                for producer in adapter.mlp.inputs:
+                    _zero_outputs(modules[producer], units)
+                removed["mlp"] = units.tolist()
+            else:
+                heads = columns.reshape(plan.heads_old, plan.head_dim).any(1)
+                removed["heads"] = heads.nonzero().squeeze(1).tolist()
+                _zero_outputs(modules[adapter.attention.q], columns)
+                if plan.kv_new < plan.kv_old:  # no GQA: each removed head takes its k, v
+                    _zero_outputs(modules[adapter.attention.k], columns)
+                    _zero_outputs(modules[adapter.attention.v], columns)
+            record = LayerRecord(name, tuple(result.weight.shape), result.sparsity,
+                                 result.error, result.seconds,
+                                 "mlp.out" if is_mlp else "attention.o", result.percdamp)
+            run.layers.append(record)
+            run.solver_seconds += result.seconds
+            if log:
+                log(f"{name:48s} removed {len(removed.get('mlp', removed.get('heads', [])))} "
+                    f"units  error {record.error:.4g}  {record.seconds:.2f}s")
+        run.removed[index] = removed
+
+    if settings.needs_calibration:
+        run_blocks(model, layers, step, calibration, run, device=device,
+                   batch_size=batch_size, progress=progress, block_inputs=block_inputs,
+                   desc=f"shrink {settings.method}")
+    else:
+        for index, named in layers.items():
+            step(index, named, {})
+    smaller = cut_out(model, adapter, plan, run.removed)
+    run.parameters_after, run.bytes_after = _sizes(smaller)
+    run.total_seconds = time.perf_counter() - start
+    run.peak_memory_bytes = _peak_memory(device)
+    return smaller, run
+
+
+def _keep(tensor: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
+    return tensor.index_select(dim, keep.to(tensor.device)).contiguous()
+
+
+def _slice_layer(state: dict, prefix: str, module: nn.Module, keep: torch.Tensor,
+                 outputs: bool) -> None:
+    """Keep output units (rows of ``out × in``) or input columns of one layer in ``state``."""
+    conv = is_conv1d(module)
+    dim = (1 if conv else 0) if outputs else (0 if conv else 1)
+    state[f"{prefix}.weight"] = _keep(state[f"{prefix}.weight"], dim, keep)
+    if outputs and f"{prefix}.bias" in state:
+        state[f"{prefix}.bias"] = _keep(state[f"{prefix}.bias"], 0, keep)
+
+
+def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
+            removed: dict[int, dict[str, list[int]]]) -> nn.Module:
+    """A new model from the smaller standard config holding ``model``'s remaining weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if plan.mlp_removed:
+        setattr(config, adapter.mlp_width_key, plan.mlp_new)
+    if plan.heads_new < plan.heads_old:
+        config.num_attention_heads = plan.heads_new
+        setattr(config, adapter.head_dim_key, plan.head_dim)
+        if hasattr(config, "num_key_value_heads"):
+            config.num_key_value_heads = plan.kv_new
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    blocks = adapter.decoder_blocks(model)
+    for index, block in enumerate(blocks):
+        modules = dict(block.named_modules())
+        prefix = f"{adapter.blocks}.{index}"
+        if "mlp" in removed.get(index, {}):
+            keep = _complement(removed[index]["mlp"], plan.mlp_old)
+            for name in adapter.mlp.inputs:
+                _slice_layer(state, f"{prefix}.{name}", modules[name], keep, outputs=True)
+            _slice_layer(state, f"{prefix}.{adapter.mlp.output}", modules[adapter.mlp.output],
+                         keep, outputs=False)
+        if "heads" in removed.get(index, {}):
+            heads = _complement(removed[index]["heads"], plan.heads_old)
+            keep = (heads[:, None] * plan.head_dim + torch.arange(plan.head_dim)).reshape(-1)
+            att = adapter.attention
+            producers = [att.q] + ([att.k, att.v] if plan.kv_new < plan.kv_old else [])
+            for name in producers:
+                _slice_layer(state, f"{prefix}.{name}", modules[name], keep, outputs=True)
+            _slice_layer(state, f"{prefix}.{att.o}", modules[att.o], keep, outputs=False)
+    smaller = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    missing, unexpected = smaller.load_state_dict(state, strict=False)
+    tied = set(getattr(smaller, "_tied_weights_keys", None) or ())
+    if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+        raise SnapPruneError(f"the cut-out model does not match its config (missing {missing}, "
+                             f"unexpected {unexpected}); please report this")
+    return smaller.eval()
+
+
+def _complement(removed: list[int], total: int) -> torch.Tensor:
+    mask = torch.ones(total, dtype=torch.bool)
+    mask[removed] = False
+    return mask.nonzero().squeeze(1)
+
+
+def width_report(run: ShrinkRun) -> dict:
+    """The width section of the JSON report: old and new widths, parameters and bytes."""
+    return {**run.plan.describe(),
+            "parameters": {"before": run.parameters_before, "after": run.parameters_after,
+                           "removed_fraction": 1 - run.parameters_after
+                           / max(1, run.parameters_before)},
+            "bytes": {"before": run.bytes_before, "after": run.bytes_after},
+            "removed_units": {str(k): v for k, v in run.removed.items()},
+            "settings": dataclasses.asdict(run.settings)}
