@@ -87,3 +87,11 @@ def test_shrink_smollm2_equals_the_zeroed_model(smollm2):
     assert run.parameters_after == 134_515_008 - 30 * (464 * 3 * 576 + 3 * 64 * 2 * 576)
     ids = calib[:1]
     torch.testing.assert_close(smaller(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_quiet_means_quiet_and_generate_works_on_the_alias(capsys):
+    code = main(["generate", "--model", "smollm2-135m", "--prompt", "The capital of France is",
+                 "--max-new-tokens", "4", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0 and "Paris" in captured.out
+    assert "de-quantizing" not in captured.err and "%|" not in captured.err

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .engine import METRICS, get_method, method_names
 from .errors import SnapPruneError
+from .generate import DEFAULT_PROMPTS
 
 DESCRIPTION = """\
 snapprune: post-training pruning of large language models.
@@ -156,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_zeroshot_args(ev)
     ev.add_argument("--json", metavar="PATH", help="write the results to PATH")
     _add_sweep_parser(sub)
+
+    gen = sub.add_parser(
+        "generate", help="greedy completions of a few prompts, optionally beside the dense model",
+        description="Does the pruned model still talk? Greedy completions of each prompt.",
+        epilog="example:\n  snapprune generate --model pruned/ --compare smollm2-135m",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(gen)
+    gen.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                     help="a prompt; repeatable (default: "
+                          + "; ".join(repr(p) for p in DEFAULT_PROMPTS) + ")")
+    gen.add_argument("--compare", metavar="DENSE",
+                     help="also complete with this model (e.g. the dense one), side by side")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=48, metavar="N",
+                     help="tokens generated per prompt (default: 48)")
+    gen.add_argument("--json", metavar="PATH", help="also write the completions to PATH")
     return parser
 
 
@@ -186,6 +202,9 @@ def _add_run_args(parser: argparse.ArgumentParser, what: str) -> None:
     output.add_argument("--json", metavar="PATH", help="also write the report to PATH")
     output.add_argument("--verbose", action="store_true",
                         help="print one line per pruned layer")
+    output.add_argument("--no-samples", action="store_true",
+                        help="skip the few greedy sample generations (dense and after) that go "
+                             "into the report")
 
 
 SHRINK_EPILOG = """\
@@ -330,6 +349,45 @@ def _shrink_job(args: argparse.Namespace):
     return Job(settings, calibration, _evaluation_spec(args), args.batch_size)
 
 
+def _samples(bench, tokenizer, device: str) -> list[str]:
+    from .generate import greedy_completions
+
+    return greedy_completions(bench.model, tokenizer, DEFAULT_PROMPTS, max_new_tokens=24,
+                              device=device)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .generate import greedy_completions
+    from .models.loading import load_model
+    from .run import check_device
+
+    check_device(args.device)
+    prompts = args.prompt or list(DEFAULT_PROMPTS)
+    columns = {}
+    for label, spec in (("model", args.model), ("dense", args.compare)):
+        if spec is None:
+            continue
+        model, tokenizer, _ = load_model(spec, dtype=args.dtype, progress=not args.quiet)
+        columns[label] = greedy_completions(model, tokenizer, prompts,
+                                            max_new_tokens=args.max_new_tokens,
+                                            device=args.device)
+        del model
+    rows = [{"prompt": p, **{k: v[i] for k, v in columns.items()}}
+            for i, p in enumerate(prompts)]
+    if args.json:
+        from .models.save import write_json_atomic
+
+        write_json_atomic(args.json, {"model": args.model, "compare": args.compare,
+                                      "generations": rows})
+    for row in rows:
+        print(f"> {row['prompt']}")
+        for label in columns:
+            text = " ".join(row[label].split())
+            print(f"  {label + ':':7s}{text}" if len(columns) > 1 else f"  {text}")
+        print()
+    return 0
+
+
 def run_prune(args: argparse.Namespace) -> int:
     return _run_job(args, _prune_job(args))
 
@@ -357,7 +415,9 @@ def _run_job(args: argparse.Namespace, job) -> int:
     load_seconds = time.perf_counter() - t
     bench = Workbench(model, tokenizer, device=args.device, progress=not args.quiet, log=_log)
     bench.check(job)
+    bench.announce_cost(job)
     dense = bench.evaluate(job.evaluation) if args.compare_dense else None
+    samples = None if args.no_samples else _samples(bench, tokenizer, args.device)
     outcome = bench.run(job, verbose=args.verbose)
     calibration = job.calibration
     report = prune_report(
@@ -372,6 +432,13 @@ def _run_job(args: argparse.Namespace, job) -> int:
         if outcome.evaluated.zeroshot else None,
         extra_seconds={"model_loading_seconds": load_seconds,
                        "calibration_data_seconds": outcome.calibration_data_seconds})
+    if samples is not None:
+        after = _samples(bench, tokenizer, args.device)
+        report["generations"] = [{"prompt": p, "dense": d, "pruned": a}
+                                 for p, d, a in zip(DEFAULT_PROMPTS, samples, after,
+                                                    strict=True)]
+        for row in report["generations"]:
+            _log(f"sample: {row['prompt']!r} → {row['pruned']!r}")
     if args.out:
         out = save_pruned_model(bench.model, tokenizer, args.out, report,
                                 overwrite=args.overwrite)
@@ -492,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"prune": run_prune, "shrink": run_shrink, "eval": run_eval,
-                    "sweep": run_sweep_command}
+                    "sweep": run_sweep_command, "generate": run_generate}
         with warnings.catch_warnings():
             warnings.filterwarnings("default", module=r"snapprune\.")
             warnings.showwarning = _print_warning

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import SnapPruneError
+from .hub import require_hub
 
 C4_REPO = "allenai/c4"
 C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
@@ -72,9 +73,14 @@ def wikitext_join(text: str) -> str:
     return "\n\n".join(line + "\n" for line in lines)
 
 
+LOCAL_FIX = ("pass a local file instead (.txt, .jsonl or .json.gz with a 'text' field), or "
+             "--calib self for calibration text sampled from the model")
+
+
 def _hub_file(repo: str, filename: str) -> str:
     from huggingface_hub import hf_hub_download
 
+    require_hub(f"{repo}/{filename}", LOCAL_FIX)
     try:
         return hf_hub_download(repo, filename, repo_type="dataset")
     except Exception as exc:  # network, auth, missing file: one line for the user
@@ -85,6 +91,7 @@ def _hub_file(repo: str, filename: str) -> str:
 
 
 def _hub_rows(name: str, config: str | None, split: str, field: str) -> list[str]:
+    require_hub(f"the {name} dataset ({split})", LOCAL_FIX)
     try:
         from datasets import load_dataset
 

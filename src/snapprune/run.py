@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .data import NAMED_SOURCES
+from .data import LOCAL_FIX, NAMED_SOURCES
 from .errors import SnapPruneError
 from .eval.perplexity import PerplexityResult, capped_seqlen, perplexity
+from .hub import require_hub
 from .models.pipeline import (
     BlockInputs,
     PruneRun,
@@ -77,7 +78,12 @@ class Job:
 
 
 def check_source(source: str, named: tuple[str, ...], what: str) -> None:
-    if source not in named and not Path(source).exists():
+    """A named source must be reachable (the Hub, asked once, in seconds), a path must exist."""
+    if source in named:
+        if source != "self":
+            require_hub(f"{what} {source!r}", LOCAL_FIX)
+        return
+    if not Path(source).exists():
         raise SnapPruneError(
             f"{what} {source!r} not found: use {', '.join(named)} or a path to an existing file"
         )
@@ -193,6 +199,40 @@ class Workbench:
                     limit=evaluation.limit, device=self.device, progress=self.progress)
         return result
 
+    @torch.no_grad()
+    def announce_cost(self, job: Job) -> None:
+        """One line before the calibration passes: how many tokens, and about how long on this
+        device, timed on one window (each block runs every window twice: statistics, then
+        propagation). ``self`` calibration also says what generating its text costs."""
+        if not job.settings.needs_calibration:
+            return
+        spec = job.calibration
+        seqlen = capped_seqlen(self.model, spec.seqlen)
+        vocab = self.model.config.vocab_size
+        window = torch.randint(0, vocab, (1, seqlen), generator=torch.Generator().manual_seed(0))
+        with placed(self.model, self.device):
+            window = window.to(self.device)
+            seconds = []
+            for _ in range(2):  # the first call pays one-off costs
+                t = time.perf_counter()
+                self.model(window, use_cache=False)
+                seconds.append(time.perf_counter() - t)
+            estimate = 2 * spec.nsamples * seconds[-1]
+            tokens = spec.nsamples * seqlen
+            self.log(f"calibration: {spec.nsamples} windows × {seqlen} tokens = {tokens:,} "
+                     f"tokens; the calibration passes take about {_duration(estimate)} on "
+                     f"{self.device} (timed on one window); --nsamples and --seqlen scale it")
+            if spec.source == "self" and self._calibration_key(spec) not in self._calibration:
+                prompt = window[:, :1].expand(spec.nsamples, 1)
+                t = time.perf_counter()
+                self.model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                    do_sample=False, max_new_tokens=4, min_new_tokens=4,
+                                    pad_token_id=0)
+                step = (time.perf_counter() - t) / 4
+                self.log(f"calibration source 'self': generating {tokens:,} tokens with the "
+                         f"model takes at least {_duration(step * seqlen)}; a local text file "
+                         "(--calib FILE) avoids it")
+
     def check(self, job: Job) -> None:
         """Refusals that need the model (layer widths, finite weights, width plans)."""
         if isinstance(job.settings, WidthSettings):
@@ -238,6 +278,14 @@ class Workbench:
             self.log(f"pruned {len(run.layers)} layers to sparsity {run.achieved_sparsity:.4f} "
                      f"in {run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
         return Outcome(run, self.evaluate(job.evaluation), data_seconds)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _blocks(model):

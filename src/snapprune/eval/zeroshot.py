@@ -14,13 +14,11 @@ characters (lm-eval's definitions).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import SnapPruneError
+from ..progress import third_party_bars
 
 QUERY_FORM = ("query", "choices", "gold")
 PARTIAL_FORM = ("context_options", "continuation", "gold")
@@ -122,23 +120,6 @@ def expand_tasks(tasks: list[str]) -> list[str]:
     return expanded
 
 
-@contextlib.contextmanager
-def _tqdm_disabled(disabled: bool) -> Iterator[None]:
-    """lm-eval draws its own tqdm bars; tqdm reads ``TQDM_DISABLE`` when a bar is created."""
-    if not disabled:
-        yield
-        return
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
-
-
 def evaluate_zeroshot(
     model,
     tokenizer,
@@ -172,7 +153,7 @@ def evaluate_zeroshot(
             names.append(task)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     try:
-        with _tqdm_disabled(not progress):
+        with third_party_bars(progress):
             output = simple_evaluate(
                 model=lm, tasks=specs, num_fewshot=0, limit=limit, bootstrap_iters=0,
                 log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0,

