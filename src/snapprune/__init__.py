@@ -16,6 +16,7 @@ from .engine import (
 from .errors import SnapPruneError
 from .models.layout import linear_weight, set_linear_weight
 from .models.pipeline import PruneRun, PruneSettings, prune_model
+from .models.width import ShrinkRun, WidthSettings, shrink_model
 
 __version__ = "0.1.0"
 
@@ -27,7 +28,9 @@ __all__ = [
     "PruneResult",
     "PruneRun",
     "PruneSettings",
+    "ShrinkRun",
     "SnapPruneError",
+    "WidthSettings",
     "get_method",
     "linear_weight",
     "method_names",
@@ -37,4 +40,5 @@ __all__ = [
     "reconstruction_error",
     "register_method",
     "set_linear_weight",
+    "shrink_model",
 ]
