@@ -175,6 +175,8 @@ def main() -> int:
                         help="MLP fractions removed (the speed-up curve)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--build-threads", type=int, default=None,
+                        help="torch threads while building the models (timing uses all)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
@@ -187,6 +189,9 @@ def main() -> int:
 
     out = Path(args.out)
     (out / "models").mkdir(parents=True, exist_ok=True)
+    timing_threads = torch.get_num_threads()
+    if args.build_threads:
+        torch.set_num_threads(args.build_threads)
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, progress=False)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = CalibrationSpec(args.calib, args.nsamples, args.seqlen, 0)
@@ -239,6 +244,8 @@ def main() -> int:
         if status == "semi-structured":
             timed["masked-2of4-kernel"] = sparse
         print(f"2:4 kernels: {status}", flush=True)
+    torch.set_num_threads(timing_threads)
+    print(f"speed phase: {len(timed)} models, {timing_threads} threads", flush=True)
     speed = measure_speed(timed, args)
     for row in rows:
         if row["model"] in speed:
