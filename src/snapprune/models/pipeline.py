@@ -19,8 +19,24 @@ from .adapters import adapter_for
 from .layout import input_width, linear_weight, set_linear_weight
 
 
+class MethodChoice:
+    """What settings that name a method (``method``, ``metric``) derive from its declaration."""
+
+    method: str
+    metric: str | None
+
+    @property
+    def resolved_metric(self) -> str:
+        return self.metric or get_method(self.method).default_metric
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any calibration data enters the result (magnitude scores need none)."""
+        return get_method(self.method).needs_activations(self.resolved_metric)
+
+
 @dataclass(frozen=True)
-class PruneSettings:
+class PruneSettings(MethodChoice):
     """Everything that decides the pruned weights (besides the model and calibration data).
     Immutable: ``dataclasses.replace`` makes a changed copy."""
 
@@ -33,15 +49,6 @@ class PruneSettings:
     metric: str | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-
-    @property
-    def resolved_metric(self) -> str:
-        return self.metric or get_method(self.method).default_metric
-
-    @property
-    def needs_calibration(self) -> bool:
-        """Whether any calibration data enters the result (magnitude scores need none)."""
-        return get_method(self.method).needs_activations(self.resolved_metric)
 
     def check(self):
         """Refuse a bad request before any work; return ``(pattern, target sparsity)``."""

@@ -25,11 +25,11 @@ from ..engine.width import lowest_units
 from ..errors import SnapPruneError
 from .adapters import Adapter, adapter_for, head_geometry
 from .layout import is_conv1d, linear_weight, set_linear_weight
-from .pipeline import LayerRecord, _peak_memory, run_blocks
+from .pipeline import LayerRecord, MethodChoice, _peak_memory, run_blocks
 
 
 @dataclass(frozen=True)
-class WidthSettings:
+class WidthSettings(MethodChoice):
     """What ``shrink`` removes: fractions of MLP neurons and of query heads."""
 
     method: str = "thanos"
@@ -43,14 +43,6 @@ class WidthSettings:
     @property
     def pattern(self) -> str:
         return "width"
-
-    @property
-    def resolved_metric(self) -> str:
-        return self.metric or get_method(self.method).default_metric
-
-    @property
-    def needs_calibration(self) -> bool:
-        return get_method(self.method).needs_activations(self.resolved_metric)
 
     def check(self) -> None:
         """Refuse a bad request before any work."""
