@@ -22,6 +22,7 @@ from .data import LOCAL_FIX, NAMED_SOURCES
 from .errors import SnapPruneError
 from .eval.perplexity import PerplexityResult, capped_seqlen, perplexity
 from .hub import require_hub
+from .models.adapters import adapter_for
 from .models.pipeline import (
     BlockInputs,
     PruneRun,
@@ -234,7 +235,14 @@ class Workbench:
                          "(--calib FILE) avoids it")
 
     def check(self, job: Job) -> None:
-        """Refusals that need the model (layer widths, finite weights, width plans)."""
+        """Refusals that need the model (layer widths, finite weights, width plans); block
+        parameters that no adapter rule covers are named (they are left as they are)."""
+        adapter = adapter_for(self.model)
+        _, uncovered = adapter.coverage(adapter.decoder_blocks(self.model)[0])
+        if uncovered:
+            self.log(f"note: {len(uncovered)} parameter(s) of each block match no rule of the "
+                     f"{adapter.family} adapter and stay as they are: "
+                     f"{', '.join(uncovered[:4])}{', …' if len(uncovered) > 4 else ''}")
         if isinstance(job.settings, WidthSettings):
             plan_width(self.model, job.settings)
         else:
@@ -289,6 +297,4 @@ def _duration(seconds: float) -> str:
 
 
 def _blocks(model):
-    from .models.adapters import adapter_for
-
     return adapter_for(model).decoder_blocks(model)
