@@ -42,6 +42,8 @@ def main() -> int:
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--eval-seqlen", type=int, default=1024)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--patterns", default=",".join(c[0] for c in CELLS),
+                        help="which of the table's patterns to run (default: all)")
     parser.add_argument("--out", default="runs/smollm2_table")
     parser.add_argument("--render", metavar="CELLS_JSONL",
                         help="only re-render table.md from an earlier run's cells.jsonl")
@@ -67,6 +69,8 @@ def main() -> int:
              "prune_seconds": 0.0, "solver_seconds": 0.0}]
     print(json.dumps(rows[0]), flush=True)
     for pattern, sparsity, alpha in CELLS:
+        if pattern not in args.patterns.split(","):
+            continue
         for method in args.methods.split(","):
             model.load_state_dict(dense_state)
             settings = PruneSettings(method=method, pattern=pattern, sparsity=sparsity,
