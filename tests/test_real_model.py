@@ -95,3 +95,28 @@ def test_quiet_means_quiet_and_generate_works_on_the_alias(capsys):
     captured = capsys.readouterr()
     assert code == 0 and "Paris" in captured.out
     assert "de-quantizing" not in captured.err and "%|" not in captured.err
+
+
+def test_streamed_smollm2_equals_in_memory(smollm2, tmp_path):
+    """SmolLM2 saved as safetensors, pruned streamed and in memory: the same weights, bit for
+    bit (Thanos 2:4, two calibration windows of 64 tokens)."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from snapprune.models.pipeline import PruneSettings
+    from snapprune.models.streaming import stream_prune
+
+    model, tokenizer = smollm2
+    source = tmp_path / "smollm2"
+    model.save_pretrained(source, max_shard_size="200MB")
+    ids = calibration_windows(str(C4_FILE), tokenizer, nsamples=2, seqlen=64, seed=0)
+    settings = PruneSettings("thanos", "2:4")
+    stream_prune(source, tmp_path / "streamed", lambda _m: ids, settings, progress=False)
+    reference = copy.deepcopy(model)
+    prune_model(reference, ids, settings, progress=False)
+    state = reference.state_dict()
+    got = {}
+    for path in (tmp_path / "streamed").glob("*.safetensors"):
+        got.update(load_file(path))
+    assert len(got) == 272 and all(torch.equal(t, state[n]) for n, t in got.items())

@@ -147,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--exclude", action="append", default=[], metavar="PAT",
                       help="skip layers whose name matches; repeatable")
     _add_run_args(prune, "pruning")
+    memory = prune.add_argument_group("models larger than memory")
+    memory.add_argument("--stream", dest="stream", action="store_true", default=None,
+                        help="read, prune and write one block at a time from the model's "
+                             "safetensors (default: when the model would not fit in memory)")
+    memory.add_argument("--no-stream", dest="stream", action="store_false",
+                        help="load the whole model even if it looks too large")
+    memory.add_argument("--resume", action="store_true",
+                        help="continue a streamed run that was killed or interrupted, from its "
+                             "last finished block (same command otherwise)")
     _add_shrink_parser(sub)
 
     ev = sub.add_parser("eval", help="evaluate a model's perplexity",
@@ -389,7 +398,97 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    return _run_job(args, _prune_job(args))
+    job = _prune_job(args)
+    if _wants_stream(args):
+        return _run_streamed(args, job)
+    return _run_job(args, job)
+
+
+def _wants_stream(args: argparse.Namespace) -> bool:
+    """--stream / --resume ask for it; otherwise a local safetensors model that would not fit
+    in memory streams by itself."""
+    if args.resume or args.stream:
+        return True
+    if args.stream is False:
+        return False
+    from .models.loading import resolve_model
+    from .models.streaming import should_stream
+
+    source = resolve_model(args.model)
+    return source.is_local and source.gguf_file is None and should_stream(source.path)
+
+
+def _run_streamed(args: argparse.Namespace, job) -> int:
+    from transformers import AutoTokenizer
+
+    from .data import calibration_windows
+    from .eval.perplexity import capped_seqlen
+    from .models.loading import resolve_model
+    from .models.save import REPORT_NAME, check_output_dir, write_json_atomic
+    from .models.streaming import discard_partial, partial_dir, stream_prune
+    from .report import prune_report
+    from .run import check_device
+
+    job.validate()
+    if not args.out:
+        raise SnapPruneError("--stream writes the model block by block: pass --out DIR")
+    if job.evaluation.ppl or job.evaluation.zeroshot or args.compare_dense:
+        raise SnapPruneError("a streamed model is never whole in memory, so it is not evaluated "
+                             "here: drop --eval/--zeroshot/--compare-dense and run snapprune "
+                             "eval on the output")
+    if job.calibration.source == "self":
+        raise SnapPruneError("--calib self generates text with the whole model; with --stream "
+                             "use a local text file or c4/wikitext2")
+    if not args.resume:
+        check_output_dir(args.out, args.overwrite)
+    check_device(args.device)
+    source = resolve_model(args.model)
+    if source.gguf_file:
+        raise SnapPruneError("streaming reads safetensors; convert the GGUF file first (load it "
+                             "with transformers and save_pretrained, or prune it with "
+                             "--no-stream)")
+    path = source.path
+    if not source.is_local:
+        from huggingface_hub import snapshot_download
+
+        from .hub import require_hub
+
+        require_hub(f"model {args.model!r}", "pass a local directory")
+        path = snapshot_download(args.model, allow_patterns=["*.json", "*.safetensors",
+                                                             "*.model", "*.txt"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    spec = job.calibration
+
+    def calibration(model):
+        return calibration_windows(spec.source, tokenizer, nsamples=spec.nsamples,
+                                   seqlen=capped_seqlen(model, spec.seqlen), seed=spec.seed)
+
+    def finish(directory, run) -> None:
+        report = prune_report(run, model=args.model, device=args.device, calibration={
+            "source": spec.source, "nsamples": spec.nsamples, "seqlen": spec.seqlen,
+            "seed": spec.seed})
+        report["streamed"] = True
+        write_json_atomic(directory / REPORT_NAME, report)
+        if args.json:
+            write_json_atomic(args.json, report)
+
+    try:
+        run = stream_prune(path, args.out, calibration, job.settings, device=args.device,
+                           batch_size=job.batch_size, progress=not args.quiet,
+                           log=_log if args.verbose else None, resume=args.resume,
+                           overwrite=args.overwrite, finish=finish)
+    except SnapPruneError:
+        if not args.resume:
+            discard_partial(args.out)
+        raise
+    except KeyboardInterrupt:
+        print(f"snapprune: interrupted; finished blocks are kept in "
+              f"{partial_dir(Path(args.out).resolve())}: run the same command with --resume to "
+              "continue", file=sys.stderr)
+        return 130
+    _log(f"pruned {len(run.layers)} layers (streamed) to sparsity {run.achieved_sparsity:.4f} "
+         f"in {run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s); saved to {args.out}")
+    return 0
 
 
 def run_shrink(args: argparse.Namespace) -> int:

@@ -164,8 +164,10 @@ def layer_roles(model: nn.Module) -> dict[str, str]:
             for n, role in adapter.layer_roles(block).items()}
 
 
-def check_model_for_pruning(layers: dict[int, dict[str, nn.Module]], settings: PruneSettings):
-    """Refuse before any work: settings, pattern widths, finite weights."""
+def check_model_for_pruning(layers: dict[int, dict[str, nn.Module]], settings: PruneSettings,
+                            *, weights: bool = True) -> None:
+    """Refuse before any work: settings, pattern widths, and (``weights``: when the weights are
+    in memory, not on the meta device of a streamed model) finite weights."""
     pattern, _ = settings.check()
     for named in layers.values():
         for name, module in named.items():
@@ -175,10 +177,16 @@ def check_model_for_pruning(layers: dict[int, dict[str, nn.Module]], settings: P
                     f"{pattern} needs every layer width divisible by {pattern.m}, but {name} has "
                     f"{width} inputs; choose another M or --exclude that layer"
                 )
-            if not torch.isfinite(module.weight).all():
-                raise SnapPruneError(
-                    f"weight of {name} contains NaN or Inf; the model is corrupt, reload it"
-                )
+        if weights:
+            check_finite(named)
+
+
+def check_finite(named: dict[str, nn.Module]) -> None:
+    for name, module in named.items():
+        if not torch.isfinite(module.weight).all():
+            raise SnapPruneError(
+                f"weight of {name} contains NaN or Inf; the model is corrupt, reload it"
+            )
 
 
 def _block_output(out) -> torch.Tensor:
@@ -351,7 +359,7 @@ def prune_model(
 
     def prune_block(_index: int, named: dict[str, nn.Module], stats: dict[str, LayerStats]):
         for name, module in named.items():
-            _prune_layer(name, module, stats[name], settings, run, log)
+            prune_layer(name, module, stats[name], settings, run, log)
 
     run_blocks(model, layers, prune_block, calibration, run, device=device,
                batch_size=batch_size, progress=progress, block_inputs=block_inputs,
@@ -378,10 +386,18 @@ def run_blocks(
     progress: bool = True,
     block_inputs: BlockInputs | None = None,
     desc: str = "",
+    start: int = 0,
+    before: Callable[[int], None] | None = None,
+    after: Callable[[int, BlockInputs], None] | None = None,
 ) -> None:
     """The sequential loop: for each block, gather its layers' statistics on the current
     activations, let ``step`` change the block, propagate, move on. Times go to ``run``
-    (``calibration_seconds``); each block returns to the device it came from."""
+    (``calibration_seconds``); each block returns to the device it came from.
+
+    Streaming hooks: ``before(index)`` makes block ``index`` real (reads it from disk),
+    ``after(index, inputs)`` sees it done and the activations that enter the next block (writes
+    it out, frees it, checkpoints); ``start`` resumes at a block, ``block_inputs`` then holding
+    the activations that enter it."""
     blocks = adapter_for(model).decoder_blocks(model)
     t = time.perf_counter()
     if block_inputs is not None:
@@ -392,7 +408,10 @@ def run_blocks(
         inputs = capture_block_inputs(model, blocks, calibration, device, batch_size)
     run.calibration_seconds += time.perf_counter() - t
 
-    for index in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
+    for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress,
+                      initial=start, total=len(blocks)):
+        if before is not None:
+            before(index)
         home = _home_device(blocks[index])
         block = blocks[index].to(device)
         named = layers[index]
@@ -409,6 +428,8 @@ def run_blocks(
             inputs.batches[i] = out.to("cpu", x.dtype)
         run.calibration_seconds += time.perf_counter() - t
         blocks[index] = block.to(home)
+        if after is not None:
+            after(index, inputs)
 
 
 def _home_device(module: nn.Module) -> torch.device:
@@ -416,7 +437,7 @@ def _home_device(module: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _prune_layer(name: str, module: nn.Module, stats: LayerStats | None,
+def prune_layer(name: str, module: nn.Module, stats: LayerStats | None,
                  settings: PruneSettings, run: PruneRun, log) -> None:
     role = run.roles.get(name, "")
     result = prune_weight(
@@ -440,7 +461,7 @@ def _prune_weights_only(layers, settings, run, device, start, log) -> PruneRun:
         for name, module in named.items():
             home = _home_device(module)
             module.to(device)
-            _prune_layer(name, module, None, settings, run, log)
+            prune_layer(name, module, None, settings, run, log)
             module.to(home)
     run.total_seconds = time.perf_counter() - start
     run.peak_memory_bytes = _peak_memory(device)
