@@ -45,6 +45,18 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename a finished temporary directory to ``out``, replacing an older ``out`` only once
+    the new one is complete."""
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(backup)
+        tmp.rename(out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
 def save_pruned_model(model, tokenizer, out: str | Path, report: dict, *,
                       overwrite: bool = False) -> Path:
     """``save_pretrained`` (safetensors) + tokenizer + report into a temporary sibling directory,
@@ -56,13 +68,7 @@ def save_pruned_model(model, tokenizer, out: str | Path, report: dict, *,
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / REPORT_NAME, report)
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -43,6 +43,7 @@ from .pipeline import (
     run_blocks,
     target_layers,
 )
+from .save import move_into_place
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -284,13 +285,7 @@ def stream_prune(
     state_path.unlink(missing_ok=True)
     if finish is not None:
         finish(tmp, run)
-    if out.exists():
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(backup)
-        tmp.rename(out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    move_into_place(tmp, out)
     return run
 
 
