@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -123,11 +122,16 @@ def probe(path: str, device: str) -> int:
     """In this (fresh) process: peak RSS increase from loading ``path`` and running it."""
     from transformers import AutoModelForCausalLM
 
-    def resident() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def status(field: str) -> int:
+        """Bytes of a /proc/self/status field. VmHWM is this process's own peak: getrusage's
+        ru_maxrss would carry the parent's peak across fork and exec."""
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {field} in /proc/self/status")
 
-    base = resident()
+    base = status("VmRSS")
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 512)).to(device)
     with torch.no_grad():
@@ -136,8 +140,7 @@ def probe(path: str, device: str) -> int:
                        pad_token_id=0, attention_mask=torch.ones_like(ids[:, :32]))
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return max(peak, resident()) - base
+    return status("VmHWM") - base
 
 
 def peak_memory(path: Path, device: str) -> int:
@@ -182,9 +185,25 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default="runs/inference")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
+    parser.add_argument("--remeasure-memory", action="store_true",
+                        help="only measure peak memory again for the timed models of --out")
+    parser.add_argument("--render-only", action="store_true",
+                        help="only rewrite table.md and the plot from --out's cells.jsonl")
     args = parser.parse_args()
     if args.probe:
         print(probe(args.probe, args.device))
+        return 0
+    if args.remeasure_memory or args.render_only:
+        out = Path(args.out)
+        rows = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+        for row in rows:
+            if args.remeasure_memory and "prefill_512" in row \
+                    and (out / "models" / row["model"]).is_dir():
+                row["peak_memory_bytes"] = peak_memory(out / "models" / row["model"],
+                                                       args.device)
+        (out / "cells.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_table(rows, out / "table.md")
+        plot(rows, out / "ppl_vs_speedup.png")
         return 0
 
     out = Path(args.out)
@@ -312,11 +331,16 @@ def plot(rows: list[dict], path: Path) -> None:
     speed = {r["mlp_removed"]: r["prefill_2048"] / dense["prefill_2048"]
              for r in rows if r["kind"] == "shrunk" and "prefill_2048" in r}
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    shown = [r["ppl"] for r in rows if r["kind"] == "shrunk" and r["method"] != "magnitude"]
+    ceiling = 2 * max(shown) if shown else None
     for method in METHODS:
         points = sorted((speed[r["mlp_removed"]], r["ppl"], r["mlp_removed"]) for r in rows
                         if r["kind"] == "shrunk" and r["method"] == method
                         and r["mlp_removed"] in speed)
-        if points:
+        if points and ceiling and min(p[1] for p in points) > ceiling:
+            ax.plot([], [], " ", label=f"{method}: off the scale "
+                    f"(ppl ≥ {min(p[1] for p in points):.2g})")
+        elif points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
             if method == "thanos":
                 for x, y, w in points:
@@ -324,6 +348,8 @@ def plot(rows: list[dict], path: Path) -> None:
                                 fontsize=8)
     ax.axhline(dense["ppl"], color="gray", linestyle=":", label="dense")
     ax.set_yscale("log")
+    if ceiling:
+        ax.set_ylim(dense["ppl"] * 0.8, ceiling)
     ax.set_xlabel("measured prefill speed-up over dense (2,048 tokens)")
     ax.set_ylabel("WikiText-2 perplexity")
     ax.set_title("Shrunk MLP: quality vs speed (labels: neurons removed)")
