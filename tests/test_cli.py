@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -134,3 +135,16 @@ def test_missing_model_and_non_finite_weights(nan_dir, tmp_path, capsys):
                          out, "--quiet")
         assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_saved_output_has_ordinary_permissions(tiny_dir, tmp_path, capsys):
+    """Temporary files are private while written; the renamed output follows the umask."""
+    out = tmp_path / "pruned"
+    code, err = _run(capsys, "prune", "--model", tiny_dir, "--method", "magnitude",
+                     "--sparsity", 0.5, "--out", out, "--quiet", "--no-samples")
+    assert code == 0, err
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~mask
+    for item in out.iterdir():
+        assert (item.stat().st_mode & 0o777) == 0o666 & ~mask, item.name

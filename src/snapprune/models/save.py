@@ -32,6 +32,21 @@ def write_json_atomic(path: str | Path, payload: dict) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_permissions(path: Path) -> None:
+    """Temporary files and directories are created private (0600/0700); what is renamed into
+    place gets the permissions an ordinary file or directory would have under the umask."""
+    mask = _umask()
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in items:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text to a temporary file beside ``path`` and rename it into place."""
     path = Path(path)
@@ -39,6 +54,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        ordinary_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,6 +64,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def move_into_place(tmp: Path, out: Path) -> None:
     """Rename a finished temporary directory to ``out``, replacing an older ``out`` only once
     the new one is complete."""
+    ordinary_permissions(tmp)
     if out.exists():
         backup = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(backup)
