@@ -51,8 +51,10 @@ def main() -> None:
             cells = []
             for t in texts:
                 values = [v[t] for v in by_seed.values()]
-                sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-                cells.append(f"{statistics.mean(values):.2f} ± {sd:.2f}" if values else "–")
+                if len(values) > 1:
+                    cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}")
+                else:
+                    cells.append(f"{values[0]:.2f} (one seed)" if values else "–")
             print(f"| {reg} | {method} | " + " | ".join(cells) + f" | {len(by_seed)} |")
     print()
     print("| regime | " + " | ".join(f"{a} ≤ {b}" for a, b in PAIRS) + " |")
