@@ -208,6 +208,8 @@ class Workbench:
         if not job.settings.needs_calibration:
             return
         spec = job.calibration
+        if spec.source != "self":  # text that cannot serve is refused before any estimate
+            self.calibration_ids(spec)
         seqlen = capped_seqlen(self.model, spec.seqlen)
         vocab = self.model.config.vocab_size
         window = torch.randint(0, vocab, (1, seqlen), generator=torch.Generator().manual_seed(0))
