@@ -19,7 +19,7 @@ from snapprune.models.pipeline import (
 )
 
 EXPECTED_FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt",
-                   "gpt2": "gpt2", "gpt_neox": "gpt_neox", "phi": "generic"}
+                   "gpt2": "gpt2", "gpt_neox": "gpt_neox", "phi3": "phi3", "phi": "generic"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
