@@ -131,15 +131,16 @@ def test_bad_requests_fail_before_any_change():
 
 def test_run_report_numbers():
     model = tiny_model("gpt2")
-    # The peak is in bytes, not the kilobytes getrusage reports: at least the resident size
-    # before the run (1024× too small otherwise).
+    # The peak is in bytes, not the kilobytes getrusage reports: about the resident size before
+    # the run or more (1024× too small otherwise; the kernel's two RSS counters differ by a few
+    # hundred kilobytes, hence the margin).
     with open("/proc/self/statm") as handle:
         resident = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     run = prune_model(model, token_batch(2, 16), method="sparsegpt", pattern="2:4",
                       progress=False)
     assert run.calibration_seconds > 0 and run.solver_seconds > 0
     assert run.total_seconds >= run.solver_seconds
-    assert run.peak_memory_bytes >= resident
+    assert run.peak_memory_bytes >= 0.9 * resident
     assert run.achieved_sparsity == pytest.approx(0.5)
 
 
