@@ -69,9 +69,12 @@ class Cell:
             method=self.method, pattern=self.pattern, sparsity=self.sparsity,
             alpha=self.alpha or 0.0, blocksize=self.blocksize or DEFAULTS["blocksize"],
             percdamp=self.percdamp or DEFAULTS["percdamp"], metric=self.metric)
-        calibration = CalibrationSpec(*self.calibration_key) if self.calib is not None \
+        return Job(settings, self.calibration_spec, evaluation, batch_size)
+
+    @property
+    def calibration_spec(self) -> CalibrationSpec:
+        return CalibrationSpec(*self.calibration_key) if self.calib is not None \
             else CalibrationSpec()
-        return Job(settings, calibration, evaluation, batch_size)
 
 
 def canonical_cell(method: str, **settings) -> Cell:
@@ -349,8 +352,7 @@ def run_sweep(
     # Every data source is read (and 'self' text generated) from the dense model up front.
     for cell, _, _ in todo:
         if cell.calibration_key is not None:
-            bench.calibration_ids(cell.job(plan.evaluation.spec(False), plan.batch_size)
-                                  .calibration)
+            bench.calibration_ids(cell.calibration_spec)
     versions = library_versions()
     try:
         for number, (cell, zeroshot, names) in enumerate(todo, 1):
