@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -116,7 +117,11 @@ def test_every_method_shrinks(method):
                                 progress=False)
     assert smaller.config.intermediate_size == 96
     errors = [r.error for r in run.layers]
-    assert len(errors) == 2 * 3 and all(e >= 0 or method == "magnitude" for e in errors)
+    assert len(errors) == 2 * 3
+    if method == "magnitude":  # no calibration data, so no reconstruction error to report
+        assert all(math.isnan(e) for e in errors)
+    else:
+        assert all(math.isfinite(e) and e > 0 for e in errors)
 
 
 def test_thanos_reconstructs_better_than_the_baselines():
