@@ -12,6 +12,7 @@ from pathlib import Path
 from .engine import METRICS, get_method, method_names
 from .errors import SnapPruneError
 from .generate import DEFAULT_PROMPTS
+from .models.pipeline import ACTIVATION_PLACES
 
 DESCRIPTION = """\
 snapprune: post-training pruning of large language models.
@@ -198,6 +199,11 @@ def _add_run_args(parser: argparse.ArgumentParser, what: str) -> None:
                        help="seed of the window sampling (default: 0)")
     calib.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                        help="calibration windows per forward pass; speed only (default: 8)")
+    calib.add_argument("--activations", choices=ACTIVATION_PLACES, default="auto",
+                       help="where calibration activations live between blocks: on the "
+                            "--device (no copies), or on the CPU (pinned; no device memory); "
+                            "auto: the device when they fit in half its free memory. Speed "
+                            "and memory only (default: auto)")
     evaluation = parser.add_argument_group("evaluation")
     _add_eval_args(evaluation, "--eval", f"perplexity source after {what}; repeatable",
                    ("--eval-seqlen",))
@@ -309,6 +315,9 @@ def _add_sweep_parser(sub) -> None:
                            help=f"{text} (default: {default})" if default else text)
     lists.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                        help="calibration windows per forward pass (default: 8)")
+    sweep.add_argument("--activations", choices=ACTIVATION_PLACES, default="auto",
+                       help="where calibration activations live: device, cpu or auto "
+                            "(default: auto; see snapprune prune --help)")
     evaluation = sweep.add_argument_group("evaluation (without --grid)")
     _add_eval_args(evaluation, "--ppl", "perplexity source; repeatable",
                    ("--eval-seqlen",))
@@ -344,7 +353,8 @@ def _prune_job(args: argparse.Namespace):
         blocksize=args.blocksize, percdamp=args.percdamp, metric=args.metric,
         include=tuple(args.include), exclude=tuple(args.exclude))
     calibration = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
-    return Job(settings, calibration, _evaluation_spec(args), args.batch_size)
+    return Job(settings, calibration, _evaluation_spec(args), args.batch_size,
+               args.activations)
 
 
 def _shrink_job(args: argparse.Namespace):
@@ -355,7 +365,8 @@ def _shrink_job(args: argparse.Namespace):
         method=args.method, mlp=args.mlp, heads=args.heads, metric=args.metric,
         percdamp=args.percdamp, multiple_of=args.multiple_of, alpha=args.alpha)
     calibration = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
-    return Job(settings, calibration, _evaluation_spec(args), args.batch_size)
+    return Job(settings, calibration, _evaluation_spec(args), args.batch_size,
+               args.activations)
 
 
 def _samples(bench, tokenizer, device: str) -> list[str]:
@@ -474,7 +485,8 @@ def _run_streamed(args: argparse.Namespace, job) -> int:
 
     try:
         run = stream_prune(path, args.out, calibration, job.settings, device=args.device,
-                           batch_size=job.batch_size, progress=not args.quiet,
+                           batch_size=job.batch_size, activations=job.activations,
+                           progress=not args.quiet,
                            log=_log if args.verbose else None, resume=args.resume,
                            overwrite=args.overwrite, finish=finish)
     except SnapPruneError:
@@ -627,6 +639,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from .sweep_report import render
 
     plan = load_plan(args.grid, args.model) if args.grid else _plan_from_lists(args)
+    plan.activations = args.activations
     out = Path(args.out)
     if args.render_only:
         records = read_cells(out)

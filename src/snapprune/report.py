@@ -48,6 +48,7 @@ def prune_report(
         **({"width": width_report(run)} if shrink else {}),
         "calibration": calibration,
         "device": device,
+        "activations": run.activations or None,
         "layers": [asdict(r) for r in run.layers],
         "timing": {
             "calibration_forward_seconds": run.calibration_seconds,

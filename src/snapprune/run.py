@@ -63,12 +63,14 @@ class EvaluationSpec:
 @dataclass(frozen=True)
 class Job:
     """One pruning run: settings (zeros in place, or whole units cut out), calibration data,
-    evaluation, batch size."""
+    evaluation, and how to execute it (batch size, where activations live), which changes speed
+    and memory, not results."""
 
     settings: PruneSettings | WidthSettings
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     batch_size: int = 8
+    activations: str = "auto"
 
     def validate(self) -> None:
         """Everything that can be refused without the model, refused before it is loaded."""
@@ -265,11 +267,12 @@ class Workbench:
             # and block arguments) stay valid, since shrinking never touches them.
             self.model, run = shrink_model(
                 self.model, None, job.settings, device=self.device, batch_size=job.batch_size,
-                progress=self.progress, log=log, block_inputs=inputs)
+                progress=self.progress, log=log, block_inputs=inputs,
+                activations=job.activations)
         else:
             run = prune_model(self.model, None, job.settings, device=self.device,
                               batch_size=job.batch_size, progress=self.progress, log=log,
-                              block_inputs=inputs)
+                              block_inputs=inputs, activations=job.activations)
         # The first block's inputs are part of the calibration passes when this job made them.
         run.calibration_seconds += capture_seconds
         run.total_seconds += capture_seconds

@@ -63,13 +63,13 @@ class Cell:
             return None
         return (self.calib, self.nsamples, self.seqlen, self.seed)
 
-    def job(self, evaluation: EvaluationSpec, batch_size: int) -> Job:
+    def job(self, evaluation: EvaluationSpec, batch_size: int, activations: str = "auto") -> Job:
         """The cell as a run of the shared run path (``None`` settings back to defaults)."""
         settings = PruneSettings(
             method=self.method, pattern=self.pattern, sparsity=self.sparsity,
             alpha=self.alpha or 0.0, blocksize=self.blocksize or DEFAULTS["blocksize"],
             percdamp=self.percdamp or DEFAULTS["percdamp"], metric=self.metric)
-        return Job(settings, self.calibration_spec, evaluation, batch_size)
+        return Job(settings, self.calibration_spec, evaluation, batch_size, activations)
 
     @property
     def calibration_spec(self) -> CalibrationSpec:
@@ -191,6 +191,7 @@ class SweepPlan:
     grids: list[Grid]
     evaluation: Evaluation
     batch_size: int = 8
+    activations: str = "auto"
 
     def requests(self) -> list[tuple[Cell, bool, list[str]]]:
         """Each distinct cell once: (cell, zero-shot wanted, names of the grids holding it)."""
@@ -281,7 +282,7 @@ class DenseWeights:
 def run_cell(bench: Workbench, cell: Cell, zeroshot: bool, plan: SweepPlan) -> dict:
     """Prune the (dense) model on ``bench`` as ``cell`` says, evaluate it, return the record's
     results. The dense cell is evaluated only."""
-    job = cell.job(plan.evaluation.spec(zeroshot), plan.batch_size)
+    job = cell.job(plan.evaluation.spec(zeroshot), plan.batch_size, plan.activations)
     result: dict = {}
     if cell.method == DENSE:
         evaluated = bench.evaluate(job.evaluation)

@@ -78,6 +78,8 @@ class PruneRun:
     solver_seconds: float = 0.0
     total_seconds: float = 0.0
     peak_memory_bytes: int = 0
+    activations: str = ""
+    """Where the calibration activations lived between blocks ("" when none were needed)."""
     architecture: dict = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -128,6 +130,45 @@ class BlockInputs:
     def run(self, block: nn.Module, x: torch.Tensor):
         args, kwargs = self.calls[x.shape[0]]
         return block(x, *args, **kwargs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in self.batches)
+
+    def placed(self, home: torch.device, device: torch.device) -> BlockInputs:
+        """A copy whose batches live on ``home`` (the caller's tensors are never written).
+        CPU-held activations for a CUDA ``device`` are pinned, so that the copies to and from
+        the device run without blocking the host."""
+        if home.type != "cpu":
+            batches = [x.to(home) for x in self.batches]
+        elif device.type == "cuda":
+            batches = [x.cpu().pin_memory() for x in self.batches]
+        else:
+            batches = list(self.batches)
+        return BlockInputs(batches, self.calls)
+
+
+ACTIVATION_PLACES = ("auto", "device", "cpu")
+AUTO_DEVICE_SHARE = 0.5
+"""``auto`` keeps the activations on the device when they take at most this share of its free
+memory; the rest is for the block, its Hessians and the solver's working set."""
+
+
+def activation_home(place: str, device: torch.device, nbytes: int) -> torch.device:
+    """Where the calibration activations live between blocks.
+
+    On the device they never cross the bus; on the CPU (pinned, when the device is a GPU) they
+    cost two copies per block but no device memory. ``auto`` chooses the device when they fit.
+    """
+    if place not in ACTIVATION_PLACES:
+        raise SnapPruneError(f"unknown activation placement {place!r}; use "
+                             f"{', '.join(ACTIVATION_PLACES)}")
+    if device.type == "cpu" or place == "cpu":
+        return torch.device("cpu")
+    if place == "device" or device.type != "cuda":
+        return device
+    free, _total = torch.cuda.mem_get_info(device)
+    return device if nbytes <= AUTO_DEVICE_SHARE * free else torch.device("cpu")
 
 
 def _select(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
@@ -291,7 +332,7 @@ def gather_layer_stats(
     hooks = [module.register_forward_hook(hook(name)) for name, module in named.items()]
     try:
         for x in inputs.batches:
-            inputs.run(block, x.to(device))
+            inputs.run(block, x.to(device, non_blocking=True))
             seen.clear()
     finally:
         for handle in hooks:
@@ -321,15 +362,18 @@ def prune_model(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     block_inputs: BlockInputs | None = None,
+    activations: str = "auto",
     **overrides,
 ) -> PruneRun:
     """Prune every selected linear layer of ``model`` in place, block by block.
 
     ``calibration``: ``nsamples × seqlen`` token ids (``None`` for magnitude pruning, which
-    needs no data). Only the block being pruned is moved to ``device``; activations stay on the
-    CPU in the model's dtype, ``batch_size`` windows per forward pass (batching changes speed,
-    not results). ``block_inputs``: the first block's inputs captured earlier from the same
-    calibration ids (``capture_block_inputs``), which sweeps reuse; they are not modified.
+    needs no data). Only the block being pruned is moved to ``device``; the activations, in the
+    model's dtype, ``batch_size`` windows per forward pass (batching changes speed, not results),
+    live where ``activations`` says (``auto``: on the device when they fit in half its free
+    memory, else on the CPU, pinned). ``block_inputs``: the first block's inputs captured
+    earlier from the same calibration ids (``capture_block_inputs``), which sweeps reuse; they
+    are not modified.
     Keyword overrides replace fields of ``PruneSettings`` (``method=``, ``sparsity=``, ...) in
     a copy; ``settings`` itself is never changed. Every module ends where it started.
     """
@@ -363,7 +407,7 @@ def prune_model(
 
     run_blocks(model, layers, prune_block, calibration, run, device=device,
                batch_size=batch_size, progress=progress, block_inputs=block_inputs,
-               desc=f"{settings.method} {settings.pattern}")
+               desc=f"{settings.method} {settings.pattern}", activations=activations)
     run.total_seconds = time.perf_counter() - start
     run.peak_memory_bytes = _peak_memory(device)
     return run
@@ -389,6 +433,7 @@ def run_blocks(
     start: int = 0,
     before: Callable[[int], None] | None = None,
     after: Callable[[int, BlockInputs], None] | None = None,
+    activations: str = "auto",
 ) -> None:
     """The sequential loop: for each block, gather its layers' statistics on the current
     activations, let ``step`` change the block, propagate, move on. Times go to ``run``
@@ -397,15 +442,17 @@ def run_blocks(
     Streaming hooks: ``before(index)`` makes block ``index`` real (reads it from disk),
     ``after(index, inputs)`` sees it done and the activations that enter the next block (writes
     it out, frees it, checkpoints); ``start`` resumes at a block, ``block_inputs`` then holding
-    the activations that enter it."""
+    the activations that enter it (on any device; ``after`` sees them on ``activations``'
+    place, see ``activation_home``)."""
     blocks = adapter_for(model).decoder_blocks(model)
     t = time.perf_counter()
-    if block_inputs is not None:
-        inputs = BlockInputs(list(block_inputs.batches), block_inputs.calls)
-    elif calibration is None:
+    if block_inputs is None and calibration is None:
         raise SnapPruneError(f"{run.settings.method} needs calibration data")
-    else:
-        inputs = capture_block_inputs(model, blocks, calibration, device, batch_size)
+    if block_inputs is None:
+        block_inputs = capture_block_inputs(model, blocks, calibration, device, batch_size)
+    home = activation_home(activations, device, block_inputs.nbytes)
+    inputs = block_inputs.placed(home, device)
+    run.activations = home.type if home.type == "cpu" else str(home)
     run.calibration_seconds += time.perf_counter() - t
 
     for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress,
@@ -423,13 +470,26 @@ def run_blocks(
         del stats
 
         t = time.perf_counter()
-        for i, x in enumerate(inputs.batches):
-            out = _block_output(inputs.run(block, x.to(device)))
-            inputs.batches[i] = out.to("cpu", x.dtype)
+        propagate(block, inputs, device)
         run.calibration_seconds += time.perf_counter() - t
         blocks[index] = block.to(home)
         if after is not None:
             after(index, inputs)
+
+
+def propagate(block: nn.Module, inputs: BlockInputs, device: torch.device) -> None:
+    """Replace each batch of activations by the block's output, where the batch lives.
+
+    Pinned host batches (``BlockInputs.placed``) are ours, so the output is copied back into
+    them without blocking; one synchronisation per block then makes them safe to read."""
+    for i, x in enumerate(inputs.batches):
+        out = _block_output(inputs.run(block, x.to(device, non_blocking=True)))
+        if x.is_pinned() and out.device != x.device:
+            x.copy_(out, non_blocking=True)
+        else:
+            inputs.batches[i] = out.to(x.device, x.dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _home_device(module: nn.Module) -> torch.device:

@@ -180,6 +180,7 @@ def stream_prune(
     resume: bool = False,
     overwrite: bool = False,
     finish: Callable[[Path, PruneRun], None] | None = None,
+    activations: str = "auto",
 ) -> PruneRun:
     """Prune the safetensors model in ``source`` into ``out`` one block at a time.
 
@@ -258,7 +259,8 @@ def stream_prune(
                       if head + k in checkpoint.weight_map})
         blocks[index] = block.to("meta")
         _atomic(state_path, lambda path: torch.save({
-            "fingerprint": fingerprint, "next_block": index + 1, "batches": done.batches,
+            "fingerprint": fingerprint, "next_block": index + 1,
+            "batches": [x.cpu() for x in done.batches],
             "layers": [asdict(r) for r in run.layers],
             "calibration_seconds": run.calibration_seconds,
             "solver_seconds": run.solver_seconds}, path))
@@ -272,7 +274,7 @@ def stream_prune(
     if start < len(blocks):
         run_blocks(model, layers, step, ids, run, device=device, batch_size=batch_size,
                    progress=progress, block_inputs=inputs, desc=f"{settings.method} (stream)",
-                   start=start, before=load, after=save)
+                   start=start, before=load, after=save, activations=activations)
     total = sum((tmp / f).stat().st_size for f in set(plan.weight_map().values()))
     (tmp / INDEX_NAME).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": plan.weight_map()}, indent=2) + "\n")

@@ -163,6 +163,7 @@ class ShrinkRun:
     solver_seconds: float = 0.0
     total_seconds: float = 0.0
     peak_memory_bytes: int = 0
+    activations: str = ""
     parameters_before: int = 0
     parameters_after: int = 0
     bytes_before: int = 0
@@ -202,6 +203,7 @@ def shrink_model(
     progress: bool = True,
     log=None,
     block_inputs=None,
+    activations: str = "auto",
 ) -> tuple[nn.Module, ShrinkRun]:
     """Remove ``settings.mlp`` of every block's MLP neurons and ``settings.heads`` of its query
     heads; return a new, smaller model (standard config, same dtype, on the CPU) and the run.
@@ -270,7 +272,7 @@ def shrink_model(
     if settings.needs_calibration:
         run_blocks(model, layers, step, calibration, run, device=device,
                    batch_size=batch_size, progress=progress, block_inputs=block_inputs,
-                   desc=f"shrink {settings.method}")
+                   desc=f"shrink {settings.method}", activations=activations)
     else:
         for index, named in layers.items():
             step(index, named, {})
