@@ -95,3 +95,16 @@ def test_cuda_equals_cpu(activations):
     assert equal / total >= 0.9999
     for name, error in errors.items():
         assert error == pytest.approx(cpu_errors[name], rel=1e-3)
+
+
+def test_layer_errors_can_be_skipped_without_changing_the_weights():
+    ids = token_batch(4, 16)
+    settings = PruneSettings("thanos", "2:4")
+    measured, skipped = tiny_model("llama"), tiny_model("llama")
+    with_errors = prune_model(measured, ids, settings, progress=False)
+    without = prune_model(skipped, ids, settings, progress=False, layer_errors=False)
+    assert all(r.error > 0 for r in with_errors.layers)
+    assert all(r.error != r.error for r in without.layers)  # NaN: not measured
+    assert not without.layer_errors
+    for name, tensor in measured.state_dict().items():
+        assert torch.equal(tensor, skipped.state_dict()[name]), name

@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--exclude", action="append", default=[], metavar="PAT",
                       help="skip layers whose name matches; repeatable")
     _add_run_args(prune, "pruning")
+    prune.add_argument("--no-layer-errors", dest="layer_errors", action="store_false",
+                       help="skip each layer's reconstruction error (reported as NaN): two "
+                            "extra rows x cols^2 products per layer, on a CPU often more time "
+                            "than the pruning itself")
     memory = prune.add_argument_group("models larger than memory")
     memory.add_argument("--stream", dest="stream", action="store_true", default=None,
                         help="read, prune and write one block at a time from the model's "
@@ -354,7 +358,7 @@ def _prune_job(args: argparse.Namespace):
         include=tuple(args.include), exclude=tuple(args.exclude))
     calibration = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
     return Job(settings, calibration, _evaluation_spec(args), args.batch_size,
-               args.activations)
+               args.activations, args.layer_errors)
 
 
 def _shrink_job(args: argparse.Namespace):
@@ -486,6 +490,7 @@ def _run_streamed(args: argparse.Namespace, job) -> int:
     try:
         run = stream_prune(path, args.out, calibration, job.settings, device=args.device,
                            batch_size=job.batch_size, activations=job.activations,
+                           layer_errors=job.layer_errors,
                            progress=not args.quiet,
                            log=_log if args.verbose else None, resume=args.resume,
                            overwrite=args.overwrite, finish=finish)

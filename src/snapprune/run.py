@@ -63,14 +63,15 @@ class EvaluationSpec:
 @dataclass(frozen=True)
 class Job:
     """One pruning run: settings (zeros in place, or whole units cut out), calibration data,
-    evaluation, and how to execute it (batch size, where activations live), which changes speed
-    and memory, not results."""
+    evaluation, and how to execute it (batch size, where activations live, whether layer errors
+    are measured), which changes speed and memory, not the pruned weights."""
 
     settings: PruneSettings | WidthSettings
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     batch_size: int = 8
     activations: str = "auto"
+    layer_errors: bool = True
 
     def validate(self) -> None:
         """Everything that can be refused without the model, refused before it is loaded."""
@@ -272,7 +273,8 @@ class Workbench:
         else:
             run = prune_model(self.model, None, job.settings, device=self.device,
                               batch_size=job.batch_size, progress=self.progress, log=log,
-                              block_inputs=inputs, activations=job.activations)
+                              block_inputs=inputs, activations=job.activations,
+                              layer_errors=job.layer_errors)
         # The first block's inputs are part of the calibration passes when this job made them.
         run.calibration_seconds += capture_seconds
         run.total_seconds += capture_seconds

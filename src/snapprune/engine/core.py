@@ -141,6 +141,7 @@ def prune_weight(
     metric: str | None = None,
     max_solve_bytes: int = DEFAULT_SOLVE_BYTES,
     choose_columns=None,
+    error: bool = True,
 ) -> PruneResult:
     """Prune one weight matrix (``rows × cols``, ``y = W x``) given its input statistics.
 
@@ -152,6 +153,8 @@ def prune_weight(
     device and returns the weight in its own dtype. The input tensor is not modified.
     ``choose_columns`` (structured only): ``scores -> bool[cols]``, the columns to remove,
     chosen by the caller from the method's saliency (whole width units: ``engine.width``).
+    ``error=False`` skips the reconstruction error (NaN): it costs two ``rows × cols²`` products,
+    on a CPU often more than the pruning itself.
     """
     pat, target = check_settings(method, pattern, sparsity, alpha, blocksize, metric)
     if choose_columns is not None and pat.kind != "structured":
@@ -175,8 +178,8 @@ def prune_weight(
         torch.cuda.synchronize(w.device)
     seconds = time.perf_counter() - start
 
-    error = (reconstruction_error(original, w, problem.hessian) if stats is not None
-             else math.nan)
+    quality = (reconstruction_error(original, w, problem.hessian)
+               if stats is not None and error else math.nan)
     used = problem.damping_log[-1] if problem.damping_log else None
-    return PruneResult(weight=w.to(weight.dtype), mask=mask, error=error, seconds=seconds,
+    return PruneResult(weight=w.to(weight.dtype), mask=mask, error=quality, seconds=seconds,
                        percdamp=used)

@@ -80,6 +80,8 @@ class PruneRun:
     peak_memory_bytes: int = 0
     activations: str = ""
     """Where the calibration activations lived between blocks ("" when none were needed)."""
+    layer_errors: bool = True
+    """Whether each layer's reconstruction error was computed (else NaN; see ``prune_weight``)."""
     architecture: dict = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -363,6 +365,7 @@ def prune_model(
     log: Callable[[str], None] | None = None,
     block_inputs: BlockInputs | None = None,
     activations: str = "auto",
+    layer_errors: bool = True,
     **overrides,
 ) -> PruneRun:
     """Prune every selected linear layer of ``model`` in place, block by block.
@@ -371,9 +374,10 @@ def prune_model(
     needs no data). Only the block being pruned is moved to ``device``; the activations, in the
     model's dtype, ``batch_size`` windows per forward pass (batching changes speed, not results),
     live where ``activations`` says (``auto``: on the device when they fit in half its free
-    memory, else on the CPU, pinned). ``block_inputs``: the first block's inputs captured
-    earlier from the same calibration ids (``capture_block_inputs``), which sweeps reuse; they
-    are not modified.
+    memory, else on the CPU, pinned). ``layer_errors=False`` skips the per-layer reconstruction
+    errors (NaN in the records), which on a CPU can cost more than pruning. ``block_inputs``:
+    the first block's inputs captured earlier from the same calibration ids
+    (``capture_block_inputs``), which sweeps reuse; they are not modified.
     Keyword overrides replace fields of ``PruneSettings`` (``method=``, ``sparsity=``, ...) in
     a copy; ``settings`` itself is never changed. Every module ends where it started.
     """
@@ -394,7 +398,7 @@ def prune_model(
     layers = target_layers(model, settings)
     check_model_for_pruning(layers, settings)
     run = PruneRun(settings=settings, architecture=adapter.describe(model),
-                   roles=layer_roles(model))
+                   roles=layer_roles(model), layer_errors=layer_errors)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -504,6 +508,7 @@ def prune_layer(name: str, module: nn.Module, stats: LayerStats | None,
         linear_weight(module), stats, method=settings.method,
         sparsity=settings.sparsity, pattern=settings.pattern, alpha=settings.alpha,
         blocksize=settings.blocksize, percdamp=settings.percdamp, metric=settings.metric,
+        error=run.layer_errors,
     )
     set_linear_weight(module, result.weight)
     record = LayerRecord(name, tuple(result.weight.shape), result.sparsity,

@@ -181,6 +181,7 @@ def stream_prune(
     overwrite: bool = False,
     finish: Callable[[Path, PruneRun], None] | None = None,
     activations: str = "auto",
+    layer_errors: bool = True,
 ) -> PruneRun:
     """Prune the safetensors model in ``source`` into ``out`` one block at a time.
 
@@ -211,7 +212,7 @@ def stream_prune(
     tmp = partial_dir(out)
     state_path = tmp / STATE_NAME
     run = PruneRun(settings=settings, architecture=adapter.describe(model),
-                   roles=layer_roles(model))
+                   roles=layer_roles(model), layer_errors=layer_errors)
     fingerprint = {"source": str(source.resolve()), "settings": asdict(settings)}
     start, inputs = 0, None
     if resume:
