@@ -78,12 +78,12 @@ MUTANTS = (
     Mutant("wanda-norm-not-squared",
            "Wanda's score uses ‖x‖ where the squared score needs ‖x‖² (ranks change)",
            "engine/scores.py",
-           (("return w2 * sq_norms", "return w2 * sq_norms.sqrt()"),)),
+           (("return w2.mul_(sq_norms)", "return w2.mul_(sq_norms.sqrt())"),)),
     Mutant("row-balance-extra-to-highest",
            "Wanda's leftover removals go to the rows whose next candidate scores highest",
            "engine/masks.py",
-           (("counts[torch.argsort(next_scores, stable=True)[:extra]] += 1",
-             "counts[torch.argsort(next_scores, descending=True, stable=True)[:extra]] += 1"),)),
+           (("chosen = torch.argsort(next_scores, stable=True)[:extra]",
+             "chosen = torch.argsort(next_scores, descending=True, stable=True)[:extra]"),)),
     Mutant("damping-absolute",
            "damping added as an absolute λ instead of a fraction of the mean diagonal",
            "engine/factor.py",
@@ -105,11 +105,12 @@ MUTANTS = (
            "engine/masks.py",
            (("return min(total, math.floor(sparsity * total + 1e-9))",
              "return min(total, round(sparsity * total))"),)),
-    Mutant("padding-rhs-not-zeroed",
-           "padded entries of the batched solve's right-hand side keep real weights",
+    Mutant("segment-padded-to-smallest-count",
+           "a batched-solve segment padded to its smallest row count, cutting off the removals "
+           "of its other rows",
            "engine/thanos.py",
-           (("rhs = weights[seg].gather(1, idx).masked_fill_(~valid, 0.0)",
-             "rhs = weights[seg].gather(1, idx)"),)),
+           (("segments.append((starts[j], ends[i - 1], values[i - 1]))",
+             "segments.append((starts[j], ends[i - 1], values[j]))"),)),
 )
 
 

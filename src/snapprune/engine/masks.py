@@ -52,28 +52,37 @@ def target_count(sparsity: float, total: int) -> int:
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact ``k``-th smallest of a 1-D tensor (1-based), via a sampled bracket.
+    """The exact ``k``-th smallest of a 1-D tensor (1-based); see ``kth_with_counts``."""
+    return kth_with_counts(values, k)[0]
+
+
+def kth_with_counts(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    """The exact ``k``-th smallest of a 1-D tensor (1-based), and how many values are below it
+    and equal to it, via a sampled bracket.
 
     A random sample (fixed seed; the result does not depend on it) brackets the answer; one
     counting pass and a selection over the few values inside the bracket replace a selection
-    over all of them. Falls back to ``kthvalue`` on the
-    whole tensor when the bracket misses, so the result is always exact.
+    over all of them, and the counts come from the bracket too. Falls back to ``kthvalue`` on
+    the whole tensor when the bracket misses, so the result is always exact.
     """
     n = values.numel()
-    if n <= 1 << 16:
-        return torch.kthvalue(values, k).values
-    gen = torch.Generator(device=values.device).manual_seed(0)
-    picks = torch.randint(n, (1 << 14,), generator=gen, device=values.device)
-    sample = torch.sort(values[picks]).values
-    rank = k / n * sample.numel()
-    margin = 4.0 * sample.numel() ** 0.5 + 8
-    lo = sample[max(0, int(rank - margin))]
-    hi = sample[min(sample.numel() - 1, int(rank + margin))]
-    below = int((values < lo).sum().item())
-    inside = values[(values >= lo) & (values <= hi)]
-    if below < k <= below + inside.numel():
-        return torch.kthvalue(inside, k - below).values
-    return torch.kthvalue(values, k).values
+    if n > 1 << 16:
+        gen = torch.Generator(device=values.device).manual_seed(0)
+        picks = torch.randint(n, (1 << 14,), generator=gen, device=values.device)
+        sample = torch.sort(values[picks]).values
+        rank = k / n * sample.numel()
+        margin = 4.0 * sample.numel() ** 0.5 + 8
+        lo = sample[max(0, int(rank - margin))]
+        hi = sample[min(sample.numel() - 1, int(rank + margin))]
+        below = int((values < lo).sum().item())
+        inside = values[(values >= lo) & (values <= hi)]
+        if below < k <= below + inside.numel():
+            threshold = torch.kthvalue(inside, k - below).values
+            return (threshold, below + int((inside < threshold).sum().item()),
+                    int((inside == threshold).sum().item()))
+    threshold = torch.kthvalue(values, k).values
+    return (threshold, int((values < threshold).sum().item()),
+            int((values == threshold).sum().item()))
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -90,6 +99,33 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view_as(scores)
 
 
+def lowest_k_leading_mask(scores: torch.Tensor, k: int, width: int) -> torch.Tensor:
+    """``lowest_k_mask(scores, k)[:, :width]`` for a 2-D ``scores``, without building the mask
+    of the other columns: they are only ranked. (Thanos's block takes its part of the residual
+    mask over all free columns.)"""
+    rows, cols = scores.shape
+    if k <= 0:
+        return torch.zeros(rows, width, dtype=torch.bool, device=scores.device)
+    if k >= scores.numel():
+        return torch.ones(rows, width, dtype=torch.bool, device=scores.device)
+    flat = scores.flatten()
+    threshold, less, equal = kth_with_counts(flat, k)
+    head = scores[:, :width]
+    mask = head < threshold
+    needed = k - less
+    if needed == equal:  # every tie is in
+        return mask | (head == threshold)
+    ties = (flat == threshold).nonzero().squeeze(1)[:needed]  # the first ones by position
+    tie_rows, tie_cols = ties // cols, ties % cols
+    inside = tie_cols < width
+    mask[tie_rows[inside], tie_cols[inside]] = True
+    return mask
+
+
+ROW_CHUNK_ELEMENTS = 1 << 22
+"""Rows are ranked this many scores at a time: the sort's 64-bit indices stay small."""
+
+
 def row_balanced_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """``k`` entries in all, spread evenly over rows (Wanda compares within each output row).
 
@@ -98,14 +134,21 @@ def row_balanced_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     rows, cols = scores.shape
     base, extra = divmod(k, rows)
-    order = torch.argsort(scores, dim=1, stable=True)
-    counts = torch.full((rows,), base, dtype=torch.long, device=scores.device)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    next_scores = scores.new_empty(rows)
+    next_cols = torch.empty(rows, dtype=torch.long, device=scores.device)
+    step = max(1, ROW_CHUNK_ELEMENTS // cols)
+    for r1 in range(0, rows, step):
+        chunk = scores[r1 : r1 + step]
+        order = torch.argsort(chunk, dim=1, stable=True)
+        mask[r1 : r1 + step].scatter_(1, order[:, :base], True)
+        if extra:
+            next_cols[r1 : r1 + step] = order[:, base]
+            next_scores[r1 : r1 + step] = chunk.gather(1, order[:, base : base + 1]).squeeze(1)
     if extra:
-        next_scores = scores.gather(1, order[:, base : base + 1]).squeeze(1)
-        counts[torch.argsort(next_scores, stable=True)[:extra]] += 1
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols))
-    return ranks < counts[:, None]
+        chosen = torch.argsort(next_scores, stable=True)[:extra]
+        mask[chosen, next_cols[chosen]] = True
+    return mask
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -34,10 +34,10 @@ def saliency(
     if metric == "wanda":
         if sq_norms is None:
             raise SnapPruneError("the wanda metric needs calibration statistics (input norms)")
-        return w2 * sq_norms
+        return w2.mul_(sq_norms)
     if metric == "obs":
         if hinv_diag is None:
             raise SnapPruneError("the obs metric needs calibration statistics (the Hessian)")
-        scores = w2 / hinv_diag
+        scores = w2.div_(hinv_diag)
         return scores if dead is None else scores.masked_fill(dead, 0.0)
     raise SnapPruneError(f"unknown mask metric {metric!r}; choose one of {', '.join(METRICS)}")

@@ -15,6 +15,57 @@ BlockMaskFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 DEFAULT_SOLVE_BYTES = 512 * 2**20
 
+# Cost of one batched solve of ``n`` rows padded to ``q`` unknowns, in seconds: a fixed cost per
+# call plus gathering (q²) and factoring (q³) per row. Measured on this project's CPU
+# (``python benchmarks/layer_speed.py --solve-costs``); only the ratios matter, and they decide
+# speed, never results (padding is exact), but fixed constants keep every run bit-identical.
+SEGMENT_CALL_SECONDS = 2.0e-4
+SEGMENT_ROW_Q2_SECONDS = 2.0e-9
+SEGMENT_ROW_Q3_SECONDS = 3.0e-11
+
+
+def segment_cost(rows: int, q: int) -> float:
+    return SEGMENT_CALL_SECONDS + rows * q * q * (SEGMENT_ROW_Q2_SECONDS
+                                                  + q * SEGMENT_ROW_Q3_SECONDS)
+
+
+def plan_segments(sorted_counts: list[int], max_bytes: int) -> list[tuple[int, int, int]]:
+    """Split rows sorted by their count ``q`` into ``(start, stop, q)`` segments, each padded to
+    its largest ``q``, minimising the modelled cost (``segment_cost``): many small segments
+    waste calls, few large ones waste padded cubic work. Exact dynamic programme over the
+    distinct counts; a segment also stops where its systems would exceed ``max_bytes``."""
+    rows = len(sorted_counts)
+    ends, values = [], []  # distinct counts and where their run of rows ends
+    for i, c in enumerate(sorted_counts):
+        if values and values[-1] == c:
+            ends[-1] = i + 1
+        else:
+            values.append(c)
+            ends.append(i + 1)
+    first = next((i for i, v in enumerate(values) if v > 0), len(values))
+    starts = [0, *ends[:-1]]
+    best = {first: (0.0, -1)}
+    for i in range(first, len(values)):
+        cost, choice = None, -1
+        for j in range(first, i + 1):
+            n = ends[i] - starts[j]
+            c = best[j][0] + segment_cost(n, values[i])
+            if cost is None or c < cost:
+                cost, choice = c, j
+        best[i + 1] = (cost, choice)
+    segments = []
+    i = len(values)
+    while i > first:
+        j = best[i][1]
+        segments.append((starts[j], ends[i - 1], values[i - 1]))
+        i = j
+    out = []
+    for s1, s2, q in reversed(segments):
+        fit = max(1, max_bytes // (16 * q * q))
+        out += [(a, min(s2, a + fit), q) for a in range(s1, s2, fit)]
+    assert not out or out[-1][1] == rows
+    return out
+
 
 def padded_solve(
     r_block: torch.Tensor,
@@ -22,44 +73,58 @@ def padded_solve(
     mask: torch.Tensor,
     *,
     max_bytes: int = DEFAULT_SOLVE_BYTES,
-    buckets: int = 8,
+    uniform: int | None = None,
 ) -> torch.Tensor:
-    """Solve every row's ``R̂ λ = w_Q`` with batched solves; return a dense ``Λ`` (rows × B).
+    """Solve every row's ``R̂ λ = w_Q`` with batched Cholesky solves; return a dense ``Λ``.
 
-    ``r_block`` is the ``B × B`` leading block of ``(H_FF)⁻¹[block rows]``; ``weights`` and
-    ``mask`` are the block's columns. Rows are padded to a common ``q``: identity in ``R̂`` and
-    zero in ``w_Q`` make the padded ``λ`` exactly zero. Rows are sorted by ``q`` and solved in
-    vertical segments (about ``buckets`` of them, more if a segment's system would exceed
-    ``max_bytes``), each padded only to its own largest ``q``: the cubic cost follows the rows'
-    own counts rather than the block's maximum.
+    ``r_block`` is the ``B × B`` leading block of ``(H_FF)⁻¹[block rows]`` (symmetric positive
+    definite, so are its principal submatrices ``R̂``); ``weights`` and ``mask`` are the block's
+    columns. Indices ``B + j`` stand for padding: ``R̂`` extended by an identity block and
+    ``w`` by zeros, each row's padding takes distinct ones (those of its kept columns), so
+    gathering builds every padded system (identity on the padding, zeros beside it) without any
+    masking, and padded unknowns solve to exactly zero. Rows are sorted by ``q`` and solved in
+    segments padded to their own largest ``q`` (``plan_segments``). ``uniform``: every row has
+    this many (N:M), so no counting, sorting or planning is needed, nor any host synchronisation.
+    A row whose ``R̂`` the Cholesky factorisation rejects (round-off on an ill-conditioned
+    block) is solved again with pivoted LU.
     """
-    rows = mask.shape[0]
+    rows, width = mask.shape
+    lam = weights.new_zeros(rows, 2 * width)
+    if rows == 0:
+        return lam[:, :width]
+    r_ext = torch.block_diag(r_block, torch.eye(width, dtype=r_block.dtype,
+                                                device=r_block.device))
+    w_ext = torch.cat([weights, torch.zeros_like(weights)], 1)
+    columns = torch.arange(width, device=mask.device)
+    # Each row's removed columns in ascending order, then its distinct padding indices.
+    positions = torch.where(mask, columns, width + columns).sort(dim=1).values
+    if uniform is not None:
+        if uniform:
+            _solve_segment(r_ext, w_ext, positions[:, :uniform], lam, slice(None))
+        return lam[:, :width]
     counts = mask.sum(1)
-    lam_dense = torch.zeros_like(weights)
-    if rows == 0 or not bool(counts.any()):
-        return lam_dense
-    by_count = torch.argsort(counts)
+    by_count = torch.argsort(counts, stable=True)
     sorted_counts = counts[by_count].tolist()
-    # Masked columns first in each row; the rest of the permutation is padding.
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-    s1 = sorted_counts.index(next(c for c in sorted_counts if c > 0))
-    step = max(1, -(-(rows - s1) // buckets))
-    while s1 < rows:
-        q = sorted_counts[min(rows, s1 + step) - 1]
-        fit = max(1, max_bytes // (16 * q * q))
-        s2 = min(rows, s1 + step, s1 + fit)
-        q = sorted_counts[s2 - 1]
-        seg = by_count[s1:s2]
-        idx = order[seg, :q]
-        valid = torch.arange(q, device=mask.device)[None, :] < counts[seg, None]
-        r_hat = r_block[idx[:, :, None], idx[:, None, :]]
-        r_hat.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)
-        r_hat.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1.0)
-        rhs = weights[seg].gather(1, idx).masked_fill_(~valid, 0.0)
-        lam, _ = torch.linalg.solve_ex(r_hat, rhs.unsqueeze(-1))
-        lam_dense[seg] = torch.zeros_like(weights[seg]).scatter_(1, idx, lam.squeeze(-1))
-        s1 = s2
-    return lam_dense
+    for s1, s2, q in plan_segments(sorted_counts, max_bytes):
+        _solve_segment(r_ext, w_ext, positions[by_count[s1:s2], :q], lam, by_count[s1:s2])
+    return lam[:, :width]
+
+
+def _solve_segment(r_ext: torch.Tensor, w_ext: torch.Tensor, idx: torch.Tensor,
+                   lam: torch.Tensor, rows) -> None:
+    """Rows ``rows`` (whose padded column indices are ``idx``): solve, scatter into ``lam``."""
+    r_hat = r_ext[idx[:, :, None], idx[:, None, :]]
+    rhs = w_ext[rows].gather(1, idx).unsqueeze(-1)
+    factor, info = torch.linalg.cholesky_ex(r_hat)
+    x = torch.linalg.solve_triangular(
+        factor.mT, torch.linalg.solve_triangular(factor, rhs, upper=False), upper=True)
+    failed = info != 0
+    if bool(failed.any()):
+        x[failed] = torch.linalg.solve(r_hat[failed], rhs[failed])
+    if isinstance(rows, slice):
+        lam.scatter_(1, idx, x.squeeze(-1))
+    else:
+        lam[rows] = lam[rows].scatter_(1, idx, x.squeeze(-1))
 
 
 def thanos_blockwise(
@@ -69,8 +134,12 @@ def thanos_blockwise(
     blocksize: int,
     *,
     max_solve_bytes: int = DEFAULT_SOLVE_BYTES,
+    per_row: Callable[[int], int] | None = None,
 ) -> torch.Tensor:
     """Prune ``weight`` (float32, updated in place) block by block; return the mask.
+
+    ``per_row(width)``: when every row removes the same known number of a block's ``width``
+    columns (N:M), that number, which spares the solver all counting.
 
     ``upper`` is the upper Cholesky factor of the damped ``H⁻¹``; the block's rows of
     ``(H[i1:, i1:])⁻¹`` are ``U_bbᵀ U[i1:i2, i1:]`` (``U_bb = U[i1:i2, i1:i2]``), so the update
@@ -81,12 +150,11 @@ def thanos_blockwise(
     for i1 in range(0, cols, blocksize):
         i2 = min(cols, i1 + blocksize)
         block = block_mask(weight, i1, i2)
-        if not block.any():
-            continue
         u_bb = upper[i1:i2, i1:i2]
-        lam = padded_solve(u_bb.T @ u_bb, weight[:, i1:i2], block, max_bytes=max_solve_bytes)
+        lam = padded_solve(u_bb.T @ u_bb, weight[:, i1:i2], block, max_bytes=max_solve_bytes,
+                           uniform=None if per_row is None else per_row(i2 - i1))
         weight[:, i1:] -= (lam @ u_bb.T) @ upper[i1:i2, i1:]
-        weight[:, i1:i2][block] = 0.0
+        weight[:, i1:i2].masked_fill_(block, 0.0)
         mask[:, i1:i2] = block
     return mask
 

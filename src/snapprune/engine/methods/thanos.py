@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import lowest_k_mask, nm_mask
+from ..masks import lowest_k_leading_mask, nm_mask
 from ..problem import LayerProblem
 from ..registry import Method
 from ..thanos import thanos_blockwise, thanos_shared_columns
@@ -28,12 +28,13 @@ def prune(problem: LayerProblem) -> torch.Tensor:
             # Global residual mask: the lowest of all still-free (already updated) weights,
             # of which this block takes its part.
             free = problem.scores(weight[:, i1:], i1)
-            block = lowest_k_mask(free, problem.target_total - removed[0])[:, : i2 - i1]
+            block = lowest_k_leading_mask(free, problem.target_total - removed[0], i2 - i1)
             removed[0] += int(block.sum().item())
             return block
 
+    per_row = (lambda width: pat.n * width // pat.m) if pat.kind == "nm" else None
     return thanos_blockwise(w, problem.upper, block_mask, problem.blocksize,
-                            max_solve_bytes=problem.max_solve_bytes)
+                            max_solve_bytes=problem.max_solve_bytes, per_row=per_row)
 
 
 METHOD = Method(
