@@ -66,14 +66,49 @@ def thanos_reinverting(weight: torch.Tensor, stats: LayerStats, sparsity: float,
     return time.perf_counter() - start
 
 
-def run(shapes, tokens: int, repeats: int, blocksize: int, device: str) -> list[dict]:
+def solve_costs(device: str, repeats: int = 5) -> dict[str, float]:
+    """Fit ``thanos.segment_cost``'s constants: time batched solves of ``n`` rows padded to
+    ``q`` unknowns (the real ``padded_solve``, gathering included), least squares on the
+    relative error of ``t = call + n·(q²·a + q³·b)``."""
+    from snapprune.engine import thanos
+
+    gen = torch.Generator().manual_seed(0)
+    width = 128
+    base = torch.randn(width, 2 * width, generator=gen)
+    r_block = (base @ base.T / width + 0.1 * torch.eye(width)).to(device)
+    rows_x, times = [], []
+    for q in (8, 16, 32, 64, 96, 128):
+        for n in (16, 128, 1024, 4096):
+            weights = torch.randn(n, width, generator=gen).to(device)
+            mask = torch.zeros(n, width, dtype=torch.bool, device=device)
+            mask[:, :q] = True
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                thanos.padded_solve(r_block, weights, mask, uniform=q)
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                samples.append(time.perf_counter() - start)
+            rows_x.append([1.0, n * q * q, n * q**3])
+            times.append(statistics.median(samples))
+    # Relative residuals: small systems matter as much as large ones.
+    weight = 1.0 / torch.tensor(times, dtype=torch.float64)[:, None]
+    fit = torch.linalg.lstsq(torch.tensor(rows_x, dtype=torch.float64) * weight,
+                             torch.ones_like(weight)).solution
+    call, q2, q3 = (max(0.0, float(v)) for v in fit.squeeze(1))
+    return {"SEGMENT_CALL_SECONDS": call, "SEGMENT_ROW_Q2_SECONDS": q2,
+            "SEGMENT_ROW_Q3_SECONDS": q3}
+
+
+def run(shapes, tokens: int, repeats: int, blocksize: int, device: str,
+        dtype: torch.dtype = torch.float32) -> list[dict]:
     rows_out = []
     for rows, cols in shapes:
         stats = llm_like_inputs(cols, tokens, seed=rows * 7 + cols)
         if device != "cpu":
             stats._xxt, stats._sq = stats._xxt.to(device), stats._sq.to(device)
         weight = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(cols))
-                  / cols**0.5).to(device)
+                  / cols**0.5).to(device, dtype)
         times: dict[tuple[str, str], list[float]] = {}
         errors: dict[tuple[str, str], float] = {}
         for _ in range(repeats):  # interleaved: every cell sees the same machine noise
@@ -121,20 +156,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocksize", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the weights' dtype (the engine computes in float32 either way)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--solve-costs", action="store_true",
+                        help="only fit the batched-solve cost model (thanos.segment_cost)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.solve_costs:
+        for name, value in solve_costs(args.device, args.repeats).items():
+            print(f"{name} = {value:.3g}")
+        return 0
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     print(f"# torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
           f"N={args.tokens}, B={args.blocksize}, median of {args.repeats}")
     print_header()
-    cells = run(shapes, args.tokens, args.repeats, args.blocksize, args.device)
+    cells = run(shapes, args.tokens, args.repeats, args.blocksize, args.device,
+                getattr(torch, args.dtype))
     if args.json:
         meta = {"torch": torch.__version__, "device": args.device, "threads":
                 torch.get_num_threads(), "tokens": args.tokens, "blocksize": args.blocksize,
+                "dtype": args.dtype,
                 "repeats": args.repeats, "machine": platform.platform(), "python": sys.version}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "cells": cells}, f, indent=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from fractions import Fraction
 
@@ -205,10 +206,88 @@ def test_thanos_beats_baselines_on_reconstruction():
     assert errors["thanos"] < errors["sparsegpt"] < errors["wanda"]
 
 
-def test_segmented_solve_equals_single_batch():
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None)])
+def test_segmented_solve_equals_single_batch(pattern, sparsity):
     p = make_problem(32, 48, seed=10)
-    whole = prune_weight(p.weight, p.stats, method="thanos", sparsity=0.5, blocksize=16)
-    parts = prune_weight(p.weight, p.stats, method="thanos", sparsity=0.5, blocksize=16,
-                         max_solve_bytes=1)
+    whole = prune_weight(p.weight, p.stats, method="thanos", pattern=pattern, sparsity=sparsity,
+                         blocksize=16)
+    parts = prune_weight(p.weight, p.stats, method="thanos", pattern=pattern, sparsity=sparsity,
+                         blocksize=16, max_solve_bytes=1)
     torch.testing.assert_close(whole.weight, parts.weight, rtol=1e-5, atol=1e-6)
     assert torch.equal(whole.mask, parts.mask)
+
+
+@pytest.fixture(params=["lu", "cholesky"])
+def factorisation(request, monkeypatch):
+    """Both batched factorisations (the CPU uses LU, CUDA Cholesky) on the CPU, with the rows
+    split over threads and not."""
+    from snapprune.engine import thanos
+
+    monkeypatch.setattr(thanos, "CHOLESKY_DEVICES", {"cpu"} if request.param == "cholesky"
+                        else set())
+    return request.param
+
+
+@pytest.mark.parametrize("min_rows", [1, 10**9])
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None)])
+def test_every_solver_path_reaches_the_optimum(factorisation, min_rows, pattern, sparsity,
+                                               monkeypatch):
+    from snapprune.engine import thanos
+
+    monkeypatch.setattr(thanos, "MIN_ROWS_PER_THREAD", min_rows)
+    p = make_problem(40, 32, seed=11)
+    res = prune_weight(p.weight, p.stats, method="thanos", pattern=pattern, sparsity=sparsity,
+                       blocksize=32)
+    relative_close(res.weight, lstsq_optimum(p.weight, p.inputs, res.mask, PERCDAMP), 1e-4)
+
+
+def test_rows_cholesky_rejects_are_solved_by_lu(monkeypatch):
+    """Round-off can make a gathered R̂ indefinite; those rows fall back to pivoted LU."""
+    from snapprune.engine import thanos
+
+    monkeypatch.setattr(thanos, "CHOLESKY_DEVICES", {"cpu"})
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 6, generator=gen)
+    r_block = base @ base.T + 6 * torch.eye(6)
+    r_block[4, 4] = -3.0  # any R̂ holding column 4 is indefinite: Cholesky rejects it
+    weights = torch.randn(5, 6, generator=gen)
+    mask = torch.zeros(5, 6, dtype=torch.bool)
+    mask[0, [0, 4]] = mask[1, [1, 2]] = mask[2, [3, 4, 5]] = mask[3, 4] = True
+    lam = thanos.padded_solve(r_block, weights, mask)
+    for row in range(5):
+        q = mask[row].nonzero().squeeze(1)
+        expected = torch.zeros(6)
+        if q.numel():
+            expected[q] = torch.linalg.solve(r_block[q][:, q], weights[row, q])
+        torch.testing.assert_close(lam[row], expected, rtol=1e-5, atol=1e-6)
+
+
+def _partition_costs(counts: list[int]):
+    """Every split of the sorted positive counts into consecutive segments, with its cost."""
+    from snapprune.engine.thanos import segment_cost
+
+    values = [c for c in counts if c > 0]
+    n = len(values)
+    for cuts in range(1 << max(0, n - 1)):
+        bounds = [0] + [i + 1 for i in range(n - 1) if cuts >> i & 1] + [n]
+        yield sum(segment_cost(b - a, values[b - 1]) for a, b in itertools.pairwise(bounds))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_segment_plan_is_exact_and_optimal(seed):
+    from snapprune.engine.thanos import plan_segments, segment_cost
+
+    gen = torch.Generator().manual_seed(seed)
+    counts = sorted(torch.randint(0, 60, (11,), generator=gen).tolist())
+    counts[: seed % 3] = [0] * (seed % 3)
+    counts.sort()
+    plan = plan_segments(counts, max_bytes=2**40)
+    covered = [i for s1, s2, _ in plan for i in range(s1, s2)]
+    assert covered == [i for i, c in enumerate(counts) if c > 0]  # each nonzero row once
+    assert all(q == counts[s2 - 1] for _s1, s2, q in plan)  # padded to its largest count
+    cost = sum(segment_cost(s2 - s1, q) for s1, s2, q in plan)
+    assert cost == pytest.approx(min(_partition_costs(counts)), rel=1e-12)
+    limit = 24 * 60 * 60 * 2  # systems of 2 rows at most, at the largest count
+    small = plan_segments(counts, max_bytes=limit)
+    assert all((s2 - s1) * 24 * q * q <= limit for s1, s2, q in small)
+    assert [i for s1, s2, _ in small for i in range(s1, s2)] == covered

@@ -61,11 +61,23 @@ def plan_segments(sorted_counts: list[int], max_bytes: int) -> list[tuple[int, i
         j = best[i][1]
         segments.append((starts[j], ends[i - 1], values[i - 1]))
         i = j
-    out = []
-    for s1, s2, q in reversed(segments):
-        fit = max(1, max_bytes // (16 * q * q))
-        out += [(a, min(s2, a + fit), q) for a in range(s1, s2, fit)]
+    out = within_bytes(list(reversed(segments)), max_bytes)
     assert not out or out[-1][1] == rows
+    return out
+
+
+SOLVE_BYTES_PER_ENTRY = 24
+"""Working memory per entry of a batched system: ``R̂`` and its factor (4 bytes each) and the
+flat gather index (8), with room to spare."""
+
+
+def within_bytes(spans: list[tuple[int, int, int]], max_bytes: int) -> list[tuple[int, int, int]]:
+    """Split ``(start, stop, q)`` spans so that no batched solve's working set exceeds
+    ``max_bytes`` (one row at a time at the least)."""
+    out = []
+    for s1, s2, q in spans:
+        fit = max(1, max_bytes // (SOLVE_BYTES_PER_ENTRY * q * q))
+        out += [(a, min(s2, a + fit), q) for a in range(s1, s2, fit)]
     return out
 
 
@@ -77,24 +89,24 @@ def padded_solve(
     max_bytes: int = DEFAULT_SOLVE_BYTES,
     uniform: int | None = None,
 ) -> torch.Tensor:
-    """Solve every row's ``R̂ λ = w_Q`` with batched Cholesky solves; return a dense ``Λ``.
+    """Solve every row's ``R̂ λ = w_Q`` with batched solves (``_solve_rows``); return a dense
+    ``Λ`` (rows × B).
 
     ``r_block`` is the ``B × B`` leading block of ``(H_FF)⁻¹[block rows]`` (symmetric positive
     definite, so are its principal submatrices ``R̂``); ``weights`` and ``mask`` are the block's
-    columns. Indices ``B + j`` stand for padding: ``R̂`` extended by an identity block and
-    ``w`` by zeros, each row's padding takes distinct ones (those of its kept columns), so
-    gathering builds every padded system (identity on the padding, zeros beside it) without any
-    masking, and padded unknowns solve to exactly zero. Rows are sorted by ``q`` and solved in
-    segments padded to their own largest ``q`` (``plan_segments``). ``uniform``: every row has
-    this many (N:M), so no counting, sorting or planning is needed, nor any host synchronisation.
-    A row whose ``R̂`` the Cholesky factorisation rejects (round-off on an ill-conditioned
-    block) is solved again with pivoted LU.
+    columns. Padding uses indices ``B + t``: ``R̂`` is extended by an identity block and ``w`` by
+    zeros, and the ``t``-th padded slot of a row takes index ``B + t``, so gathering builds
+    every padded system (identity on the padding, zeros beside it) without any masking, and
+    padded unknowns solve to exactly zero. Rows are sorted by ``q`` and solved in segments
+    padded to their own largest ``q`` (``plan_segments``), split over CPU threads.
+    ``uniform``: every row removes this many (N:M), so no counting, sorting or planning is
+    needed.
     """
     rows, width = mask.shape
     if rows == 0:
         return torch.zeros_like(weights)
     if uniform is not None:
-        order, spans = None, [(0, rows, uniform)] if uniform else []
+        order, spans = None, within_bytes([(0, rows, uniform)] if uniform else [], max_bytes)
     else:
         counts = mask.sum(1)
         order = torch.argsort(counts, stable=True)
