@@ -108,3 +108,44 @@ def test_layer_errors_can_be_skipped_without_changing_the_weights():
     assert not without.layer_errors
     for name, tensor in measured.state_dict().items():
         assert torch.equal(tensor, skipped.state_dict()[name]), name
+
+
+def test_wanda_without_layer_errors_needs_no_hessian(monkeypatch):
+    """Wanda reads input norms only: without layer errors no Hessian is gathered at all, and the
+    weights are those of a run that gathered it."""
+    from snapprune.engine import stats as stats_module
+
+    made = []
+    original = stats_module.LayerStats.__init__
+
+    def spy(self, columns, **kwargs):
+        made.append(kwargs.get("hessian", True))
+        original(self, columns, **kwargs)
+
+    ids = token_batch(4, 16)
+    settings = PruneSettings("wanda", "unstructured", 0.5)
+    reference = tiny_model("llama")
+    prune_model(reference, ids, settings, progress=False)
+    monkeypatch.setattr(stats_module.LayerStats, "__init__", spy)
+    lean = tiny_model("llama")
+    prune_model(lean, ids, settings, progress=False, layer_errors=False)
+    assert made and not any(made)
+    made.clear()
+    prune_model(tiny_model("llama"), ids, PruneSettings("thanos", "unstructured", 0.5),
+                progress=False, layer_errors=False)
+    assert made and all(made)  # Thanos always needs it
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, lean.state_dict()[name]), name
+
+
+def test_hessian_free_statistics_are_refused_where_the_hessian_is_needed():
+    from snapprune import LayerStats, prune_weight
+
+    stats = LayerStats(8, hessian=False)
+    stats.add(torch.randn(32, 8))
+    weight = torch.randn(4, 8)
+    assert prune_weight(weight, stats, method="wanda", sparsity=0.5).mask.sum() == 16
+    with pytest.raises(SnapPruneError, match="needs the Hessian"):
+        prune_weight(weight, stats, method="thanos", sparsity=0.5)
+    with pytest.raises(SnapPruneError, match="without the Hessian"):
+        _ = stats.hessian

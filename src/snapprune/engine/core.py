@@ -115,6 +115,11 @@ def _check_weight(
             f"statistics are for {stats.columns} input columns but the weight has {cols}; "
             "for GPT-2 style Conv1D layers pass the transposed weight (snapprune.linear_weight)"
         )
+    elif not stats.has_hessian and method.needs_hessian(metric):
+        raise SnapPruneError(
+            f"method {method.name!r} with metric {metric!r} needs the Hessian, but the "
+            "statistics were gathered without it (LayerStats(hessian=False))"
+        )
     if pattern.kind == "nm":
         if cols % pattern.m:
             raise SnapPruneError(
@@ -179,7 +184,7 @@ def prune_weight(
     seconds = time.perf_counter() - start
 
     quality = (reconstruction_error(original, w, problem.hessian)
-               if stats is not None and error else math.nan)
+               if stats is not None and stats.has_hessian and error else math.nan)
     used = problem.damping_log[-1] if problem.damping_log else None
     return PruneResult(weight=w.to(weight.dtype), mask=mask, error=quality, seconds=seconds,
                        percdamp=used)

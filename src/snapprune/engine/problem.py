@@ -58,7 +58,10 @@ class LayerProblem:
 
     @property
     def dead(self) -> torch.Tensor:
-        """Input columns that were always zero in calibration."""
+        """Input columns that were always zero in calibration (``H_jj = 0``, equivalently a
+        zero mean square)."""
+        if not self.stats.has_hessian:
+            return self.sq_norms == 0
         return self._damped[1]
 
     @cached_property

@@ -11,7 +11,8 @@ class LayerStats:
     """Accumulates ``H = 2/N · Σ x xᵀ`` and ``‖x_j‖²/N`` over batches of layer inputs.
 
     Raw sums are kept and divided by ``N`` only when read, so any split of the same token vectors
-    into batches gives the same statistics (up to float summation order).
+    into batches gives the same statistics (up to float summation order). ``hessian=False``
+    keeps the norms only (for Wanda without layer errors: no ``columns²`` matrix, no products).
     """
 
     def __init__(
@@ -20,6 +21,7 @@ class LayerStats:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        hessian: bool = True,
     ) -> None:
         if columns <= 0:
             raise SnapPruneError(f"LayerStats needs a positive column count, got {columns}")
@@ -27,13 +29,18 @@ class LayerStats:
             raise SnapPruneError("LayerStats accumulates in float32 or float64; pass one of them")
         self.columns = columns
         self.dtype = dtype
-        self._xxt = torch.zeros(columns, columns, dtype=dtype, device=device)
+        self._xxt = (torch.zeros(columns, columns, dtype=dtype, device=device) if hessian
+                     else None)
         self._sq = torch.zeros(columns, dtype=dtype, device=device)
         self.nsamples = 0
 
     @property
     def device(self) -> torch.device:
-        return self._xxt.device
+        return self._sq.device
+
+    @property
+    def has_hessian(self) -> bool:
+        return self._xxt is not None
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs of shape ``(..., columns)``; every leading index is a token."""
@@ -49,7 +56,8 @@ class LayerStats:
                 "calibration activations contain NaN or Inf; check the model's weights and dtype "
                 "(try --dtype float32)"
             )
-        self._xxt.addmm_(x.T, x)
+        if self._xxt is not None:
+            self._xxt.addmm_(x.T, x)
         self._sq += sq
         self.nsamples += x.shape[0]
 
@@ -63,6 +71,9 @@ class LayerStats:
     def hessian(self) -> torch.Tensor:
         """``H = 2/N · Σ x xᵀ`` (``columns × columns``)."""
         self._require_samples()
+        if self._xxt is None:
+            raise SnapPruneError("these statistics were gathered without the Hessian "
+                                 "(hessian=False); gather them again with it")
         return self._xxt * (2.0 / self.nsamples)
 
     @property

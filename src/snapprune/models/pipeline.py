@@ -309,8 +309,11 @@ def gather_layer_stats(
     named: dict[str, nn.Module],
     inputs: BlockInputs,
     device: torch.device,
+    *,
+    hessian: bool = True,
 ) -> dict[str, LayerStats]:
-    """Run ``block`` on every input with hooks on its layers; one ``LayerStats`` per layer.
+    """Run ``block`` on every input with hooks on its layers; one ``LayerStats`` per layer
+    (with the Hessian unless ``hessian=False``).
 
     Layers fed the very same tensor (q/k/v, gate/up) share one accumulation: their statistics
     are identical, so computing them once saves most of the hooks' cost.
@@ -327,7 +330,7 @@ def gather_layer_stats(
                 return
             seen[id(x)] = (x, name)
             if name not in stats:
-                stats[name] = LayerStats(x.shape[-1], device=device)
+                stats[name] = LayerStats(x.shape[-1], device=device, hessian=hessian)
             stats[name].add(x.detach())
         return record
 
@@ -454,6 +457,9 @@ def run_blocks(
         raise SnapPruneError(f"{run.settings.method} needs calibration data")
     if block_inputs is None:
         block_inputs = capture_block_inputs(model, blocks, calibration, device, batch_size)
+    # The Hessian is gathered when the method needs it or layer errors are wanted.
+    hessian = (get_method(run.settings.method).needs_hessian(run.settings.resolved_metric)
+               or getattr(run, "layer_errors", True))
     home = activation_home(activations, device, block_inputs.nbytes)
     inputs = block_inputs.placed(home, device)
     run.activations = home.type if home.type == "cpu" else str(home)
@@ -467,7 +473,7 @@ def run_blocks(
         block = blocks[index].to(device)
         named = layers[index]
         t = time.perf_counter()
-        stats = gather_layer_stats(block, named, inputs, device)
+        stats = gather_layer_stats(block, named, inputs, device, hessian=hessian)
         run.calibration_seconds += time.perf_counter() - t
 
         step(index, named, stats)
