@@ -438,6 +438,7 @@ def _run_streamed(args: argparse.Namespace, job) -> int:
 
     from .data import calibration_windows
     from .eval.perplexity import capped_seqlen
+    from .models.distributed import current_group
     from .models.loading import resolve_model
     from .models.save import REPORT_NAME, check_output_dir, write_json_atomic
     from .models.streaming import discard_partial, partial_dir, stream_prune
@@ -503,8 +504,10 @@ def _run_streamed(args: argparse.Namespace, job) -> int:
               f"{partial_dir(Path(args.out).resolve())}: run the same command with --resume to "
               "continue", file=sys.stderr)
         return 130
-    _log(f"pruned {len(run.layers)} layers (streamed) to sparsity {run.achieved_sparsity:.4f} "
-         f"in {run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s); saved to {args.out}")
+    if current_group().is_main:
+        _log(f"pruned {len(run.layers)} layers (streamed) to sparsity "
+             f"{run.achieved_sparsity:.4f} in {run.total_seconds:.1f}s (solver "
+             f"{run.solver_seconds:.1f}s); saved to {args.out}")
     return 0
 
 
@@ -515,6 +518,7 @@ def run_shrink(args: argparse.Namespace) -> int:
 def _run_job(args: argparse.Namespace, job) -> int:
     """load → (dense evaluation) → prune or shrink → evaluate → report → save."""
     from .eval.perplexity import capped_seqlen
+    from .models.distributed import current_group
     from .models.loading import load_model
     from .models.save import check_output_dir, save_pruned_model, write_json_atomic
     from .report import prune_report
@@ -526,11 +530,17 @@ def _run_job(args: argparse.Namespace, job) -> int:
         check_output_dir(args.out, args.overwrite)
     check_device(args.device)
 
+    main = current_group().is_main
     t = time.perf_counter()
-    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, progress=not args.quiet)
+    model, tokenizer, _ = load_model(args.model, dtype=args.dtype,
+                                     progress=not args.quiet and main)
     load_seconds = time.perf_counter() - t
-    bench = Workbench(model, tokenizer, device=args.device, progress=not args.quiet, log=_log)
+    bench = Workbench(model, tokenizer, device=args.device, progress=not args.quiet and main,
+                      log=_log if main else None)
     bench.check(job)
+    if not main:  # the other ranks prune their share; rank 0 evaluates, reports and saves
+        bench.prune(job)
+        return 0
     bench.announce_cost(job)
     dense = bench.evaluate(job.evaluation) if args.compare_dense else None
     samples = None if args.no_samples else _samples(bench, tokenizer, args.device)
@@ -674,19 +684,45 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = "snapprune"
     try:
         commands = {"prune": run_prune, "shrink": run_shrink, "eval": run_eval,
                     "sweep": run_sweep_command, "generate": run_generate}
+        prefix = _join_ranks(args)
         with warnings.catch_warnings():
             warnings.filterwarnings("default", module=r"snapprune\.")
             warnings.showwarning = _print_warning
             return commands[args.command](args)
     except SnapPruneError as exc:
-        print(f"snapprune: error: {exc}", file=sys.stderr)
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("snapprune: interrupted; nothing was written", file=sys.stderr)
+        print(f"{prefix}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        _leave_ranks()
+
+
+def _join_ranks(args: argparse.Namespace) -> str:
+    """Under ``torchrun``: join the process group (prune and shrink only) and use this rank's
+    device; return the prefix of this process's messages."""
+    from .models.distributed import init_from_environment, launched_by_torchrun, rank_device
+
+    if not launched_by_torchrun():
+        return "snapprune"
+    if args.command not in ("prune", "shrink"):
+        raise SnapPruneError(f"snapprune {args.command} runs in one process; launch it without "
+                             "torchrun (prune and shrink use several)")
+    group = init_from_environment(args.device)
+    args.device = rank_device(args.device)
+    return f"snapprune [rank {group.rank}/{group.world}]"
+
+
+def _leave_ranks() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

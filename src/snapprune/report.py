@@ -57,6 +57,7 @@ def prune_report(
             **(extra_seconds or {}),
         },
         "peak_memory_bytes": run.peak_memory_bytes,
+        **({"ranks": run.ranks} if getattr(run, "ranks", None) else {}),
         "perplexity": {k: asdict(v) for k, v in (perplexities or {}).items()},
         "dense_perplexity": {k: asdict(v) for k, v in (dense_perplexities or {}).items()},
         **({"zeroshot": zeroshot} if zeroshot else {}),

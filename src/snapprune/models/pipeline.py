@@ -16,6 +16,14 @@ from tqdm.auto import tqdm
 from ..engine import LayerStats, check_settings, get_method, prune_weight
 from ..errors import SnapPruneError
 from .adapters import adapter_for
+from .distributed import (
+    all_gather_objects,
+    all_reduce_stats,
+    assign_layers,
+    broadcast_layers,
+    current_group,
+    local_share,
+)
 from .layout import input_width, linear_weight, set_linear_weight
 
 
@@ -80,8 +88,13 @@ class PruneRun:
     peak_memory_bytes: int = 0
     activations: str = ""
     """Where the calibration activations lived between blocks ("" when none were needed)."""
+    activation_bytes: int = 0
+    """Size of this process's calibration activations (one block's inputs)."""
     layer_errors: bool = True
     """Whether each layer's reconstruction error was computed (else NaN; see ``prune_weight``)."""
+    ranks: list[dict] = field(default_factory=list)
+    """Per process under ``torchrun``: its rank, windows, solver and calibration seconds, peak
+    memory (empty for one process)."""
     architecture: dict = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -256,7 +269,9 @@ def capture_block_inputs(
     device: torch.device,
     batch_size: int = 8,
 ) -> BlockInputs:
-    """Run the model up to block 0 on the calibration windows, ``batch_size`` at a time."""
+    """Run the model up to block 0 on the calibration windows, ``batch_size`` at a time (under
+    ``torchrun``: on this rank's share of them)."""
+    calibration = local_share(calibration, current_group())
     outside = list(model.children())
     block_ids = {id(b) for b in blocks}
     original = blocks[0]
@@ -414,10 +429,22 @@ def prune_model(
 
     run_blocks(model, layers, prune_block, calibration, run, device=device,
                batch_size=batch_size, progress=progress, block_inputs=block_inputs,
-               desc=f"{settings.method} {settings.pattern}", activations=activations)
+               desc=f"{settings.method} {settings.pattern}", activations=activations,
+               split_layers=True)
     run.total_seconds = time.perf_counter() - start
     run.peak_memory_bytes = _peak_memory(device)
+    record_ranks(run)
     return run
+
+
+def record_ranks(run: PruneRun) -> None:
+    """Under ``torchrun``: every rank's activations, times and peak memory, on every rank."""
+    group = current_group()
+    if group.active:
+        run.ranks = all_gather_objects({
+            "rank": group.rank, "activation_bytes": run.activation_bytes,
+            "solver_seconds": run.solver_seconds, "calibration_seconds": run.calibration_seconds,
+            "peak_memory_bytes": run.peak_memory_bytes}, group)
 
 
 BlockStep = Callable[[int, dict[str, nn.Module], dict[str, LayerStats]], None]
@@ -441,6 +468,7 @@ def run_blocks(
     before: Callable[[int], None] | None = None,
     after: Callable[[int, BlockInputs], None] | None = None,
     activations: str = "auto",
+    split_layers: bool = False,
 ) -> None:
     """The sequential loop: for each block, gather its layers' statistics on the current
     activations, let ``step`` change the block, propagate, move on. Times go to ``run``
@@ -450,7 +478,15 @@ def run_blocks(
     ``after(index, inputs)`` sees it done and the activations that enter the next block (writes
     it out, frees it, checkpoints); ``start`` resumes at a block, ``block_inputs`` then holding
     the activations that enter it (on any device; ``after`` sees them on ``activations``'
-    place, see ``activation_home``)."""
+    place, see ``activation_home``).
+
+    Under ``torchrun`` every rank runs this loop on its share of the windows: the statistics
+    are summed over the ranks before ``step``; with ``split_layers`` each rank's ``step`` gets
+    only the layers assigned to it (``distributed.assign_layers``), the pruned weights are then
+    broadcast and the records (``run.layers``) gathered, so every rank ends each block with the
+    same weights and records. Without it every rank runs ``step`` on all layers (the same
+    statistics give the same result)."""
+    group = current_group()
     blocks = adapter_for(model).decoder_blocks(model)
     t = time.perf_counter()
     if block_inputs is None and calibration is None:
@@ -463,6 +499,8 @@ def run_blocks(
     home = activation_home(activations, device, block_inputs.nbytes)
     inputs = block_inputs.placed(home, device)
     run.activations = home.type if home.type == "cpu" else str(home)
+    if hasattr(run, "activation_bytes"):
+        run.activation_bytes = inputs.nbytes
     run.calibration_seconds += time.perf_counter() - t
 
     for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress,
@@ -474,9 +512,20 @@ def run_blocks(
         named = layers[index]
         t = time.perf_counter()
         stats = gather_layer_stats(block, named, inputs, device, hessian=hessian)
+        all_reduce_stats(stats, group)
         run.calibration_seconds += time.perf_counter() - t
 
-        step(index, named, stats)
+        if split_layers and group.active:
+            owners = assign_layers(named, group.world, hessian)
+            first = len(run.layers)
+            step(index, {n: m for n, m in named.items() if owners[n] == group.rank}, stats)
+            broadcast_layers(named, owners, group)
+            order = {name: i for i, name in enumerate(named)}
+            records = all_gather_objects(run.layers[first:], group)
+            run.layers[first:] = sorted((r for part in records for r in part),
+                                        key=lambda r: order[r.name])
+        else:
+            step(index, named, stats)
         del stats
 
         t = time.perf_counter()

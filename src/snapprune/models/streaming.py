@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import SnapPruneError
 from .adapters import adapter_for
+from .distributed import current_group
 from .pipeline import (
     BlockInputs,
     LayerRecord,
@@ -40,6 +41,7 @@ from .pipeline import (
     check_model_for_pruning,
     layer_roles,
     prune_layer,
+    record_ranks,
     run_blocks,
     target_layers,
 )
@@ -210,10 +212,13 @@ def stream_prune(
         model.tie_weights()
 
     tmp = partial_dir(out)
-    state_path = tmp / STATE_NAME
+    group = current_group()  # under torchrun: rank 0 writes the model, every rank its state
+    state_path = tmp / (STATE_NAME if not group.active
+                        else STATE_NAME.replace(".pt", f".rank{group.rank}.pt"))
     run = PruneRun(settings=settings, architecture=adapter.describe(model),
                    roles=layer_roles(model), layer_errors=layer_errors)
-    fingerprint = {"source": str(source.resolve()), "settings": asdict(settings)}
+    fingerprint = {"source": str(source.resolve()), "settings": asdict(settings),
+                   "world": group.world}
     start, inputs = 0, None
     if resume:
         if not state_path.is_file():
@@ -224,6 +229,13 @@ def stream_prune(
             raise SnapPruneError(f"{tmp} was made from another model or other settings; run "
                                  "without --resume to start over")
         start = state["next_block"]
+        if group.active:  # every rank must resume at the same block
+            bounds = torch.tensor([start, -start], device=device)
+            torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)
+            if int(bounds[0]) != -int(bounds[1]):
+                raise SnapPruneError(f"the ranks' checkpoints in {tmp} stop at different "
+                                     "blocks (a rank was killed while writing); run without "
+                                     "--resume to start over")
         run.layers = [LayerRecord(**r) for r in state["layers"]]
         run.calibration_seconds = state["calibration_seconds"]
         run.solver_seconds = state["solver_seconds"]
@@ -234,9 +246,12 @@ def stream_prune(
         if out.exists() and not overwrite:
             raise SnapPruneError(f"output directory {out} already exists; pass --overwrite or "
                                  "choose another --out")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        _write_shard(tmp / _shard_name(0, plan.shards), others)
+        if group.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            _write_shard(tmp / _shard_name(0, plan.shards), others)
+        if group.active:
+            torch.distributed.barrier()  # the directory exists before any rank writes to it
     del others
 
     ids = calibration(model)
@@ -255,9 +270,10 @@ def stream_prune(
     def save(index: int, done: BlockInputs) -> None:
         block = blocks[index]
         head = f"{adapter.blocks}.{index}."
-        _write_shard(tmp / _shard_name(index + 1, plan.shards),
-                     {head + k: v for k, v in block.state_dict().items()
-                      if head + k in checkpoint.weight_map})
+        if group.is_main:
+            _write_shard(tmp / _shard_name(index + 1, plan.shards),
+                         {head + k: v for k, v in block.state_dict().items()
+                          if head + k in checkpoint.weight_map})
         blocks[index] = block.to("meta")
         _atomic(state_path, lambda path: torch.save({
             "fingerprint": fingerprint, "next_block": index + 1,
@@ -265,6 +281,8 @@ def stream_prune(
             "layers": [asdict(r) for r in run.layers],
             "calibration_seconds": run.calibration_seconds,
             "solver_seconds": run.solver_seconds}, path))
+        if group.active:  # all ranks' checkpoints advance together
+            torch.distributed.barrier()
         if crash_after is not None and int(crash_after) == index:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -275,7 +293,13 @@ def stream_prune(
     if start < len(blocks):
         run_blocks(model, layers, step, ids, run, device=device, batch_size=batch_size,
                    progress=progress, block_inputs=inputs, desc=f"{settings.method} (stream)",
-                   start=start, before=load, after=save, activations=activations)
+                   start=start, before=load, after=save, activations=activations,
+                   split_layers=True)
+    run.total_seconds = time.perf_counter() - start_time
+    run.peak_memory_bytes = _peak_memory(device)
+    record_ranks(run)
+    if not group.is_main:
+        return run
     total = sum((tmp / f).stat().st_size for f in set(plan.weight_map().values()))
     (tmp / INDEX_NAME).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": plan.weight_map()}, indent=2) + "\n")
@@ -283,9 +307,8 @@ def stream_prune(
         if extra.is_file() and not extra.name.endswith(".safetensors") \
                 and extra.name != INDEX_NAME:
             shutil.copy2(extra, tmp / extra.name)
-    run.total_seconds = time.perf_counter() - start_time
-    run.peak_memory_bytes = _peak_memory(device)
-    state_path.unlink(missing_ok=True)
+    for state in tmp.glob(STATE_NAME.replace(".pt", "*.pt")):
+        state.unlink()
     if finish is not None:
         finish(tmp, run)
     move_into_place(tmp, out)
