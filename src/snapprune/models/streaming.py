@@ -283,6 +283,9 @@ def stream_prune(
             "solver_seconds": run.solver_seconds}, path))
         if group.active:  # all ranks' checkpoints advance together
             torch.distributed.barrier()
+        release_freed_memory()
+        if log:
+            log(f"block {index} written; resident memory {resident_bytes() / 2**30:.2f} GiB")
         if crash_after is not None and int(crash_after) == index:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -313,6 +316,26 @@ def stream_prune(
         finish(tmp, run)
     move_into_place(tmp, out)
     return run
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc ``malloc_trim``) after a block:
+    tensors of a few MB come from the heap, and without this a long run's resident memory
+    creeps up with fragmentation instead of staying flat. A no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).malloc_trim(0)
+
+
+def resident_bytes() -> int:
+    with contextlib.suppress(OSError), open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
