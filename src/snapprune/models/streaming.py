@@ -285,7 +285,8 @@ def stream_prune(
             torch.distributed.barrier()
         release_freed_memory()
         if log:
-            log(f"block {index} written; resident memory {resident_bytes() / 2**30:.2f} GiB")
+            log(f"block {index} written; resident memory {resident_bytes() / 2**30:.2f} GiB, "
+                f"peak so far {resident_bytes('VmHWM') / 2**30:.2f} GiB")
         if crash_after is not None and int(crash_after) == index:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -330,10 +331,11 @@ def release_freed_memory() -> None:
         ctypes.CDLL(name).malloc_trim(0)
 
 
-def resident_bytes() -> int:
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory now (``VmHWM``: its peak), 0 where /proc is missing."""
     with contextlib.suppress(OSError), open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
