@@ -219,8 +219,7 @@ def test_segmented_solve_equals_single_batch(pattern, sparsity):
 
 @pytest.fixture(params=["lu", "cholesky"])
 def factorisation(request, monkeypatch):
-    """Both batched factorisations (the CPU uses LU, CUDA Cholesky) on the CPU, with the rows
-    split over threads and not."""
+    """Both batched factorisations (the CPU uses LU, CUDA Cholesky), run on the CPU."""
     from snapprune.engine import thanos
 
     monkeypatch.setattr(thanos, "CHOLESKY_DEVICES", {"cpu"} if request.param == "cholesky"
@@ -228,13 +227,8 @@ def factorisation(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("min_rows", [1, 10**9])
 @pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None)])
-def test_every_solver_path_reaches_the_optimum(factorisation, min_rows, pattern, sparsity,
-                                               monkeypatch):
-    from snapprune.engine import thanos
-
-    monkeypatch.setattr(thanos, "MIN_ROWS_PER_THREAD", min_rows)
+def test_every_solver_path_reaches_the_optimum(factorisation, pattern, sparsity):
     p = make_problem(40, 32, seed=11)
     res = prune_weight(p.weight, p.stats, method="thanos", pattern=pattern, sparsity=sparsity,
                        blocksize=32)

@@ -6,9 +6,7 @@ For one row ``w`` removing the set ``Q`` of still-free columns, with ``R = (H_FF
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -98,7 +96,7 @@ def padded_solve(
     zeros, and the ``t``-th padded slot of a row takes index ``B + t``, so gathering builds
     every padded system (identity on the padding, zeros beside it) without any masking, and
     padded unknowns solve to exactly zero. Rows are sorted by ``q`` and solved in segments
-    padded to their own largest ``q`` (``plan_segments``), split over CPU threads.
+    padded to their own largest ``q`` (``plan_segments``).
     ``uniform``: every row removes this many (N:M), so no counting, sorting or planning is
     needed.
     """
@@ -117,8 +115,6 @@ def padded_solve(
     r_ext = torch.block_diag(r_block, torch.eye(q_max, dtype=r_block.dtype,
                                                 device=r_block.device))
     w_ext = torch.cat([weights, weights.new_zeros(rows, q_max)], 1)
-    tasks = [(a, b, q) for s1, s2, q in spans
-             for a, b in _split_for_threads(s1, s2, mask.device)]
 
     flat = r_ext.flatten()
     side = r_ext.shape[0]
@@ -132,7 +128,7 @@ def padded_solve(
         return s1, s2, idx, _solve_rows(r_hat, w_ext[s1:s2].gather(1, idx).unsqueeze(-1))
 
     lam = weights.new_zeros(rows, width + q_max)
-    for s1, s2, idx, x in _map(solve, tasks, mask.device):
+    for s1, s2, idx, x in map(solve, spans):
         lam[s1:s2].scatter_(1, idx, x.squeeze(-1))
     lam = lam[:, :width]
     if order is None:
@@ -172,29 +168,6 @@ def _solve_rows(r_hat: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     if bool(failed.any()):
         x[failed] = torch.linalg.solve(r_hat[failed], rhs[failed])
     return x
-
-
-# Batched factorisations on the CPU run one matrix after another in one thread; splitting the
-# batch over a few Python threads (torch releases the GIL) uses the other cores. Each matrix is
-# factored alone either way, so the split never changes a result.
-_POOL: ThreadPoolExecutor | None = None
-MIN_ROWS_PER_THREAD = 64
-
-
-def _split_for_threads(s1: int, s2: int, device: torch.device) -> list[tuple[int, int]]:
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
-    parts = max(1, min(threads, (s2 - s1) // MIN_ROWS_PER_THREAD))
-    bounds = [s1 + (s2 - s1) * i // parts for i in range(parts + 1)]
-    return list(itertools.pairwise(bounds))
-
-
-def _map(fn, tasks: list, device: torch.device):
-    global _POOL
-    if device.type != "cpu" or len(tasks) < 2:
-        return map(fn, tasks)
-    if _POOL is None or _POOL._max_workers != torch.get_num_threads():
-        _POOL = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="snapprune")
-    return _POOL.map(fn, tasks)
 
 
 def thanos_blockwise(
