@@ -49,7 +49,7 @@ def prune_report(
         "calibration": calibration,
         "device": device,
         "activations": run.activations or None,
-        "activation_bytes": getattr(run, "activation_bytes", None),
+        "activation_bytes": run.activation_bytes or None,
         "layers": [asdict(r) for r in run.layers],
         "timing": {
             "calibration_forward_seconds": run.calibration_seconds,

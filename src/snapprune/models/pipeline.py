@@ -499,8 +499,7 @@ def run_blocks(
     home = activation_home(activations, device, block_inputs.nbytes)
     inputs = block_inputs.placed(home, device)
     run.activations = home.type if home.type == "cpu" else str(home)
-    if hasattr(run, "activation_bytes"):
-        run.activation_bytes = inputs.nbytes
+    run.activation_bytes = inputs.nbytes
     run.calibration_seconds += time.perf_counter() - t
 
     for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress,

@@ -164,6 +164,7 @@ class ShrinkRun:
     total_seconds: float = 0.0
     peak_memory_bytes: int = 0
     activations: str = ""
+    activation_bytes: int = 0
     parameters_before: int = 0
     parameters_after: int = 0
     bytes_before: int = 0
