@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "src" / "snapprune"
 ENGINE_TESTS = ["tests/test_engine_exact.py", "tests/test_engine_edges.py",
-                "tests/test_engine_properties.py", "tests/test_mask_references.py"]
+                "tests/test_engine_properties.py", "tests/test_mask_references.py",
+                "tests/test_determinism.py"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,17 @@ MUTANTS = (
            "engine/thanos.py",
            (("segments.append((starts[j], ends[i - 1], values[i - 1]))",
              "segments.append((starts[j], ends[i - 1], values[j]))"),)),
+    Mutant("deterministic-sums-in-float32",
+           "deterministic statistics summed in float32, so their order (batching, ranks) "
+           "changes them",
+           "engine/stats.py",
+           (("        sums = torch.float64 if deterministic else dtype\n",
+             "        sums = dtype\n"),)),
+    Mutant("deterministic-factorisation-threaded",
+           "whole-matrix factorisations left on every thread in deterministic mode",
+           "engine/determinism.py",
+           (('    if not enabled() or device.type != "cpu" or torch.get_num_threads() == 1:\n',
+             "    if True:\n"),)),
 )
 
 

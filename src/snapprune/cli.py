@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"snapprune {__version__}")
+    parser.set_defaults(deterministic=False)  # eval and generate: torch's default mode
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
 
@@ -189,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DETERMINISTIC_HELP = (
+    "bit-identical results for any thread, batch or process count on the same hardware: "
+    "statistics summed window by window in float64, whole-matrix factorisations on one CPU "
+    "thread (slower on wide layers with many cores); torch.use_deterministic_algorithms")
+
+
 def _add_run_args(parser: argparse.ArgumentParser, what: str) -> None:
     """Calibration, evaluation and output options: the same for every command that prunes."""
     calib = parser.add_argument_group("calibration")
@@ -208,6 +215,7 @@ def _add_run_args(parser: argparse.ArgumentParser, what: str) -> None:
                             "--device (no copies), or on the CPU (pinned; no device memory); "
                             "auto: the device when they fit in half its free memory. Speed "
                             "and memory only (default: auto)")
+    calib.add_argument("--deterministic", action="store_true", help=DETERMINISTIC_HELP)
     evaluation = parser.add_argument_group("evaluation")
     _add_eval_args(evaluation, "--eval", f"perplexity source after {what}; repeatable",
                    ("--eval-seqlen",))
@@ -322,6 +330,7 @@ def _add_sweep_parser(sub) -> None:
     sweep.add_argument("--activations", choices=ACTIVATION_PLACES, default="auto",
                        help="where calibration activations live: device, cpu or auto "
                             "(default: auto; see snapprune prune --help)")
+    sweep.add_argument("--deterministic", action="store_true", help=DETERMINISTIC_HELP)
     evaluation = sweep.add_argument_group("evaluation (without --grid)")
     _add_eval_args(evaluation, "--ppl", "perplexity source; repeatable",
                    ("--eval-seqlen",))
@@ -689,7 +698,9 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"prune": run_prune, "shrink": run_shrink, "eval": run_eval,
                     "sweep": run_sweep_command, "generate": run_generate}
         prefix = _join_ranks(args)
-        with warnings.catch_warnings():
+        from .engine.determinism import deterministic
+
+        with warnings.catch_warnings(), deterministic(args.deterministic):
             warnings.filterwarnings("default", module=r"snapprune\.")
             warnings.showwarning = _print_warning
             return commands[args.command](args)

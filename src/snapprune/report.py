@@ -50,6 +50,7 @@ def prune_report(
         "device": device,
         "activations": run.activations or None,
         "activation_bytes": run.activation_bytes or None,
+        "deterministic": run.deterministic,
         "layers": [asdict(r) for r in run.layers],
         "timing": {
             "calibration_forward_seconds": run.calibration_seconds,

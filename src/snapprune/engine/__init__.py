@@ -1,6 +1,7 @@
 """The pure maths: statistics, the Hessian factor, scores, masks, solvers and the method
 registry. Tensors in, tensors out; nothing here knows about models, files or devices' owners."""
 
+from . import determinism
 from .core import PruneResult, check_settings, prune_weight, reconstruction_error
 from .masks import Pattern, parse_pattern
 from .problem import LayerProblem
@@ -16,6 +17,7 @@ __all__ = [
     "Pattern",
     "PruneResult",
     "check_settings",
+    "determinism",
     "get_method",
     "method_names",
     "parse_pattern",

@@ -7,6 +7,7 @@ import warnings
 import torch
 
 from ..errors import SnapPruneError
+from .determinism import whole_matrix_threads
 
 
 def damped_hessian(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +40,11 @@ diagonal) before a layer is given up on."""
 def _try_inverse_factor(damped: torch.Tensor) -> torch.Tensor | None:
     """Upper Cholesky factor of ``damped⁻¹`` in float32 (float64 when float32 round-off breaks
     positive definiteness), or ``None`` when the matrix is not positive definite."""
+    with whole_matrix_threads(damped.device):
+        return _inverse_factor(damped)
+
+
+def _inverse_factor(damped: torch.Tensor) -> torch.Tensor | None:
     for dtype in (torch.float32, torch.float64):
         h = damped.to(dtype)
         lower, info = torch.linalg.cholesky_ex(h)

@@ -13,6 +13,12 @@ class LayerStats:
     Raw sums are kept and divided by ``N`` only when read, so any split of the same token vectors
     into batches gives the same statistics (up to float summation order). ``hessian=False``
     keeps the norms only (for Wanda without layer errors: no ``columns²`` matrix, no products).
+
+    ``deterministic=True`` removes the "up to": each window (leading index of a 3-D batch; a
+    2-D input is one window) is reduced on its own in ``dtype`` and added into float64 sums,
+    which hold the float32 terms exactly unless one is below 2⁻²⁹ of the running sum — so the
+    statistics do not depend on batching or on the split of windows over ranks
+    (``determinism``). It costs a float64 accumulator and one ``columns²`` buffer.
     """
 
     def __init__(
@@ -22,6 +28,7 @@ class LayerStats:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         hessian: bool = True,
+        deterministic: bool = False,
     ) -> None:
         if columns <= 0:
             raise SnapPruneError(f"LayerStats needs a positive column count, got {columns}")
@@ -29,9 +36,12 @@ class LayerStats:
             raise SnapPruneError("LayerStats accumulates in float32 or float64; pass one of them")
         self.columns = columns
         self.dtype = dtype
-        self._xxt = (torch.zeros(columns, columns, dtype=dtype, device=device) if hessian
+        self.deterministic = deterministic
+        sums = torch.float64 if deterministic else dtype
+        self._xxt = (torch.zeros(columns, columns, dtype=sums, device=device) if hessian
                      else None)
-        self._sq = torch.zeros(columns, dtype=dtype, device=device)
+        self._sq = torch.zeros(columns, dtype=sums, device=device)
+        self._product: torch.Tensor | None = None  # deterministic: one window's xᵀx
         self.nsamples = 0
 
     @property
@@ -48,18 +58,40 @@ class LayerStats:
             raise SnapPruneError(
                 f"input has {x.shape[-1]} features but the layer has {self.columns} columns"
             )
-        x = x.reshape(-1, self.columns).to(device=self.device, dtype=self.dtype)
-        sq = (x * x).sum(0)
+        if self.deterministic and x.dim() >= 3:
+            windows = x.reshape(-1, *x.shape[-2:])
+        else:
+            windows = x.reshape(1, -1, self.columns)
+        windows = windows.to(device=self.device, dtype=self.dtype)
+        sq = (windows * windows).sum(1)
         # Any NaN/Inf in x shows in its column's sum of squares: a cheap, complete check.
         if not torch.isfinite(sq).all():
             raise SnapPruneError(
                 "calibration activations contain NaN or Inf; check the model's weights and dtype "
                 "(try --dtype float32)"
             )
+        for window, window_sq in zip(windows, sq, strict=True):
+            self._add_window(window, window_sq)
+        self.nsamples += windows.shape[0] * windows.shape[1]
+
+    def _add_window(self, x: torch.Tensor, sq: torch.Tensor) -> None:
+        if not self.deterministic:
+            if self._xxt is not None:
+                self._xxt.addmm_(x.T, x)
+            self._sq += sq
+            return
         if self._xxt is not None:
-            self._xxt.addmm_(x.T, x)
+            if self._product is None:
+                self._product = torch.empty(self.columns, self.columns, dtype=self.dtype,
+                                            device=self.device)
+            torch.mm(x.T, x, out=self._product)
+            self._xxt += self._product
         self._sq += sq
-        self.nsamples += x.shape[0]
+
+    def finish(self) -> None:
+        """Free the per-window product buffer once every input is in (adding more later
+        allocates it again)."""
+        self._product = None
 
     def _require_samples(self) -> None:
         if self.nsamples == 0:
@@ -74,13 +106,13 @@ class LayerStats:
         if self._xxt is None:
             raise SnapPruneError("these statistics were gathered without the Hessian "
                                  "(hessian=False); gather them again with it")
-        return self._xxt * (2.0 / self.nsamples)
+        return (self._xxt * (2.0 / self.nsamples)).to(self.dtype)
 
     @property
     def sq_norms(self) -> torch.Tensor:
         """Mean squared input per column, ``Σ x_j² / N``."""
         self._require_samples()
-        return self._sq / self.nsamples
+        return (self._sq / self.nsamples).to(self.dtype)
 
     @classmethod
     def from_inputs(cls, x: torch.Tensor, **kwargs) -> LayerStats:

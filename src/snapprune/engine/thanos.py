@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from .determinism import whole_matrix_threads
+
 BlockMaskFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 """``(W, i1, i2) -> mask of W[:, i1:i2]`` chosen on the current, already-updated ``W``."""
 
@@ -216,7 +218,8 @@ def thanos_shared_columns(
     r = upper[:, q_idx].T @ upper  # H⁻¹[Q, :] = U[:, Q]ᵀ U
     r_hat = r[:, q_idx]
     sub = weight[rows]
-    lam = torch.linalg.solve(r_hat, sub[:, q_idx].T).T
+    with whole_matrix_threads(weight.device):
+        lam = torch.linalg.solve(r_hat, sub[:, q_idx].T).T
     sub -= lam @ r
     sub[:, q_idx] = 0.0
     weight[rows] = sub

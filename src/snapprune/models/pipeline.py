@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine import LayerStats, check_settings, get_method, prune_weight
+from ..engine import LayerStats, check_settings, determinism, get_method, prune_weight
 from ..errors import SnapPruneError
 from .adapters import adapter_for
 from .distributed import (
@@ -92,6 +92,9 @@ class PruneRun:
     """Size of this process's calibration activations (one block's inputs)."""
     layer_errors: bool = True
     """Whether each layer's reconstruction error was computed (else NaN; see ``prune_weight``)."""
+    deterministic: bool = False
+    """Whether the run was in deterministic mode (``engine.determinism``): bit-identical for
+    any thread, batch or process count."""
     ranks: list[dict] = field(default_factory=list)
     """Per process under ``torchrun``: its rank, windows, solver and calibration seconds, peak
     memory (empty for one process)."""
@@ -345,7 +348,8 @@ def gather_layer_stats(
                 return
             seen[id(x)] = (x, name)
             if name not in stats:
-                stats[name] = LayerStats(x.shape[-1], device=device, hessian=hessian)
+                stats[name] = LayerStats(x.shape[-1], device=device, hessian=hessian,
+                                         deterministic=determinism.enabled())
             stats[name].add(x.detach())
         return record
 
@@ -357,6 +361,8 @@ def gather_layer_stats(
     finally:
         for handle in hooks:
             handle.remove()
+    for item in stats.values():
+        item.finish()
     missing = [name for name in named if name not in stats]
     if missing:
         raise SnapPruneError(f"layers {missing} never ran during calibration; exclude them")
@@ -500,6 +506,7 @@ def run_blocks(
     inputs = block_inputs.placed(home, device)
     run.activations = home.type if home.type == "cpu" else str(home)
     run.activation_bytes = inputs.nbytes
+    run.deterministic = determinism.enabled()
     run.calibration_seconds += time.perf_counter() - t
 
     for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress,

@@ -165,6 +165,7 @@ class ShrinkRun:
     peak_memory_bytes: int = 0
     activations: str = ""
     activation_bytes: int = 0
+    deterministic: bool = False
     parameters_before: int = 0
     parameters_after: int = 0
     bytes_before: int = 0
