@@ -16,6 +16,9 @@ from .problem import LayerProblem
 PruneFn = Callable[[LayerProblem], torch.Tensor]
 """Zero (and update) ``problem.weight`` in place; return the mask (``True`` = removed)."""
 
+CostFn = Callable[[int, int, Pattern, int], float]
+"""``(rows, cols, pattern, blocksize) ->`` relative time to prune one layer."""
+
 
 @dataclass(frozen=True)
 class Method:
@@ -24,6 +27,8 @@ class Method:
     ``updates_weights``: it changes the kept weights (needs the Hessian factor).
     ``blocksize_patterns``: pattern kinds (``unstructured``, ``nm``, ``structured``) whose result
     depends on the block size; elsewhere the sweep folds cells that differ only in it.
+    ``cost``: the method's estimate of its time per layer (see ``layer_cost``), when the
+    generic one is far off.
     """
 
     name: str
@@ -32,6 +37,7 @@ class Method:
     updates_weights: bool
     prune: PruneFn
     blocksize_patterns: frozenset[str] = frozenset()
+    cost: CostFn | None = None
 
     def needs_activations(self, metric: str) -> bool:
         """Whether calibration data is needed at all (magnitude scores need none)."""
@@ -40,6 +46,15 @@ class Method:
     def needs_hessian(self, metric: str) -> bool:
         """Whether the damped Hessian enters the result (so ``percdamp`` matters)."""
         return self.updates_weights or metric == "obs"
+
+    def layer_cost(self, rows: int, cols: int, pattern: Pattern, blocksize: int,
+                   metric: str) -> float:
+        """Relative time to prune a ``rows × cols`` layer, to share a block's layers out over
+        ranks: the method's ``cost``, else ``rows × cols²`` with the Hessian (the trailing
+        updates), ``rows × cols`` without (scores and a selection)."""
+        if self.cost is not None:
+            return self.cost(rows, cols, pattern, blocksize)
+        return float(rows * cols * (cols if self.needs_hessian(metric) else 1))
 
     def uses_blocksize(self, pattern: Pattern) -> bool:
         return pattern.kind in self.blocksize_patterns

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..engine import LayerStats
+from ..engine import LayerStats, get_method, parse_pattern
 from ..errors import SnapPruneError
 from .layout import input_width, linear_weight
 
@@ -100,21 +100,26 @@ def all_reduce_stats(stats: dict[str, LayerStats], group: Group) -> None:
         item.nsamples = int(count.item())
 
 
-def solver_cost(module: nn.Module, hessian: bool) -> float:
-    """Relative cost of pruning a layer: ``rows × cols²`` with a Hessian, else ``rows × cols``."""
-    rows, cols = linear_weight(module).shape
-    return rows * cols * (input_width(module) if hessian else 1)
+def solver_cost(module: nn.Module, settings) -> float:
+    """Relative time to prune a layer with ``settings`` (``PruneSettings``): the method's
+    estimate (``Method.layer_cost``)."""
+    cols = input_width(module)
+    rows = linear_weight(module).numel() // cols
+    return get_method(settings.method).layer_cost(
+        rows, cols, parse_pattern(settings.pattern), settings.blocksize,
+        settings.resolved_metric)
 
 
-def assign_layers(named: dict[str, nn.Module], world: int, hessian: bool) -> dict[str, int]:
+def assign_layers(named: dict[str, nn.Module], world: int, settings) -> dict[str, int]:
     """Greedy longest-first: each layer, costliest first, to the least-loaded rank (ties to
     the lower rank, then by name, so every rank computes the same assignment)."""
+    costs = {name: solver_cost(module, settings) for name, module in named.items()}
     load = [0.0] * world
     owners = {}
-    for name in sorted(named, key=lambda n: (-solver_cost(named[n], hessian), n)):
+    for name in sorted(named, key=lambda n: (-costs[n], n)):
         rank = min(range(world), key=lambda r: (load[r], r))
         owners[name] = rank
-        load[rank] += solver_cost(named[name], hessian)
+        load[rank] += costs[name]
     return owners
 
 

@@ -522,7 +522,7 @@ def run_blocks(
         run.calibration_seconds += time.perf_counter() - t
 
         if split_layers and group.active:
-            owners = assign_layers(named, group.world, hessian)
+            owners = assign_layers(named, group.world, run.settings)
             first = len(run.layers)
             step(index, {n: m for n, m in named.items() if owners[n] == group.rank}, stats)
             broadcast_layers(named, owners, group)
