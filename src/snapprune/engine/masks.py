@@ -78,11 +78,16 @@ def kth_with_counts(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int, in
         inside = values[(values >= lo) & (values <= hi)]
         if below < k <= below + inside.numel():
             threshold = torch.kthvalue(inside, k - below).values
-            return (threshold, below + int((inside < threshold).sum().item()),
-                    int((inside == threshold).sum().item()))
+            less, equal = _less_and_equal(inside, threshold)
+            return threshold, below + less, equal
     threshold = torch.kthvalue(values, k).values
-    return (threshold, int((values < threshold).sum().item()),
-            int((values == threshold).sum().item()))
+    return threshold, *_less_and_equal(values, threshold)
+
+
+def _less_and_equal(values: torch.Tensor, threshold: torch.Tensor) -> tuple[int, int]:
+    """How many values are below and equal to ``threshold``: one host transfer for both."""
+    less, equal = torch.stack([(values < threshold).sum(), (values == threshold).sum()]).tolist()
+    return less, equal
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
