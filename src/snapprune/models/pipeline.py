@@ -501,7 +501,7 @@ def run_blocks(
         block_inputs = capture_block_inputs(model, blocks, calibration, device, batch_size)
     # The Hessian is gathered when the method needs it or layer errors are wanted.
     hessian = (get_method(run.settings.method).needs_hessian(run.settings.resolved_metric)
-               or getattr(run, "layer_errors", True))
+               or run.layer_errors)
     home = activation_home(activations, device, block_inputs.nbytes)
     inputs = block_inputs.placed(home, device)
     run.activations = home.type if home.type == "cpu" else str(home)

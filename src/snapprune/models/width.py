@@ -166,6 +166,8 @@ class ShrinkRun:
     activations: str = ""
     activation_bytes: int = 0
     deterministic: bool = False
+    layer_errors: bool = True
+    """Always: every cut layer's reconstruction error is measured (the block loop reads it)."""
     parameters_before: int = 0
     parameters_after: int = 0
     bytes_before: int = 0
