@@ -4,6 +4,7 @@ over processes — bit for bit, not within a tolerance."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -73,15 +74,18 @@ def test_default_statistics_are_unchanged_float32_sums():
     assert torch.equal(stats._xxt, expected)
 
 
-def test_mode_is_torchs_switch_and_is_restored():
+def test_mode_is_torchs_switch_and_is_restored(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     assert not determinism.enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     with determinism.deterministic():
         assert determinism.enabled() and torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         threads = torch.get_num_threads()
         with determinism.whole_matrix_threads(torch.device("cpu")):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == threads
-    assert not determinism.enabled()
+    assert not determinism.enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     threads = torch.get_num_threads()
     with determinism.whole_matrix_threads(torch.device("cpu")):
         assert torch.get_num_threads() == threads  # untouched outside the mode

@@ -23,6 +23,7 @@ factorisations of wide layers on many-core CPUs (11,008² takes ~27 s on one thr
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -38,14 +39,24 @@ def deterministic(on: bool = True) -> Iterator[None]:
     """Run the body in deterministic mode (or not), restoring torch's previous setting.
 
     ``warn_only``: CUDA kernels without a deterministic version warn instead of failing a run.
+    cuBLAS needs a fixed workspace to be deterministic (PyTorch's reproducibility notes): it is
+    set for the body unless the user set one, and read when cuBLAS first starts.
     """
     before = (torch.are_deterministic_algorithms_enabled(),
               torch.is_deterministic_algorithms_warn_only_enabled())
+    workspace = os.environ.get(CUBLAS_WORKSPACE)
+    if on and workspace is None:
+        os.environ[CUBLAS_WORKSPACE] = ":4096:8"
     torch.use_deterministic_algorithms(on, warn_only=True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        if workspace is None:
+            os.environ.pop(CUBLAS_WORKSPACE, None)
+
+
+CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
 
 
 @contextlib.contextmanager
