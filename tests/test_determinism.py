@@ -54,7 +54,11 @@ def test_deterministic_statistics_match_their_definition():
     assert stats.hessian.dtype == torch.float32 and stats.nsamples == x.shape[0]
     torch.testing.assert_close(stats.hessian.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats.sq_norms.double(), (x * x).mean(0), rtol=1e-5, atol=0)
-    # A 2-D input is one window; the product buffer is freed by finish().
+    # Flattened windows, when told how many they are, sum the same, bit for bit.
+    told = LayerStats(48, deterministic=True)
+    told.add(_windows().reshape(-1, 48), windows=6)
+    assert torch.equal(told.hessian, stats.hessian) and torch.equal(told.sq_norms, stats.sq_norms)
+    # A 2-D input is otherwise one window; the product buffer is freed by finish().
     flat = LayerStats(48, deterministic=True)
     flat.add(_windows().reshape(-1, 48))
     assert flat._product is not None
@@ -133,11 +137,12 @@ def test_thanos_is_the_same_on_one_and_two_threads(wide_problem, pattern):
     assert torch.equal(one.weight, two.weight)
 
 
-def test_pipeline_is_bit_identical_for_any_batch_size():
+@pytest.mark.parametrize("family", ["llama", "opt"])  # OPT's MLP sees windows flattened
+def test_pipeline_is_bit_identical_for_any_batch_size(family):
     ids = token_batch(6, 32)
     weights = []
     for batch_size in (6, 4, 1):
-        model = tiny_model("llama")
+        model = tiny_model(family)
         with determinism.deterministic():
             run = prune_model(model, ids, PruneSettings("thanos", sparsity=0.5),
                               batch_size=batch_size, progress=False)

@@ -52,27 +52,34 @@ class LayerStats:
     def has_hessian(self) -> bool:
         return self._xxt is not None
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs of shape ``(..., columns)``; every leading index is a token."""
+    def add(self, x: torch.Tensor, windows: int | None = None) -> None:
+        """Add a batch of inputs of shape ``(..., columns)``; every leading index is a token.
+
+        ``windows``: how many calibration windows ``x`` holds, equal-length and in order, when
+        it is not ``(windows, tokens, columns)`` (OPT's MLP sees them flattened to 2-D); only
+        deterministic mode, which reduces each window on its own, needs it.
+        """
         if x.shape[-1] != self.columns:
             raise SnapPruneError(
                 f"input has {x.shape[-1]} features but the layer has {self.columns} columns"
             )
-        if self.deterministic and x.dim() >= 3:
-            windows = x.reshape(-1, *x.shape[-2:])
+        if not self.deterministic:
+            count = 1
+        elif windows is None:
+            count = x[..., 0].numel() // x.shape[-2] if x.dim() >= 3 else 1
         else:
-            windows = x.reshape(1, -1, self.columns)
-        windows = windows.to(device=self.device, dtype=self.dtype)
-        sq = (windows * windows).sum(1)
+            count = windows
+        parts = x.reshape(count, -1, self.columns).to(device=self.device, dtype=self.dtype)
+        sq = (parts * parts).sum(1)
         # Any NaN/Inf in x shows in its column's sum of squares: a cheap, complete check.
         if not torch.isfinite(sq).all():
             raise SnapPruneError(
                 "calibration activations contain NaN or Inf; check the model's weights and dtype "
                 "(try --dtype float32)"
             )
-        for window, window_sq in zip(windows, sq, strict=True):
-            self._add_window(window, window_sq)
-        self.nsamples += windows.shape[0] * windows.shape[1]
+        for part, part_sq in zip(parts, sq, strict=True):
+            self._add_window(part, part_sq)
+        self.nsamples += parts.shape[0] * parts.shape[1]
 
     def _add_window(self, x: torch.Tensor, sq: torch.Tensor) -> None:
         if not self.deterministic:

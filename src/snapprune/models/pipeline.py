@@ -350,12 +350,14 @@ def gather_layer_stats(
             if name not in stats:
                 stats[name] = LayerStats(x.shape[-1], device=device, hessian=hessian,
                                          deterministic=determinism.enabled())
-            stats[name].add(x.detach())
+            stats[name].add(x.detach(), windows=windows[0])
         return record
 
+    windows = [0]  # calibration windows in the batch being run (some layers see them flattened)
     hooks = [module.register_forward_hook(hook(name)) for name, module in named.items()]
     try:
         for x in inputs.batches:
+            windows[0] = x.shape[0]
             inputs.run(block, x.to(device, non_blocking=True))
             seen.clear()
     finally:
