@@ -58,6 +58,11 @@ def test_deterministic_statistics_match_their_definition():
     told = LayerStats(48, deterministic=True)
     told.add(_windows().reshape(-1, 48), windows=6)
     assert torch.equal(told.hessian, stats.hessian) and torch.equal(told.sq_norms, stats.sq_norms)
+    # Rows that are not whole windows are summed as one part.
+    routed = LayerStats(48, deterministic=True)
+    routed.add(_windows().reshape(-1, 48)[:1001], windows=6)
+    torch.testing.assert_close(routed.hessian.double(),
+                               2.0 / 1001 * x[:1001].T @ x[:1001], rtol=1e-4, atol=1e-3)
     # A 2-D input is otherwise one window; the product buffer is freed by finish().
     flat = LayerStats(48, deterministic=True)
     flat.add(_windows().reshape(-1, 48))

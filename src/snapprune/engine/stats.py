@@ -57,7 +57,8 @@ class LayerStats:
 
         ``windows``: how many calibration windows ``x`` holds, equal-length and in order, when
         it is not ``(windows, tokens, columns)`` (OPT's MLP sees them flattened to 2-D); only
-        deterministic mode, which reduces each window on its own, needs it.
+        deterministic mode, which reduces each window on its own, needs it. Rows that do not
+        split into ``windows`` equal parts are reduced as one part (no batch invariance then).
         """
         if x.shape[-1] != self.columns:
             raise SnapPruneError(
@@ -69,6 +70,8 @@ class LayerStats:
             count = x[..., 0].numel() // x.shape[-2] if x.dim() >= 3 else 1
         else:
             count = windows
+        if x[..., 0].numel() % count:  # not whole windows
+            count = 1
         parts = x.reshape(count, -1, self.columns).to(device=self.device, dtype=self.dtype)
         sq = (parts * parts).sum(1)
         # Any NaN/Inf in x shows in its column's sum of squares: a cheap, complete check.
