@@ -20,7 +20,7 @@ import torch
 
 from snapprune.data import calibration_windows
 from snapprune.engine import determinism
-from snapprune.engine.factor import _try_inverse_factor
+from snapprune.engine.factor import inverse_cholesky_upper
 from snapprune.models.adapters import adapter_for
 from snapprune.models.layout import is_prunable
 from snapprune.models.loading import load_model
@@ -67,7 +67,7 @@ def main() -> int:
     for width in args.widths:
         x = torch.randn(2 * width, width, generator=torch.Generator().manual_seed(0))
         hessian = x.T @ x / width + 0.01 * torch.eye(width)
-        side_by_side(f"inverse factor {width}²", lambda h=hessian: _try_inverse_factor(h),
+        side_by_side(f"inverse factor {width}²", lambda h=hessian: inverse_cholesky_upper(h),
                      args.repeats)
     return 0
 

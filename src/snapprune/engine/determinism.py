@@ -28,6 +28,9 @@ from collections.abc import Iterator
 
 import torch
 
+CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
+"""cuBLAS reads its workspace setting from this variable when it first starts."""
+
 
 def enabled() -> bool:
     """Whether deterministic mode is on (``torch.use_deterministic_algorithms``)."""
@@ -54,9 +57,6 @@ def deterministic(on: bool = True) -> Iterator[None]:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         if workspace is None:
             os.environ.pop(CUBLAS_WORKSPACE, None)
-
-
-CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,9 @@ from torch import nn
 from ..engine import LayerStats, get_method, parse_pattern
 from ..errors import SnapPruneError
 from .layout import input_width, linear_weight
+
+if TYPE_CHECKING:  # the pipeline imports this module
+    from .pipeline import PruneSettings
 
 
 @dataclass(frozen=True)
@@ -100,9 +104,9 @@ def all_reduce_stats(stats: dict[str, LayerStats], group: Group) -> None:
         item.nsamples = int(count.item())
 
 
-def solver_cost(module: nn.Module, settings) -> float:
-    """Relative time to prune a layer with ``settings`` (``PruneSettings``): the method's
-    estimate (``Method.layer_cost``)."""
+def solver_cost(module: nn.Module, settings: PruneSettings) -> float:
+    """Relative time to prune a layer with ``settings``: the method's estimate
+    (``Method.layer_cost``)."""
     cols = input_width(module)
     rows = linear_weight(module).numel() // cols
     return get_method(settings.method).layer_cost(
@@ -110,7 +114,8 @@ def solver_cost(module: nn.Module, settings) -> float:
         settings.resolved_metric)
 
 
-def assign_layers(named: dict[str, nn.Module], world: int, settings) -> dict[str, int]:
+def assign_layers(named: dict[str, nn.Module], world: int,
+                  settings: PruneSettings) -> dict[str, int]:
     """Greedy longest-first: each layer, costliest first, to the least-loaded rank (ties to
     the lower rank, then by name, so every rank computes the same assignment)."""
     costs = {name: solver_cost(module, settings) for name, module in named.items()}
