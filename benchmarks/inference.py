@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
+from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
 from snapprune.models.loading import load_model
-from snapprune.models.pipeline import PruneSettings
-from snapprune.models.save import save_pruned_model
-from snapprune.models.width import WidthSettings
-from snapprune.run import CalibrationSpec, EvaluationSpec, Job, Workbench
+from snapprune.models.settings import PruneSettings, WidthSettings
+from snapprune.outputs import REPORT_NAME, save_directory, write_json_atomic
+from snapprune.run import Workbench, execute
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 METHODS = ("magnitude", "wanda", "sparsegpt", "thanos")
@@ -214,14 +214,25 @@ def main() -> int:
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, progress=False)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = CalibrationSpec(args.calib, args.nsamples, args.seqlen, 0)
-    evaluation = EvaluationSpec(ppl=(args.eval,), seqlen=1024, max_windows=args.eval_windows)
+    evaluation = EvaluationSpec(ppl=(args.eval,), seqlen=1024, max_windows=args.eval_windows,
+                                dense=False)
+
+    def run(step):
+        job = Job(model=args.model, steps=(step,), calibration=calibration,
+                  evaluation=evaluation, output=OutputSpec(samples=False))
+        return execute(job, None, bench=bench, progress=False, announce=False)
     rows: list[dict] = []
     timed: dict[str, torch.nn.Module] = {}
 
     def record(name: str, kind: str, method: str, width: float, pruned: torch.nn.Module,
                ppl: float, keep: bool) -> None:
         path = out / "models" / name
-        save_pruned_model(pruned, tokenizer, path, {"benchmark": name}, overwrite=True)
+        def fill(tmp: Path) -> None:
+            pruned.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json_atomic(tmp / REPORT_NAME, {"benchmark": name})
+
+        save_directory(path, fill, overwrite=True)
         params = {id(p): p for p in pruned.parameters()}.values()
         row = {"model": name, "kind": kind, "method": method, "mlp_removed": width,
                "ppl": ppl, "parameters": sum(p.numel() for p in params),
@@ -242,8 +253,7 @@ def main() -> int:
     record("dense", "dense", "-", 0.0, copy.deepcopy(model), ppl, True)
     for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
         model.load_state_dict(dense_state)
-        outcome = bench.run(Job(PruneSettings("thanos", pattern, sparsity), calibration,
-                                evaluation))
+        outcome = run(PruneSettings("thanos", pattern, sparsity))
         name = f"masked-{pattern.replace(':', 'of')}"
         record(name, f"zeros {pattern}", "thanos", 0.0, copy.deepcopy(model),
                outcome.evaluated.perplexity[args.eval].perplexity, True)
@@ -252,7 +262,7 @@ def main() -> int:
         for method in args.methods.split(","):
             model.load_state_dict(dense_state)
             bench.model = model
-            outcome = bench.run(Job(WidthSettings(method, mlp=width), calibration, evaluation))
+            outcome = run(WidthSettings(method, mlp=width))
             record(f"{method}-mlp{round(width * 100)}", "shrunk", method, width, bench.model,
                    outcome.evaluated.perplexity[args.eval].perplexity, method == "thanos")
             bench.model = model

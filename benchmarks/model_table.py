@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
 from snapprune.models.loading import load_model
-from snapprune.models.pipeline import PruneSettings
-from snapprune.run import CalibrationSpec, EvaluationSpec, Job, Workbench
+from snapprune.models.settings import PruneSettings
+from snapprune.run import Workbench, execute
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CELLS = [
@@ -60,7 +61,7 @@ def main() -> int:
     bench = Workbench(model, tokenizer, progress=False)
     calibration = CalibrationSpec(args.calib, args.nsamples, args.seqlen, seed=0)
     evaluation = EvaluationSpec(ppl=(args.eval,), seqlen=args.eval_seqlen,
-                                max_windows=args.eval_windows)
+                                max_windows=args.eval_windows, dense=False)
 
     def ppl() -> float:
         return bench.evaluate(evaluation).perplexity[args.eval].perplexity
@@ -75,7 +76,9 @@ def main() -> int:
             model.load_state_dict(dense_state)
             settings = PruneSettings(method=method, pattern=pattern, sparsity=sparsity,
                                      alpha=alpha)
-            outcome = bench.run(Job(settings, calibration, evaluation))
+            job = Job(model=args.model, steps=(settings,), calibration=calibration,
+                      evaluation=evaluation, output=OutputSpec(samples=False))
+            outcome = execute(job, None, bench=bench, progress=False, announce=False)
             run = outcome.run
             errors = [r.error for r in run.layers if r.error == r.error]
             row = {"method": method, "pattern": pattern, "sparsity": run.achieved_sparsity,

@@ -5,6 +5,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest
 
+from snapprune.data import sample_path
+
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory):
@@ -27,9 +29,10 @@ def smollm2_tokenizer(smollm2_tokenizer_dir):
     return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
 
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-C4_FILE = SHARED_DATA / "c4" / "c4-validation-2k-part1.json.gz"
-WIKI_TEST = SHARED_DATA / "wikitext-2-raw-v1" / "wiki.test.raw"
+C4_FILE = sample_path("c4-calibration.jsonl.gz")
+"""The bundled C4 calibration slice, as a local file (JSON lines, gzipped)."""
+WIKI_TEST = "wikitext2-test"
+"""The bundled WikiText-2 test split, by its source name."""
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ from snapprune.cli import main
 from snapprune.engine import register_method, unregister_method
 from snapprune.engine.masks import lowest_k_mask, nm_mask, structured_mask
 from snapprune.models import adapter_for
-from snapprune.models.pipeline import PruneSettings, target_layers
+from snapprune.models.pipeline import target_layers
+from snapprune.models.settings import PruneSettings
 from snapprune.sweep import canonical_cell
 
 PACKAGE = Path(snapprune.__file__).parent
@@ -59,7 +60,7 @@ def test_registered_method_works_through_every_entry_point(toy_method, tiny_dir,
     model = tiny_model("llama")
     run = prune_model(model, None, method="randomtoy", pattern="2:4", progress=False)
     assert run.achieved_sparsity == 0.5 and run.calibration_seconds == 0.0  # needs no data
-    for named in target_layers(model, run.settings).values():
+    for named in target_layers(model).values():
         for module in named.values():
             zero = linear_weight(module) == 0
             assert (zero.reshape(zero.shape[0], -1, 4).sum(2) == 2).all()
@@ -170,7 +171,7 @@ def _imports(path: Path) -> set[str]:
 
 LAYERS = {  # what each layer may import from the package (besides itself)
     "engine": {"errors"},
-    "models": {"errors", "engine", "progress", "hub"},
+    "models": {"errors", "engine", "progress", "hub", "memory", "outputs"},
     "eval": {"errors", "data", "progress"},
     "data.py": {"errors", "hub"},
 }
@@ -184,3 +185,80 @@ def test_no_module_reaches_upward(layer):
     for path in files:
         reached = {m for m in _imports(path) if m and m != own} - LAYERS[layer]
         assert not reached, f"{path.relative_to(PACKAGE)} imports {sorted(reached)}"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(["snapprune", *parts])
+
+
+def _is_module(name: str) -> bool:
+    relative = Path(*name.split(".")[1:]) if "." in name else Path()
+    return (PACKAGE / relative).with_suffix(".py").is_file() or \
+        (PACKAGE / relative / "__init__.py").is_file()
+
+
+def _import_edges(path: Path) -> list[tuple[str, str | None]]:
+    """``(module imported, name taken from it or None)`` for every import of the package, at
+    any depth of the file (function-level imports too)."""
+    here = _module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    edges = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                module = node.module or ""
+            if not module.startswith("snapprune"):
+                continue
+            for alias in node.names:
+                sub = f"{module}.{alias.name}"
+                edges.append((sub, None) if _is_module(sub) else (module, alias.name))
+        elif isinstance(node, ast.Import):
+            edges += [(a.name, None) for a in node.names if a.name.startswith("snapprune")]
+    return edges
+
+
+def test_no_import_cycle():
+    """Modules import each other one way only (function-level imports count too): a cycle
+    means two modules each need the other, a design to untangle, not to hide in a function."""
+    graph = {_module_name(p): {m for m, _ in _import_edges(p)} - {_module_name(p)}
+             for p in PACKAGE.rglob("*.py")}
+    # A package's __init__ re-exports its modules; a module importing its own package's
+    # names is not a cycle of design, so package-to-own-submodule edges are left out.
+    for name, targets in graph.items():
+        graph[name] = {t for t in targets if not name.startswith(t + ".")}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycle = [*path[path.index(nxt):], nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_no_module_imports_another_modules_private_name():
+    for path in PACKAGE.rglob("*.py"):
+        own = _module_name(path)
+        for module, name in _import_edges(path):
+            if name is not None and name.startswith("_") and not name.startswith("__") \
+                    and module != own:
+                raise AssertionError(f"{path.relative_to(PACKAGE)} imports {name} from {module}")
+            if name is None and module.rsplit(".", 1)[-1].startswith("_") \
+                    and not module.endswith("__init__") and module != own:
+                raise AssertionError(f"{path.relative_to(PACKAGE)} imports {module}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 
@@ -14,9 +15,13 @@ from tiny_models import tiny_model
 
 from snapprune import SnapPruneError
 from snapprune.data import (
+    SOURCES,
     calibration_windows,
+    check_source,
     evaluation_ids,
     read_documents,
+    resolve_calibration_source,
+    sample_path,
     self_generated_windows,
     wikitext_join,
 )
@@ -30,7 +35,7 @@ def test_c4_windows_are_seeded_and_from_long_documents(smollm2_tokenizer):
     assert a.shape == (6, 256) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
     docs = read_documents(C4_FILE)
-    assert len(docs) == 1500
+    assert len(docs) == 319
     # Each window is a contiguous piece of one document's tokens.
     text = smollm2_tokenizer.decode(a[0])
     assert any(text[:40] in d for d in docs)
@@ -92,3 +97,52 @@ def test_self_generated_windows_are_seeded(smollm2_tokenizer):
     b = self_generated_windows(model, smollm2_tokenizer, nsamples=2, seqlen=12, seed=5)
     assert a.shape == (2, 12) and torch.equal(a, b)
     assert len(set(a.flatten().tolist())) > 4  # sampled text, not a constant
+
+
+WIKITEXT_TEST_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+"""The project's shared copy of WikiText-2 test (../shared/data/README.md)."""
+
+
+def test_bundled_samples_are_small_licensed_and_disjoint():
+    files = [sample_path(s.sample_file) for s in SOURCES.values() if s.sample_file]
+    assert len(files) == 3
+    assert sum(f.stat().st_size for f in files) < 2_000_000  # the wheel's data budget
+    folder = files[0].parent
+    notices = {p.name: p.read_text() for p in folder.glob("*.NOTICE.txt")}
+    assert "ODC-BY" in notices["C4.NOTICE.txt"]
+    assert "CC BY-SA 3.0" in notices["WikiText-2.NOTICE.txt"]
+    calibration = read_documents(sample_path("c4-calibration.jsonl.gz"))
+    evaluation = read_documents(sample_path("c4-evaluation.jsonl.gz"))
+    assert (len(calibration), len(evaluation)) == (319, 500)
+    assert not set(calibration) & set(evaluation)  # no document in both slices
+    assert all(len(d) >= 2000 for d in calibration)
+    with gzip.open(sample_path("wikitext-2-test.raw.gz"), "rb") as handle:
+        assert hashlib.sha256(handle.read()).hexdigest() == WIKITEXT_TEST_SHA256
+
+
+def test_bundled_sources_by_name(smollm2_tokenizer):
+    ids = calibration_windows("c4-sample", smollm2_tokenizer, nsamples=4, seqlen=512, seed=0)
+    assert ids.shape == (4, 512)
+    assert torch.equal(ids, calibration_windows(str(C4_FILE), smollm2_tokenizer, nsamples=4,
+                                                seqlen=512, seed=0))
+    tail = evaluation_ids("c4-sample-eval", smollm2_tokenizer)
+    assert 200_000 < tail.numel() < 400_000
+    # Each source serves what it is for, and says so in one line otherwise.
+    with pytest.raises(SnapPruneError, match="not a calibration source"):
+        check_source("wikitext2-test", calibration=True)
+    with pytest.raises(SnapPruneError, match="not an evaluation source"):
+        check_source("c4-sample", calibration=False)
+    with pytest.raises(SnapPruneError, match="not a calibration source"):
+        calibration_windows("c4-sample-eval", smollm2_tokenizer, nsamples=1, seqlen=8)
+
+
+def test_auto_calibration_is_the_bundled_sample_without_the_hub(monkeypatch):
+    from snapprune import hub
+
+    monkeypatch.setattr(hub, "unreachable_reason", lambda: "offline mode is set")
+    monkeypatch.setattr("snapprune.data.unreachable_reason", lambda: "offline mode is set")
+    source, note = resolve_calibration_source("auto")
+    assert source == "c4-sample" and "bundled C4 sample" in note and "\n" not in note
+    monkeypatch.setattr("snapprune.data.unreachable_reason", lambda: None)
+    assert resolve_calibration_source("auto") == ("c4", None)
+    assert resolve_calibration_source("mine.txt") == ("mine.txt", None)

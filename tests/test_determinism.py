@@ -15,7 +15,8 @@ from tiny_models import tiny_model, token_batch
 
 from snapprune.engine import LayerStats, determinism, prune_weight
 from snapprune.engine.factor import damped_hessian, inverse_cholesky_upper
-from snapprune.models.pipeline import PruneSettings, prune_model
+from snapprune.models.pipeline import prune_model
+from snapprune.models.settings import PruneSettings
 
 
 def _windows(count: int = 6, tokens: int = 200, columns: int = 48) -> torch.Tensor:

@@ -29,7 +29,8 @@ def no_network(monkeypatch):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["prune", "--method", "thanos", "--pattern", "2:4"], "calibration source 'c4'"),
+    (["prune", "--method", "thanos", "--pattern", "2:4", "--calib", "c4"],
+     "calibration source 'c4'"),
     (["prune", "--method", "wanda", "--sparsity", "0.5", "--calib", "wikitext2"],
      "calibration source 'wikitext2'"),
     (["prune", "--method", "magnitude", "--sparsity", "0.5", "--eval", "wikitext2"],
@@ -70,8 +71,9 @@ def test_local_sources_work_offline_and_the_run_says_its_cost(no_network, tiny_d
                      WIKI_TEST, "--eval-seqlen", 64, "--max-windows", 1, "--out", out,
                      "--quiet")
     assert code == 0, err
-    cost = [line for line in err.splitlines() if line.startswith("calibration:")]
-    assert cost and "2 windows × 64 tokens = 128 tokens" in cost[0] and "about" in cost[0]
+    cost = [line for line in err.splitlines() if line.startswith("estimate on cpu:")]
+    assert cost and "calibration passes over 2 windows = 128 tokens" in cost[0]
+    assert "about" in cost[0]
     report = json.loads((out / "snapprune_report.json").read_text())
     samples = report["generations"]
     assert len(samples) == 3 and all(set(s) == {"prompt", "dense", "pruned"} for s in samples)

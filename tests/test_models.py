@@ -10,13 +10,9 @@ from tiny_models import FAMILIES, LAYERS, tiny_model, token_batch
 
 from snapprune import SnapPruneError, linear_weight
 from snapprune.models import adapter_for
-from snapprune.models.pipeline import (
-    PruneSettings,
-    _block_output,
-    capture_block_inputs,
-    prune_model,
-    target_layers,
-)
+from snapprune.models.blockloop import block_output
+from snapprune.models.capture import capture_block_inputs
+from snapprune.models.pipeline import prune_model, target_layers
 
 EXPECTED_FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt",
                    "gpt2": "gpt2", "gpt_neox": "gpt_neox", "phi3": "phi3", "phi": "generic"}
@@ -45,7 +41,7 @@ def test_captured_inputs_reproduce_the_forward_pass(family):
         x = inputs.batches[batch]
         torch.testing.assert_close(x, hidden[0][rows])
         for k in range(LAYERS - 1):  # the last entry is after the final norm
-            x = _block_output(inputs.run(blocks[k], x))
+            x = block_output(inputs.run(blocks[k], x))
             torch.testing.assert_close(x, hidden[k + 1][rows], rtol=1e-4, atol=1e-5)
 
 
@@ -55,7 +51,7 @@ def test_every_family_prunes_to_exact_sparsity(family):
     ids = token_batch(4, 32)
     dense_logits = model(ids[:1]).logits
     run = prune_model(model, ids, method="thanos", sparsity=0.5, blocksize=32, progress=False)
-    layers = target_layers(model, run.settings)
+    layers = target_layers(model)
     assert len(run.layers) == sum(len(v) for v in layers.values()) > 0
     for named in layers.values():
         for name, module in named.items():
@@ -75,7 +71,7 @@ def test_every_method_and_pattern_on_a_tiny_llama(method, pattern, sparsity, alp
     model = tiny_model("llama")
     run = prune_model(model, token_batch(4, 32), method=method, pattern=pattern,
                       sparsity=sparsity, alpha=alpha, blocksize=32, progress=False)
-    for named in target_layers(model, run.settings).values():
+    for named in target_layers(model).values():
         for name, module in named.items():
             w = linear_weight(module)
             rows, cols = w.shape
@@ -145,13 +141,13 @@ def test_run_report_numbers():
 
 
 def test_layers_with_the_same_input_share_exact_statistics():
-    from snapprune.models.pipeline import gather_layer_stats
+    from snapprune.models.blockloop import gather_layer_stats
 
     model = tiny_model("llama")
     ids = token_batch(3, 16)
     blocks = model.model.layers
     inputs = capture_block_inputs(model, blocks, ids, torch.device("cpu"), batch_size=2)
-    named = target_layers(model, PruneSettings())[0]
+    named = target_layers(model)[0]
     stats = gather_layer_stats(blocks[0], named, inputs, torch.device("cpu"))
     prefix = "model.layers.0."
     assert stats[prefix + "self_attn.q_proj"] is stats[prefix + "self_attn.v_proj"]

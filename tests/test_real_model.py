@@ -72,7 +72,8 @@ def test_shrink_smollm2_equals_the_zeroed_model(smollm2):
     """MLP 30% and one query head of each of the 3 key/value groups, on the real model."""
     import copy
 
-    from snapprune.models.width import WidthSettings, shrink_model
+    from snapprune.models.settings import WidthSettings
+    from snapprune.models.width import shrink_model
 
     model, tokenizer = smollm2
     model = copy.deepcopy(model)
@@ -104,7 +105,7 @@ def test_streamed_smollm2_equals_in_memory(smollm2, tmp_path):
 
     from safetensors.torch import load_file
 
-    from snapprune.models.pipeline import PruneSettings
+    from snapprune.models.settings import PruneSettings
     from snapprune.models.streaming import stream_prune
 
     model, tokenizer = smollm2

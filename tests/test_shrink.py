@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from snapprune import SnapPruneError, prune_weight
 from snapprune.engine.width import lowest_units
-from snapprune.models.width import WidthSettings, plan_width, shrink_model
+from snapprune.models.settings import WidthSettings
+from snapprune.models.width import plan_width, shrink_model
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "thanos")
 

@@ -16,7 +16,8 @@ from tiny_models import tiny_model, token_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from snapprune.models import streaming
-from snapprune.models.pipeline import PruneSettings, prune_model
+from snapprune.models.pipeline import prune_model
+from snapprune.models.settings import PruneSettings
 from snapprune.models.streaming import CRASH_ENV, partial_dir, should_stream, stream_prune
 
 
@@ -87,7 +88,7 @@ def test_killed_run_resumes_to_byte_identical_output(sharded_dir, tmp_path):
 @pytest.mark.parametrize("extra,fragment", [
     (["--eval", str(C4_FILE)], "never whole in memory"),
     (["--resume"], "nothing to resume"),
-    (["--calib", "self"], "--calib self generates text"),
+    (["--calib", "self"], "self generates text"),
 ])
 def test_streaming_refusals(sharded_dir, tmp_path, capsys, extra, fragment):
     out = tmp_path / "out"
@@ -115,5 +116,5 @@ def test_gguf_is_refused_and_large_models_stream_by_themselves(sharded_dir, tmp_
                      "--sparsity", 0.5, "--calib", C4_FILE, "--out", tmp_path / "o", "--stream")
     assert code == 2 and "convert the GGUF file first" in err
     assert not should_stream(sharded_dir)
-    monkeypatch.setattr(streaming, "available_memory_bytes", lambda: 1024)
+    monkeypatch.setattr(streaming, "available_bytes", lambda: 1024)
     assert should_stream(sharded_dir)

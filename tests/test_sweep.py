@@ -13,7 +13,15 @@ from snapprune import SnapPruneError
 from snapprune.data import calibration_windows, evaluation_ids
 from snapprune.eval.perplexity import perplexity
 from snapprune.models.pipeline import prune_model
-from snapprune.sweep import CELLS_FILE, canonical_cell, covers, expand_grid, load_plan, read_cells
+from snapprune.sweep import (
+    CELLS_FILE,
+    canonical_cell,
+    covers,
+    describe_evaluation,
+    expand_grid,
+    load_plan,
+    read_cells,
+)
 
 
 def test_cells_drop_settings_that_cannot_matter():
@@ -26,8 +34,8 @@ def test_cells_drop_settings_that_cannot_matter():
     assert nm.sparsity == 0.5 and nm.blocksize == 128
     structured = canonical_cell("thanos", pattern="structured", sparsity=0.3, alpha=0.1)
     assert structured.alpha == 0.1 and structured.blocksize is None  # one shared solve
-    assert canonical_cell("sparsegpt", metric=None).key == canonical_cell(
-        "sparsegpt", metric="obs").key
+    assert canonical_cell("sparsegpt", metric=None).key("m") == canonical_cell(
+        "sparsegpt", metric="obs").key("m")
 
 
 def test_grid_expansion_merges_equal_cells_and_refuses_bad_settings():
@@ -57,8 +65,8 @@ def test_sweep_file_and_coverage(tmp_path):
     assert [(c.method, zs, names) for c, zs, names in requests] == [
         ("thanos", True, ["a", "b"]), ("wanda", False, ["b"])]
     assert requests[0][0].nsamples == 4
-    with_zs = plan.evaluation.describe(True)
-    without = plan.evaluation.describe(False)
+    with_zs = describe_evaluation(plan.evaluation, True)
+    without = describe_evaluation(plan.evaluation, False)
     assert covers({"evaluation": with_zs}, without)
     assert not covers({"evaluation": without}, with_zs)
     with pytest.raises(SnapPruneError, match="not found"):
@@ -90,7 +98,7 @@ def test_tiny_sweep_is_exact_and_resumes(tiny_dir, tmp_path, capsys):
     prune_model(model, calibration, method="thanos", sparsity=0.5, progress=False)
     expected = perplexity(model, evaluation_ids(str(WIKI_TEST), tokenizer), seqlen=64,
                           max_windows=2, progress=False).perplexity
-    assert records[1]["perplexity"][WIKI_TEST.name] == pytest.approx(expected, rel=1e-5)
+    assert records[1]["perplexity"][WIKI_TEST] == pytest.approx(expected, rel=1e-5)
     assert records[1]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-6)
     assert records[0]["perplexity"] != records[1]["perplexity"]
 

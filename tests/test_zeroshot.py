@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
 from tiny_models import tiny_model
 
 from snapprune import SnapPruneError
 from snapprune.eval.zeroshot import evaluate_zeroshot, local_task_config, task_form
 
-ZEROSHOT = SHARED_DATA / "zeroshot"
+ZEROSHOT = Path(__file__).parent / "data" / "zeroshot"
 
 
 def test_both_file_forms_are_recognised():

@@ -14,29 +14,50 @@ from .engine import (
     register_method,
 )
 from .errors import SnapPruneError
+from .jobs import CalibrationSpec, EvaluationSpec, Execution, Job, OutputSpec, read_recipe
 from .models.layout import linear_weight, set_linear_weight
-from .models.pipeline import PruneRun, PruneSettings, prune_model
-from .models.width import ShrinkRun, WidthSettings, shrink_model
+from .models.pipeline import PruneRun, prune_model
+from .models.settings import PruneSettings, WidthSettings
+from .models.width import ShrinkRun, shrink_model
+from .run import Outcome, execute
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("snapprune")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "METRICS",
+    "CalibrationSpec",
+    "EvaluationSpec",
+    "Execution",
+    "Job",
     "LayerProblem",
     "LayerStats",
     "Method",
+    "Outcome",
+    "OutputSpec",
     "PruneResult",
     "PruneRun",
     "PruneSettings",
     "ShrinkRun",
     "SnapPruneError",
     "WidthSettings",
+    "execute",
     "get_method",
     "linear_weight",
     "method_names",
     "parse_pattern",
     "prune_model",
     "prune_weight",
+    "read_recipe",
     "reconstruction_error",
     "register_method",
     "set_linear_weight",

@@ -1,7 +1,11 @@
-"""Calibration windows and evaluation text: Hub datasets, local files, or the model itself.
+"""Calibration windows and evaluation text: Hub datasets, samples bundled with the package,
+local files, or the model itself.
 
-Calibration follows the published protocol (SparseGPT/Wanda): draw random documents longer than
-the window and take a random window from each, seeded, so the same seed gives the same tokens.
+Every named source is declared once in ``SOURCES``: what it is, whether it needs the Hub,
+whether it serves calibration or evaluation, and (for calibration) its default window count
+and length. Calibration follows the published protocol (SparseGPT/Wanda): draw random
+documents longer than the window and take a random window from each, seeded, so the same seed
+gives the same tokens.
 """
 
 from __future__ import annotations
@@ -10,19 +14,117 @@ import gzip
 import json
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
 
 from .errors import SnapPruneError
-from .hub import require_hub
+from .hub import require_hub, unreachable_reason
 
 C4_REPO = "allenai/c4"
 C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
 C4_VALIDATION_FILE = "en/c4-validation.00000-of-00008.json.gz"
-NAMED_SOURCES = ("c4", "wikitext2", "ptb")
 TEXT_SUFFIXES = (".txt", ".raw")
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+SAMPLES = "snapprune.samples"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A named text source. ``nsamples``/``seqlen``: the calibration windows it gives when the
+    user names no count or length (``None``: not a calibration source)."""
+
+    name: str
+    summary: str
+    hub: bool = False
+    calibration: bool = False
+    evaluation: bool = False
+    nsamples: int | None = None
+    seqlen: int | None = None
+    sample_file: str | None = None
+    """The bundled file (package data under ``snapprune/samples``) it reads."""
+
+
+PAPER_WINDOWS = (128, 2048)
+"""The published calibration protocol: 128 windows of 2,048 tokens."""
+SAMPLE_WINDOWS = (32, 512)
+"""The bundled sample's default: enough for a useful first run in minutes on a CPU."""
+
+SOURCES = {s.name: s for s in (
+    Source("c4", "C4 en (Hub): train shard 0 for calibration, validation shard 0 for "
+           "evaluation", hub=True, calibration=True, evaluation=True,
+           nsamples=PAPER_WINDOWS[0], seqlen=PAPER_WINDOWS[1]),
+    Source("wikitext2", "WikiText-2 raw (Hub): train split for calibration, test for "
+           "evaluation", hub=True, calibration=True, evaluation=True,
+           nsamples=PAPER_WINDOWS[0], seqlen=PAPER_WINDOWS[1]),
+    Source("ptb", "Penn Treebank (Hub): test sentences", hub=True, evaluation=True),
+    Source("self", "text sampled from the model itself (no data; slow)", calibration=True,
+           nsamples=PAPER_WINDOWS[0], seqlen=PAPER_WINDOWS[1]),
+    Source("c4-sample", "bundled: 319 C4 en validation documents of 2,000+ characters",
+           calibration=True, nsamples=SAMPLE_WINDOWS[0], seqlen=SAMPLE_WINDOWS[1],
+           sample_file="c4-calibration.jsonl.gz"),
+    Source("c4-sample-eval", "bundled: 500 other C4 en validation documents (the C4 tail)",
+           evaluation=True, sample_file="c4-evaluation.jsonl.gz"),
+    Source("wikitext2-test", "bundled: the WikiText-2 raw test split", evaluation=True,
+           sample_file="wikitext-2-test.raw.gz"),
+)}
+CALIBRATION_SOURCES = tuple(n for n, s in SOURCES.items() if s.calibration)
+EVALUATION_SOURCES = tuple(n for n, s in SOURCES.items() if s.evaluation)
+AUTO = "auto"
+"""Calibration source when none is named: ``c4`` with the Hub, else ``c4-sample``."""
+DEFAULT_EVALUATION = "wikitext2-test"
+
+
+def sample_path(name: str) -> Path:
+    """The path of a bundled sample file (package data)."""
+    path = Path(str(resources.files(SAMPLES).joinpath(name)))
+    if not path.is_file():
+        raise SnapPruneError(f"bundled sample {name} is missing from the installed package; "
+                             "reinstall snapprune")
+    return path
+
+
+def resolve_calibration_source(source: str) -> tuple[str, str | None]:
+    """``(source, note)``: ``auto`` becomes ``c4`` when the Hub answers and the bundled
+    ``c4-sample`` when it does not (``note`` says so in one line)."""
+    if source != AUTO:
+        return source, None
+    reason = unreachable_reason()
+    if reason is None:
+        return "c4", None
+    return "c4-sample", (f"calibration: the Hub is not reachable ({reason}), so the bundled C4 "
+                         "sample is used (--calib c4-sample; --calib FILE for your own text)")
+
+
+def default_windows(source: str) -> tuple[int, int]:
+    """``(nsamples, seqlen)`` when the user names none: the source's own, or the paper's."""
+    named = SOURCES.get(source)
+    if named is not None and named.nsamples:
+        return named.nsamples, named.seqlen
+    return PAPER_WINDOWS
+
+
+def check_source(source: str, *, calibration: bool) -> None:
+    """A named source must serve the purpose and be reachable (the Hub, asked once, in
+    seconds); a path must exist."""
+    what = "calibration source" if calibration else "evaluation source"
+    names = CALIBRATION_SOURCES if calibration else EVALUATION_SOURCES
+    named = SOURCES.get(source)
+    if named is not None:
+        if not (named.calibration if calibration else named.evaluation):
+            raise SnapPruneError(f"{source} is not {'a' if calibration else 'an'} {what}; "
+                                 f"use one of {', '.join(names)} or a local file")
+        if named.hub:
+            require_hub(f"{what} {source!r}", LOCAL_FIX)
+        return
+    if source == AUTO and calibration:
+        return
+    if not Path(source).exists():
+        raise SnapPruneError(
+            f"{what} {source!r} not found: use {', '.join(names)} or a path to an existing file"
+        )
 
 
 def _is_json(path: Path) -> bool:
@@ -51,6 +153,9 @@ def read_documents(path: str | Path) -> list[str]:
                         )
                     docs.append(record["text"])
             return docs
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
+                return [handle.read().replace("\r\n", "\n")]
         return [path.read_text(encoding="utf-8").replace("\r\n", "\n")]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, EOFError) as exc:
         raise SnapPruneError(f"cannot read {path}: {exc}") from exc
@@ -73,8 +178,9 @@ def wikitext_join(text: str) -> str:
     return "\n\n".join(line + "\n" for line in lines)
 
 
-LOCAL_FIX = ("pass a local file instead (.txt, .jsonl or .json.gz with a 'text' field), or "
-             "--calib self for calibration text sampled from the model")
+LOCAL_FIX = ("use the bundled samples (c4-sample for calibration, wikitext2-test or "
+             "c4-sample-eval for evaluation) or a local file (.txt, .jsonl or .json.gz with a "
+             "'text' field)")
 
 
 def _hub_file(repo: str, filename: str) -> str:
@@ -169,7 +275,14 @@ def calibration_windows(
         text = " ".join(_hub_rows("wikitext", "wikitext-2-raw-v1", "train", "text"))
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
         return _windows_from_stream(ids, nsamples, seqlen, seed, "WikiText-2 train")
-    path, docs = _local_documents(source, "calibration source", "c4, wikitext2, self")
+    named = SOURCES.get(source)
+    if named is not None and named.sample_file is not None and named.calibration:
+        docs = read_documents(sample_path(named.sample_file))
+        return _windows_from_documents(docs, tokenizer, nsamples, seqlen, seed, source)
+    if named is not None or source == AUTO:
+        raise SnapPruneError(f"{source} is not a calibration source; use one of "
+                             f"{', '.join(CALIBRATION_SOURCES)} or a local file")
+    path, docs = _local_documents(source, "calibration source", ", ".join(CALIBRATION_SOURCES))
     if _is_json(path):
         return _windows_from_documents(docs, tokenizer, nsamples, seqlen, seed, str(path))
     ids = tokenizer(docs[0], return_tensors="pt").input_ids[0]
@@ -207,8 +320,9 @@ def evaluation_ids(source: str, tokenizer) -> torch.Tensor:
 
     ``wikitext2``: the test split, rows joined by blank lines. ``c4``: the first 1,100 documents
     of the en validation shard 0, joined by spaces. ``ptb``: the test sentences joined by spaces.
-    A local file: WikiText-format ``wiki.*.raw`` joined as WikiText, other text files as they
-    are, JSON lines' documents joined by blank lines.
+    ``wikitext2-test`` (bundled) is joined as WikiText, ``c4-sample-eval`` (bundled) as JSON
+    lines. A local file: WikiText-format ``wiki.*.raw`` joined as WikiText, other text files as
+    they are, JSON lines' documents joined by blank lines.
     """
     if source == "wikitext2":
         text = "\n\n".join(_hub_rows("wikitext", "wikitext-2-raw-v1", "test", "text"))
@@ -217,8 +331,15 @@ def evaluation_ids(source: str, tokenizer) -> torch.Tensor:
         text = " ".join(docs)
     elif source == "ptb":
         text = " ".join(_hub_rows("ptb_text_only", "penn_treebank", "test", "sentence"))
+    elif source == "wikitext2-test":
+        text = wikitext_join(read_documents(sample_path(SOURCES[source].sample_file))[0])
+    elif source == "c4-sample-eval":
+        text = "\n\n".join(read_documents(sample_path(SOURCES[source].sample_file)))
+    elif source in SOURCES:
+        raise SnapPruneError(f"{source} is not an evaluation source; use one of "
+                             f"{', '.join(EVALUATION_SOURCES)} or a local file")
     else:
-        path, docs = _local_documents(source, "evaluation source", "wikitext2, c4, ptb")
+        path, docs = _local_documents(source, "evaluation source", ", ".join(EVALUATION_SOURCES))
         if _is_json(path):
             text = "\n\n".join(docs)
         elif path.name.startswith("wiki."):

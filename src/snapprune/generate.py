@@ -14,15 +14,13 @@ DEFAULT_PROMPTS = (
 @torch.no_grad()
 def greedy_completions(model, tokenizer, prompts: tuple[str, ...] | list[str], *,
                        max_new_tokens: int = 32, device: str = "cpu") -> list[str]:
-    """Each prompt continued greedily (no sampling: the same model gives the same text)."""
-    from .run import placed
-
+    """Each prompt continued greedily (no sampling: the same model gives the same text), the
+    model already on ``device`` (``run.placed``)."""
     texts = []
-    with placed(model, device):
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-            texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return texts

@@ -1,11 +1,12 @@
-"""One run path: calibrate → prune → evaluate, for ``prune``, every ``sweep`` cell and what
-builds on them.
+"""One run path: ``execute(job, out)`` does everything a command does — check, load,
+estimate, evaluate the model before, apply the job's steps, evaluate after, sample, report and
+save — for ``prune``, ``shrink``, ``eval``, every ``sweep`` cell, recipes and the Python API.
 
-A ``Job`` is the whole request in one immutable object. A ``Workbench`` holds one loaded model
-and what several jobs on it can share (tokenised calibration sets, the first block's inputs,
-tokenised evaluation text). The device contract lives here and in ``prune_model``: the model
-stays where it was loaded (CPU); pruning moves one block at a time to the device and back, and
-evaluation moves the model to the device for the evaluation only.
+A ``Workbench`` holds one loaded model and what several jobs on it can share (tokenised
+calibration sets, the first block's inputs, tokenised evaluation text). The device contract:
+the model stays where it was loaded (CPU); block-wise steps move one block at a time to the
+device and back; evaluation and sampling move the model to the device for their duration only,
+or, when it does not fit there, dispatch it across device and CPU (``placed``).
 """
 
 from __future__ import annotations
@@ -13,94 +14,23 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from .data import LOCAL_FIX, NAMED_SOURCES
+from .engine import determinism
 from .errors import SnapPruneError
 from .eval.perplexity import PerplexityResult, capped_seqlen, perplexity
-from .hub import require_hub
+from .generate import DEFAULT_PROMPTS, greedy_completions
+from .jobs import CalibrationSpec, EvaluationSpec, Job, recipe_text
+from .models import collectives
 from .models.adapters import adapter_for
-from .models.pipeline import (
-    BlockInputs,
-    PruneRun,
-    PruneSettings,
-    capture_block_inputs,
-    check_model_for_pruning,
-    prune_model,
-    target_layers,
-)
-from .models.width import ShrinkRun, WidthSettings, plan_width, shrink_model
-
-CALIBRATION_NAMES = ("c4", "wikitext2", "self")
-
-
-@dataclass(frozen=True)
-class CalibrationSpec:
-    source: str = "c4"
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class EvaluationSpec:
-    """What every evaluated model is measured on: perplexity sources and zero-shot tasks."""
-
-    ppl: tuple[str, ...] = ()
-    seqlen: int = 2048
-    max_windows: int | None = None
-    zeroshot: tuple[str, ...] = ()
-    limit: int | None = None
-
-    @property
-    def empty(self) -> bool:
-        return not self.ppl and not self.zeroshot
-
-
-@dataclass(frozen=True)
-class Job:
-    """One pruning run: settings (zeros in place, or whole units cut out), calibration data,
-    evaluation, and how to execute it (batch size, where activations live, whether layer errors
-    are measured), which changes speed and memory, not the pruned weights."""
-
-    settings: PruneSettings | WidthSettings
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
-    batch_size: int = 8
-    activations: str = "auto"
-    layer_errors: bool = True
-
-    def validate(self) -> None:
-        """Everything that can be refused without the model, refused before it is loaded."""
-        self.settings.check()
-        if self.settings.needs_calibration:
-            check_source(self.calibration.source, CALIBRATION_NAMES, "calibration source")
-        check_evaluation(self.evaluation)
-
-
-def check_source(source: str, named: tuple[str, ...], what: str) -> None:
-    """A named source must be reachable (the Hub, asked once, in seconds), a path must exist."""
-    if source in named:
-        if source != "self":
-            require_hub(f"{what} {source!r}", LOCAL_FIX)
-        return
-    if not Path(source).exists():
-        raise SnapPruneError(
-            f"{what} {source!r} not found: use {', '.join(named)} or a path to an existing file"
-        )
-
-
-def check_evaluation(evaluation: EvaluationSpec) -> None:
-    for source in evaluation.ppl:
-        check_source(source, NAMED_SOURCES, "evaluation source")
-
-
-def check_device(device: str) -> None:
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise SnapPruneError("--device cuda requested but no CUDA device is available; use cpu")
+from .models.capture import BlockInputs, capture_block_inputs, home_device
+from .models.pipeline import PruneRun, check_model_for_pruning, prune_model, target_layers
+from .models.settings import PruneSettings, WidthSettings
+from .models.width import ShrinkRun, plan_width, shrink_model
+from .outputs import REPORT_NAME, check_output_dir, save_directory, write_json_atomic
 
 
 @dataclass
@@ -109,28 +39,70 @@ class Evaluated:
     zeroshot: dict[str, dict[str, float]] | None = None
 
 
-@dataclass
-class Outcome:
-    """What a job did: the pruning run, the evaluation after it, and data preparation time."""
+DEVICE_SHARE = 0.9
+"""A model moves to the device whole when its bytes take at most this share of the free
+device memory; otherwise it is dispatched over device and CPU."""
 
-    run: PruneRun | ShrinkRun
-    evaluated: Evaluated
-    calibration_data_seconds: float = 0.0
+
+def model_bytes(model: torch.nn.Module) -> int:
+    params = {id(p): p for p in model.parameters()}.values()
+    buffers = {id(b): b for b in model.buffers()}.values()
+    return sum(t.numel() * t.element_size() for t in (*params, *buffers))
+
+
+def fits_whole(nbytes: int, free: int) -> bool:
+    return nbytes <= DEVICE_SHARE * free
 
 
 @contextlib.contextmanager
 def placed(model: torch.nn.Module, device: str | torch.device) -> Iterator[None]:
-    """``model`` on ``device`` inside the block, back where it was after it."""
-    param = next(model.parameters(), None)
-    home = param.device if param is not None else torch.device("cpu")
+    """``model`` on ``device`` inside the block, back where it was after it.
+
+    A model too large for the device's free memory is dispatched instead (accelerate: layers
+    on the device while they fit, the rest on the CPU, moved in as they run). A move that
+    fails part way puts every part back where it was before the error is raised."""
+    home = home_device(model)
     device = torch.device(device)
-    if device == home:
+    if device == home or (device.type == home.type == "cpu"):
         yield
         return
-    model.to(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if not fits_whole(model_bytes(model), free):
+            with _dispatched(model, device, free):
+                yield
+            return
+    try:
+        model.to(device)
+    except BaseException as exc:
+        model.to(home)
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise SnapPruneError(f"the model does not fit on {device}; it is back on {home}: "
+                                 "free device memory or use another device") from None
+        raise
     try:
         yield
     finally:
+        model.to(home)
+
+
+@contextlib.contextmanager
+def _dispatched(model: torch.nn.Module, device: torch.device, free: int) -> Iterator[None]:
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.hooks import remove_hook_from_module
+
+    from .memory import available_bytes
+
+    home = home_device(model)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    device_map = infer_auto_device_map(
+        model, max_memory={index: int(DEVICE_SHARE * free), "cpu": available_bytes()},
+        no_split_module_classes=getattr(model, "_no_split_modules", None) or [])
+    dispatch_model(model, device_map=device_map, main_device=str(device))
+    try:
+        yield
+    finally:
+        remove_hook_from_module(model, recurse=True)
         model.to(home)
 
 
@@ -141,7 +113,6 @@ class Workbench:
 
     def __init__(self, model, tokenizer, *, device: str = "cpu", progress: bool = True,
                  log: Callable[[str], None] | None = None) -> None:
-        check_device(device)
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -155,7 +126,8 @@ class Workbench:
         return (spec.source, spec.nsamples, capped_seqlen(self.model, spec.seqlen), spec.seed)
 
     def calibration_ids(self, spec: CalibrationSpec) -> tuple[torch.Tensor, float]:
-        """Token ids for ``spec`` and the seconds they took to make the first time."""
+        """Token ids for a resolved ``spec`` and the seconds they took to make the first
+        time."""
         from .data import calibration_windows
 
         key = self._calibration_key(spec)
@@ -171,7 +143,7 @@ class Workbench:
         key = (*self._calibration_key(spec), batch_size)
         if self._inputs is None or self._inputs[0] != key:
             ids, _ = self.calibration_ids(spec)
-            blocks = _blocks(self.model)
+            blocks = adapter_for(self.model).decoder_blocks(self.model)
             inputs = capture_block_inputs(self.model, blocks, ids, torch.device(self.device),
                                           batch_size)
             self._inputs = (key, inputs)
@@ -184,17 +156,19 @@ class Workbench:
             self._eval_ids[source] = evaluation_ids(source, self.tokenizer)
         return self._eval_ids[source]
 
-    def evaluate(self, evaluation: EvaluationSpec) -> Evaluated:
+    def evaluate(self, evaluation: EvaluationSpec, *, label: str = "",
+                 streamed: bool = False) -> Evaluated:
         """Perplexity on each source and zero-shot accuracy, with the model on the device."""
         result = Evaluated()
+        if evaluation.empty(streamed):
+            return result
         with placed(self.model, self.device):
-            for source in evaluation.ppl:
+            for source in evaluation.sources(streamed):
                 res = perplexity(self.model, self.eval_ids(source), seqlen=evaluation.seqlen,
                                  max_windows=evaluation.max_windows, device=self.device,
-                                 source=Path(source).name, progress=self.progress)
+                                 source=f"{label} {Path(source).name}".strip(),
+                                 progress=self.progress)
                 result.perplexity[source] = res
-                self.log(f"perplexity {source}: {res.perplexity:.3f} "
-                         f"({res.windows} windows of {res.seqlen})")
             if evaluation.zeroshot:
                 from .eval.zeroshot import evaluate_zeroshot
 
@@ -203,41 +177,11 @@ class Workbench:
                     limit=evaluation.limit, device=self.device, progress=self.progress)
         return result
 
-    @torch.no_grad()
-    def announce_cost(self, job: Job) -> None:
-        """One line before the calibration passes: how many tokens, and about how long on this
-        device, timed on one window (each block runs every window twice: statistics, then
-        propagation). ``self`` calibration also says what generating its text costs."""
-        if not job.settings.needs_calibration:
-            return
-        spec = job.calibration
-        if spec.source != "self":  # text that cannot serve is refused before any estimate
-            self.calibration_ids(spec)
-        seqlen = capped_seqlen(self.model, spec.seqlen)
-        vocab = self.model.config.vocab_size
-        window = torch.randint(0, vocab, (1, seqlen), generator=torch.Generator().manual_seed(0))
+    def samples(self, max_new_tokens: int = 24) -> list[str]:
+        """Greedy completions of the default prompts (the model on the device meanwhile)."""
         with placed(self.model, self.device):
-            window = window.to(self.device)
-            seconds = []
-            for _ in range(2):  # the first call pays one-off costs
-                t = time.perf_counter()
-                self.model(window, use_cache=False)
-                seconds.append(time.perf_counter() - t)
-            estimate = 2 * spec.nsamples * seconds[-1]
-            tokens = spec.nsamples * seqlen
-            self.log(f"calibration: {spec.nsamples} windows × {seqlen} tokens = {tokens:,} "
-                     f"tokens; the calibration passes take about {_duration(estimate)} on "
-                     f"{self.device} (timed on one window); --nsamples and --seqlen scale it")
-            if spec.source == "self" and self._calibration_key(spec) not in self._calibration:
-                prompt = window[:, :1].expand(spec.nsamples, 1)
-                t = time.perf_counter()
-                self.model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                    do_sample=False, max_new_tokens=4, min_new_tokens=4,
-                                    pad_token_id=0)
-                step = (time.perf_counter() - t) / 4
-                self.log(f"calibration source 'self': generating {tokens:,} tokens with the "
-                         f"model takes at least {_duration(step * seqlen)}; a local text file "
-                         "(--calib FILE) avoids it")
+            return greedy_completions(self.model, self.tokenizer, DEFAULT_PROMPTS,
+                                      max_new_tokens=max_new_tokens, device=self.device)
 
     def check(self, job: Job) -> None:
         """Refusals that need the model (layer widths, finite weights, width plans); block
@@ -248,60 +192,308 @@ class Workbench:
             self.log(f"note: {len(uncovered)} parameter(s) of each block match no rule of the "
                      f"{adapter.family} adapter and stay as they are: "
                      f"{', '.join(uncovered[:4])}{', …' if len(uncovered) > 4 else ''}")
-        if isinstance(job.settings, WidthSettings):
-            plan_width(self.model, job.settings)
-        else:
-            check_model_for_pruning(target_layers(self.model, job.settings), job.settings)
+        for step in job.steps:
+            if isinstance(step, WidthSettings):
+                plan_width(self.model, step)
+            elif isinstance(step, PruneSettings):
+                check_model_for_pruning(target_layers(self.model, step.include, step.exclude),
+                                        step)
 
-    def prune(self, job: Job, *, verbose: bool = False) -> tuple[PruneRun | ShrinkRun, float]:
-        """Prune the model in place as ``job`` says; return the run and the seconds its
-        calibration set took to make (once per workbench; 0 when none is needed)."""
+    def apply(self, step, job: Job, *, verbose: bool = False) -> PruneRun | ShrinkRun:
+        """Apply one step to the model (in place, or replacing it by a smaller one) and return
+        what it did. Calibration data and the first block's inputs come from the workbench's
+        caches."""
         inputs, data_seconds, capture_seconds = None, 0.0, 0.0
-        if job.settings.needs_calibration:
+        if step.needs_calibration:
             _, data_seconds = self.calibration_ids(job.calibration)
             t = time.perf_counter()
-            inputs = self.block_inputs(job.calibration, job.batch_size)
+            inputs = self.block_inputs(job.calibration, job.execution.batch_size)
             capture_seconds = time.perf_counter() - t
         log = self.log if verbose else None
-        if isinstance(job.settings, WidthSettings):
+        execution = job.execution
+        if isinstance(step, WidthSettings):
             # The smaller model replaces the loaded one; cached first-block inputs (embeddings
             # and block arguments) stay valid, since shrinking never touches them.
             self.model, run = shrink_model(
-                self.model, None, job.settings, device=self.device, batch_size=job.batch_size,
-                progress=self.progress, log=log, block_inputs=inputs,
-                activations=job.activations)
+                self.model, None, step, device=self.device,
+                batch_size=execution.batch_size, progress=self.progress, log=log,
+                block_inputs=inputs, activations=execution.activations)
         else:
-            run = prune_model(self.model, None, job.settings, device=self.device,
-                              batch_size=job.batch_size, progress=self.progress, log=log,
-                              block_inputs=inputs, activations=job.activations,
-                              layer_errors=job.layer_errors)
+            run = prune_model(self.model, None, step, device=self.device,
+                              batch_size=execution.batch_size, progress=self.progress, log=log,
+                              block_inputs=inputs, activations=execution.activations,
+                              layer_errors=execution.layer_errors)
         # The first block's inputs are part of the calibration passes when this job made them.
         run.calibration_seconds += capture_seconds
         run.total_seconds += capture_seconds
-        return run, data_seconds
-
-    def run(self, job: Job, *, verbose: bool = False) -> Outcome:
-        """The run path: prune, then evaluate."""
-        run, data_seconds = self.prune(job, verbose=verbose)
-        if isinstance(run, ShrinkRun):
-            plan = run.plan
-            self.log(f"shrank MLP {plan.mlp_old} -> {plan.mlp_new} neurons, heads "
-                     f"{plan.heads_old} -> {plan.heads_new}: {run.parameters_before:,} -> "
-                     f"{run.parameters_after:,} parameters in {run.total_seconds:.1f}s "
-                     f"(solver {run.solver_seconds:.1f}s)")
-        else:
-            self.log(f"pruned {len(run.layers)} layers to sparsity {run.achieved_sparsity:.4f} "
-                     f"in {run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
-        return Outcome(run, self.evaluate(job.evaluation), data_seconds)
+        run.data_seconds = data_seconds
+        return run
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+@dataclass
+class Outcome:
+    """What ``execute`` did: the job as run (every default named), the model after it, what
+    each step did, the evaluations before and after, and the report that was written."""
+
+    job: Job
+    model: torch.nn.Module | None
+    tokenizer: object
+    runs: list = field(default_factory=list)
+    dense: Evaluated | None = None
+    evaluated: Evaluated | None = None
+    generations: list[dict] | None = None
+    report: dict = field(default_factory=dict)
+    saved: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    estimate: object = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def run(self):
+        return self.runs[0] if self.runs else None
 
 
-def _blocks(model):
-    return adapter_for(model).decoder_blocks(model)
+def wants_stream(job: Job, resume: bool) -> bool:
+    """``stream`` or ``resume`` ask for it; otherwise a local safetensors model that would
+    not fit in memory streams by itself."""
+    if resume or job.execution.stream:
+        return True
+    if job.execution.stream is False or len(job.steps) != 1 \
+            or not isinstance(job.steps[0], PruneSettings):
+        return False
+    from .models.loading import resolve_model
+    from .models.streaming import should_stream
+
+    source = resolve_model(job.model)
+    return source.is_local and source.gguf_file is None and should_stream(source.path)
+
+
+def execute(
+    job: Job,
+    out: str | Path | None = None,
+    *,
+    bench: Workbench | None = None,
+    overwrite: bool = False,
+    json_path: str | Path | None = None,
+    resume: bool = False,
+    restart: bool = False,
+    progress: bool = True,
+    verbose: bool = False,
+    log: Callable[[str], None] | None = None,
+    argv: list[str] | None = None,
+    announce: bool = True,
+) -> Outcome:
+    """Run ``job`` and write its outputs: the model (in the job's format), its report and its
+    recipe into ``out`` (``None``: nothing saved), the report also to ``json_path``.
+
+    ``bench``: a workbench holding the loaded model (sweeps, notebooks); else the job's model
+    is loaded. ``resume``/``restart``: continue or discard a streamed run's saved progress.
+    ``announce``: measure and say how long the job will take (``estimate``) before it starts.
+    Bad input is refused with a ``SnapPruneError`` before anything is loaded or written.
+    """
+    from .report import build_report
+
+    log = log or (lambda _message: None)
+    started = time.perf_counter()
+    job.validate()
+    job, notes = job.resolved()
+    job.validate()
+    streamed = bench is None and wants_stream(job, resume)
+    if out is not None:
+        out = (Path(out).expanduser().resolve() if streamed and resume
+               else check_output_dir(out, overwrite))
+    if json_path is not None and not Path(json_path).expanduser().resolve().parent.is_dir():
+        raise SnapPruneError(f"the directory of {json_path} does not exist; create it first")
+    if streamed:
+        return _execute_streamed(job, out, notes=notes, json_path=json_path, resume=resume,
+                                 restart=restart, progress=progress, verbose=verbose, log=log,
+                                 argv=argv, started=started)
+    group = collectives.current()
+    main = group.is_main
+    device = _rank_device(job.execution.device)
+    for note in notes:
+        if main:
+            log(note)
+    with determinism.deterministic(job.execution.deterministic):
+        outcome = Outcome(job, None, None, notes=notes)
+        seconds = outcome.seconds
+        if bench is None:
+            from .models.loading import load_model
+
+            t = time.perf_counter()
+            model, tokenizer, _ = load_model(job.model, dtype=job.dtype,
+                                             revision=job.revision,
+                                             progress=progress and main)
+            seconds["model_loading_seconds"] = time.perf_counter() - t
+            bench = Workbench(model, tokenizer, device=device,
+                              progress=progress and main, log=log if main else None)
+        bench.check(job)
+        if job.needs_calibration:  # text that cannot serve is refused before any estimate
+            bench.calibration_ids(job.calibration)
+        if job.steps and main and announce:
+            from .estimate import estimate_job
+
+            outcome.estimate = estimate_job(bench, job)
+            log(outcome.estimate.describe())
+        if main and job.steps and job.evaluation.dense:
+            t = time.perf_counter()
+            outcome.dense = bench.evaluate(job.evaluation, label="dense")
+            seconds["dense_evaluation_seconds"] = time.perf_counter() - t
+        before = bench.samples() if main and job.steps and job.output.samples else None
+        for step in job.steps:
+            outcome.runs.append(bench.apply(step, job, verbose=verbose))
+        if group.active:  # nothing below calls a collective: the others may go
+            group.leave()
+        if not main:
+            outcome.model, outcome.tokenizer = bench.model, bench.tokenizer
+            return outcome
+        for run in outcome.runs:
+            _log_run(run, log)
+        t = time.perf_counter()
+        outcome.evaluated = bench.evaluate(job.evaluation, label="pruned" if job.steps else "")
+        seconds["evaluation_seconds"] = time.perf_counter() - t
+        if before is not None:
+            after = bench.samples()
+            outcome.generations = [{"prompt": p, "dense": d, "pruned": a}
+                                   for p, d, a in zip(DEFAULT_PROMPTS, before, after,
+                                                      strict=True)]
+        outcome.model, outcome.tokenizer = bench.model, bench.tokenizer
+        seconds["total_seconds"] = time.perf_counter() - started
+        calibration_ids = (bench.calibration_ids(job.calibration)[0]
+                           if job.needs_calibration else None)
+        outcome.report = build_report(outcome, argv=argv, calibration_ids=calibration_ids)
+        if out is not None:
+            outcome.saved = _save(outcome, Path(out), overwrite=overwrite)
+            outcome.report["saved_to"] = str(outcome.saved)
+        if json_path is not None:
+            write_json_atomic(json_path, outcome.report)
+    return outcome
+
+
+def _rank_device(device: str) -> str:
+    """``cuda`` means this rank's own GPU under ``torchrun``."""
+    if not collectives.current().active:
+        return device
+    from .models.distributed import rank_device
+
+    return rank_device(device)
+
+
+def _log_run(run, log) -> None:
+    if isinstance(run, ShrinkRun):
+        plan = run.plan
+        log(f"shrank MLP {plan.mlp_old} -> {plan.mlp_new} neurons, heads {plan.heads_old} -> "
+            f"{plan.heads_new}: {run.parameters_before:,} -> {run.parameters_after:,} "
+            f"parameters in {run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
+    elif isinstance(run, PruneRun):
+        log(f"pruned {len(run.layers)} layers to sparsity {run.achieved_sparsity:.4f} in "
+            f"{run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
+
+
+def _save(outcome: Outcome, out: Path, *, overwrite: bool) -> Path:
+    """The model in the job's format, its tokenizer, report and recipe, atomically."""
+    def fill(tmp: Path) -> None:
+        outcome.model.save_pretrained(tmp, safe_serialization=True)
+        if outcome.tokenizer is not None:
+            outcome.tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / REPORT_NAME, outcome.report)
+        (tmp / RECIPE_NAME).write_text(recipe_text(outcome.job), encoding="utf-8")
+
+    return save_directory(out, fill, overwrite=overwrite)
+
+
+RECIPE_NAME = "snapprune_recipe.yaml"
+
+
+def _execute_streamed(job: Job, out: Path | None, *, notes, json_path, resume, restart,
+                      progress, verbose, log, argv, started) -> Outcome:
+    """A prune too large for memory: read, prune and write one block at a time."""
+    from transformers import AutoTokenizer
+
+    from .data import calibration_windows
+    from .models.loading import resolve_model
+    from .models.streaming import discard_partial, partial_dir, stream_prune
+    from .report import build_report
+
+    settings = job.steps[0] if job.steps else None
+    if not isinstance(settings, PruneSettings) or len(job.steps) != 1:
+        raise SnapPruneError("streaming runs one prune step; shrink and the other steps need "
+                             "the model in memory")
+    if out is None:
+        raise SnapPruneError("a streamed run writes the model block by block: give it an "
+                             "output directory (--out DIR)")
+    if job.evaluation.ppl or job.evaluation.zeroshot:
+        raise SnapPruneError("a streamed model is never whole in memory, so it is not evaluated "
+                             "here: drop --eval/--zeroshot and run snapprune eval on the "
+                             "output")
+    if job.calibration.source == "self":
+        raise SnapPruneError("calibration source self generates text with the whole model; a "
+                             "streamed run needs a text source (a local file, c4-sample, c4)")
+    if job.output.format != "hf":
+        raise SnapPruneError("a streamed run writes safetensors (format hf); convert the "
+                             "output afterwards")
+    source = resolve_model(job.model)
+    if source.gguf_file:
+        raise SnapPruneError("streaming reads safetensors; convert the GGUF file first (load it "
+                             "with transformers and save_pretrained, or prune it in memory "
+                             "with --no-stream)")
+    path = source.path
+    if not source.is_local:
+        from huggingface_hub import snapshot_download
+
+        from .hub import require_hub
+
+        require_hub(f"model {job.model!r}", "pass a local directory")
+        path = snapshot_download(job.model, revision=job.revision,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    group = collectives.current()
+    for note in notes:
+        if group.is_main:
+            log(note)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    spec = job.calibration
+    outcome = Outcome(job, None, tokenizer, notes=notes)
+    made: dict[str, torch.Tensor] = {}
+
+    def calibration(model):
+        ids = calibration_windows(spec.source, tokenizer, nsamples=spec.nsamples,
+                                  seqlen=capped_seqlen(model, spec.seqlen), seed=spec.seed)
+        made["ids"] = ids
+        return ids
+
+    def finish(directory: Path, run) -> None:
+        outcome.runs = [run]
+        outcome.seconds["total_seconds"] = time.perf_counter() - started
+        outcome.report = build_report(outcome, argv=argv, calibration_ids=made.get("ids"))
+        outcome.report["streamed"] = True
+        write_json_atomic(directory / REPORT_NAME, outcome.report)
+        (directory / RECIPE_NAME).write_text(recipe_text(job), encoding="utf-8")
+
+    fingerprint = replace(job, execution=replace(job.execution, stream=True)).to_dict()
+    try:
+        with determinism.deterministic(job.execution.deterministic):
+            run = stream_prune(path, out, calibration, settings,
+                               device=_rank_device(job.execution.device),
+                               batch_size=job.execution.batch_size,
+                               activations=job.execution.activations,
+                               layer_errors=job.execution.layer_errors, progress=progress,
+                               log=log if verbose else None, resume=resume, restart=restart,
+                               finish=finish, fingerprint=fingerprint)
+    except SnapPruneError:
+        discard_partial(out)
+        raise
+    except KeyboardInterrupt:
+        log(f"finished blocks are kept in {partial_dir(out)}: run the same command with "
+            "--resume to continue")
+        raise
+    finally:
+        if group.active:
+            group.leave()
+    outcome.runs = [run]
+    if group.is_main:
+        outcome.saved = out
+        _log_run(run, log)
+        if json_path is not None:
+            write_json_atomic(json_path, outcome.report)
+    return outcome
+

@@ -15,23 +15,31 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
+from .data import default_windows, resolve_calibration_source
 from .engine import check_settings, get_method
 from .errors import SnapPruneError
-from .models.pipeline import PruneSettings
-from .run import CalibrationSpec, EvaluationSpec, Job, Workbench, check_evaluation
+from .jobs import CalibrationSpec, EvaluationSpec, Execution, Job, OutputSpec, section
+from .models.settings import PruneSettings, check_percdamp
+from .outputs import json_safe
+from .run import Workbench, execute
 
 CELLS_FILE = "cells.jsonl"
 DENSE = "dense"
 LIST_AXES = ("method", "pattern", "sparsity", "alpha", "blocksize", "metric", "percdamp",
              "calib", "nsamples", "seqlen", "seed")
-DEFAULTS = {"pattern": "unstructured", "sparsity": 0.5, "alpha": 0.0, "blocksize": 128,
-            "metric": None, "percdamp": 0.01, "calib": "c4", "nsamples": 128, "seqlen": 2048,
-            "seed": 0}
+_PRUNE, _CALIBRATION = PruneSettings(), CalibrationSpec()
+DEFAULTS = {"pattern": _PRUNE.pattern, "sparsity": PruneSettings.DEFAULT_SPARSITY,
+            "alpha": _PRUNE.alpha, "blocksize": _PRUNE.blocksize, "metric": _PRUNE.metric,
+            "percdamp": _PRUNE.percdamp, "calib": _CALIBRATION.source,
+            "nsamples": _CALIBRATION.nsamples, "seqlen": _CALIBRATION.seqlen,
+            "seed": _CALIBRATION.seed}
+"""A grid's settings when it names none: the declared defaults of the run path (``None``
+calibration windows: the source's own)."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +60,11 @@ class Cell:
     seqlen: int | None = None
     seed: int | None = None
 
-    @property
-    def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
+    def key(self, model: str, revision: str | None = None, dtype: str = "auto") -> str:
+        """The cell's identity in ``cells.jsonl``: its settings and the model they ran on
+        (revision and dtype included), so another model never reads this model's cells."""
+        text = json.dumps({**asdict(self), "model": model, "revision": revision,
+                           "dtype": dtype}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     @property
@@ -63,13 +73,14 @@ class Cell:
             return None
         return (self.calib, self.nsamples, self.seqlen, self.seed)
 
-    def job(self, evaluation: EvaluationSpec, batch_size: int, activations: str = "auto") -> Job:
-        """The cell as a run of the shared run path (``None`` settings back to defaults)."""
-        settings = PruneSettings(
+    def settings(self) -> PruneSettings:
+        """The cell's pruning settings (settings folded to ``None`` back to defaults)."""
+        return PruneSettings(
             method=self.method, pattern=self.pattern, sparsity=self.sparsity,
-            alpha=self.alpha or 0.0, blocksize=self.blocksize or DEFAULTS["blocksize"],
-            percdamp=self.percdamp or DEFAULTS["percdamp"], metric=self.metric)
-        return Job(settings, self.calibration_spec, evaluation, batch_size, activations)
+            alpha=DEFAULTS["alpha"] if self.alpha is None else self.alpha,
+            blocksize=DEFAULTS["blocksize"] if self.blocksize is None else self.blocksize,
+            percdamp=DEFAULTS["percdamp"] if self.percdamp is None else self.percdamp,
+            metric=self.metric)
 
     @property
     def calibration_spec(self) -> CalibrationSpec:
@@ -85,10 +96,15 @@ def canonical_cell(method: str, **settings) -> Cell:
 
     s = {**DEFAULTS, **{k: v for k, v in settings.items() if v is not None or k == "metric"}}
     declared = get_method(method)  # the one-line "unknown method" error
+    s["calib"], _ = resolve_calibration_source(str(s["calib"]))
+    nsamples, seqlen = default_windows(s["calib"])
+    s["nsamples"] = s["nsamples"] or nsamples
+    s["seqlen"] = s["seqlen"] or seqlen
     # A grid may cross α with several patterns: α only exists for the structured one.
     alpha = s["alpha"] if parse_pattern(s["pattern"]).kind == "structured" else 0.0
     pattern, sparsity = check_settings(method, s["pattern"], _sparsity_for(s), alpha,
                                        int(s["blocksize"]), s["metric"])
+    check_percdamp(s["percdamp"])
     metric = s["metric"] or declared.default_metric
     structured = pattern.kind == "structured"
     data_free = not declared.needs_activations(metric)
@@ -160,38 +176,28 @@ def source_label(source: str) -> str:
     return Path(source).name if Path(source).exists() else source
 
 
-@dataclass
-class Evaluation:
-    """Fixed evaluation budget of a sweep: every cell is measured the same way."""
-
-    ppl: list[str] = field(default_factory=list)
-    eval_seqlen: int = 2048
-    max_windows: int | None = None
-    zeroshot: list[str] = field(default_factory=list)
-    limit: int | None = None
-
-    def spec(self, with_zeroshot: bool) -> EvaluationSpec:
-        return EvaluationSpec(ppl=tuple(self.ppl), seqlen=self.eval_seqlen,
-                              max_windows=self.max_windows,
-                              zeroshot=tuple(self.zeroshot) if with_zeroshot else (),
-                              limit=self.limit)
-
-    def describe(self, with_zeroshot: bool) -> dict:
-        out = {"ppl": {source_label(s): {
-            "seqlen": self.eval_seqlen, "max_windows": self.max_windows} for s in self.ppl}}
-        if with_zeroshot and self.zeroshot:
-            out["zeroshot"] = {"tasks": [Path(t).stem for t in self.zeroshot],
-                               "limit": self.limit}
-        return out
+def describe_evaluation(evaluation: EvaluationSpec, with_zeroshot: bool) -> dict:
+    """How a cell was evaluated, as its record says (a finished cell counts only when it was
+    evaluated at least as the sweep asks)."""
+    out = {"ppl": {source_label(s): {"seqlen": evaluation.seqlen,
+                                     "max_windows": evaluation.max_windows}
+                   for s in evaluation.sources()}}
+    if with_zeroshot and evaluation.zeroshot:
+        out["zeroshot"] = {"tasks": [Path(t).stem for t in evaluation.zeroshot],
+                           "limit": evaluation.limit}
+    return out
 
 
 @dataclass
 class SweepPlan:
+    """A sweep: the model, its grids, the one evaluation every cell gets, and how to run."""
+
     model: str
     grids: list[Grid]
-    evaluation: Evaluation
-    batch_size: int = 8
-    activations: str = "auto"
+    evaluation: EvaluationSpec = field(default_factory=lambda: EvaluationSpec(dense=False))
+    execution: Execution = field(default_factory=Execution)
+    dtype: str = "auto"
+    revision: str | None = None
 
     def requests(self) -> list[tuple[Cell, bool, list[str]]]:
         """Each distinct cell once: (cell, zero-shot wanted, names of the grids holding it)."""
@@ -202,10 +208,27 @@ class SweepPlan:
                 order[cell] = (wanted or grid.zeroshot, [*names, grid.name])
         return [(cell, wanted, names) for cell, (wanted, names) in order.items()]
 
+    def key(self, cell: Cell) -> str:
+        return cell.key(self.model, self.revision, self.dtype)
+
+    def job(self, cell: Cell, zeroshot: bool) -> Job:
+        """The cell as a job of the one run path (the dense cell: evaluation only)."""
+        evaluation = replace(self.evaluation, dense=False,
+                             zeroshot=self.evaluation.zeroshot if zeroshot else ())
+        steps = () if cell.method == DENSE else (cell.settings(),)
+        calibration = cell.calibration_spec
+        return Job(model=self.model, steps=steps, calibration=calibration,
+                   evaluation=evaluation, execution=self.execution,
+                   output=OutputSpec(samples=False), dtype=self.dtype, revision=self.revision)
+
+
+SWEEP_KEYS = ("model", "revision", "dtype", "defaults", "evaluation", "batch_size", "grids")
+
 
 def load_plan(path: str | Path, model: str | None = None) -> SweepPlan:
     """A sweep file: ``{"model", "defaults", "evaluation", "grids": [{"name", "zeroshot",
-    <axis>: [values]}]}`` (JSON). Relative data paths are taken from the current directory."""
+    <axis>: [values]}]}`` (JSON). Relative data paths are taken from the current directory.
+    Unknown keys are refused in one line."""
     path = Path(path)
     if not path.is_file():
         raise SnapPruneError(f"sweep file {path} not found")
@@ -213,20 +236,37 @@ def load_plan(path: str | Path, model: str | None = None) -> SweepPlan:
         spec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SnapPruneError(f"cannot read sweep file {path}: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise SnapPruneError(f"sweep file {path} must hold one JSON object")
+    unknown = sorted(set(spec) - set(SWEEP_KEYS))
+    if unknown:
+        raise SnapPruneError(f"sweep file {path}: unknown key(s) {unknown}; use "
+                             f"{', '.join(SWEEP_KEYS)}")
     model = model or spec.get("model")
     if not model:
         raise SnapPruneError(f"sweep file {path} names no model; pass --model")
     defaults = spec.get("defaults", {})
-    evaluation = Evaluation(**spec.get("evaluation", {}))
+    if not isinstance(defaults, dict) or set(defaults) - set(LIST_AXES):
+        raise SnapPruneError(f"sweep file {path}: defaults must map settings among "
+                             f"{', '.join(LIST_AXES)}")
+    evaluation = spec.get("evaluation", {})
+    if isinstance(evaluation, dict) and "eval_seqlen" in evaluation:  # the older spelling
+        evaluation = {("seqlen" if k == "eval_seqlen" else k): v for k, v in evaluation.items()}
+    evaluation = replace(section(EvaluationSpec, evaluation, f"sweep file {path.name} "
+                                  "evaluation"), dense=False)
     grids = []
     for number, grid in enumerate(spec.get("grids", []), 1):
+        if not isinstance(grid, dict):
+            raise SnapPruneError(f"sweep file {path}: grid {number} is not an object")
         grid = dict(grid)
         name = grid.pop("name", f"grid{number}")
         zeroshot = bool(grid.pop("zeroshot", False))
         grids.append(expand_grid(name, grid, defaults, zeroshot))
     if not grids:
         raise SnapPruneError(f"sweep file {path} has no grids")
-    return SweepPlan(model, grids, evaluation, int(spec.get("batch_size", 8)))
+    batch_size = spec.get("batch_size", Execution.batch_size)
+    return SweepPlan(model, grids, evaluation, Execution(batch_size=batch_size),
+                     dtype=spec.get("dtype", "auto"), revision=spec.get("revision"))
 
 
 def read_cells(out_dir: str | Path) -> dict[str, dict]:
@@ -254,7 +294,7 @@ def covers(record: dict, evaluation: dict) -> bool:
 
 
 def append_record(out_dir: Path, record: dict) -> None:
-    """One line per cell, flushed to disk before the next cell starts."""
+    """One line per cell (strict JSON), flushed to disk before the next cell starts."""
     path = out_dir / CELLS_FILE
     with path.open("a+", encoding="utf-8") as handle:
         handle.seek(0, os.SEEK_END)
@@ -262,7 +302,7 @@ def append_record(out_dir: Path, record: dict) -> None:
             handle.seek(handle.tell() - 1)
             if handle.read(1) != "\n":  # an earlier run died mid-line
                 handle.write("\n")
-        handle.write(json.dumps(record) + "\n")
+        handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -279,34 +319,29 @@ class DenseWeights:
             module.weight.copy_(weight)
 
 
-def run_cell(bench: Workbench, cell: Cell, zeroshot: bool, plan: SweepPlan) -> dict:
-    """Prune the (dense) model on ``bench`` as ``cell`` says, evaluate it, return the record's
-    results. The dense cell is evaluated only."""
-    job = cell.job(plan.evaluation.spec(zeroshot), plan.batch_size, plan.activations)
+def cell_results(outcome) -> dict:
+    """A finished cell's results, from the run path's outcome."""
     result: dict = {}
-    if cell.method == DENSE:
-        evaluated = bench.evaluate(job.evaluation)
-    else:
-        outcome = bench.run(job)
-        run, evaluated = outcome.run, outcome.evaluated
+    run = outcome.run
+    if run is not None:
         errors = [r.error for r in run.layers if math.isfinite(r.error)]
         result.update(
             achieved_sparsity=run.achieved_sparsity,
             timing={"pruning_seconds": run.total_seconds,
                     "calibration_forward_seconds": run.calibration_seconds,
                     "solver_seconds": run.solver_seconds,
-                    "calibration_data_seconds": outcome.calibration_data_seconds},
+                    "calibration_data_seconds": run.data_seconds},
             mean_layer_error=sum(errors) / len(errors) if errors else None,
             layer_errors={r.name: r.error for r in run.layers} if errors else {},
         )
         raised = {r.name: r.percdamp for r in run.layers
-                  if r.percdamp is not None and r.percdamp != job.settings.percdamp}
+                  if r.percdamp is not None and r.percdamp != run.settings.percdamp}
         if raised:
             result["raised_damping"] = raised
     result["perplexity"] = {source_label(k): v.perplexity
-                            for k, v in evaluated.perplexity.items()}
-    if evaluated.zeroshot is not None:
-        result["zeroshot"] = evaluated.zeroshot
+                            for k, v in outcome.evaluated.perplexity.items()}
+    if outcome.evaluated.zeroshot is not None:
+        result["zeroshot"] = outcome.evaluated.zeroshot
     return result
 
 
@@ -314,7 +349,6 @@ def run_sweep(
     plan: SweepPlan,
     out_dir: str | Path,
     *,
-    device: str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
     model_and_tokenizer: tuple | None = None,
@@ -327,46 +361,54 @@ def run_sweep(
     records after each finished cell (to refresh a report).
     """
     from .models.pipeline import target_layers
-    from .report import library_versions
+    from .report import device_description, library_versions
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = read_cells(out_dir)
     requests = plan.requests()
     todo = [(cell, zs, names) for cell, zs, names in requests
-            if not (cell.key in done
-                    and covers(done[cell.key], plan.evaluation.describe(zs)))]
+            if not (plan.key(cell) in done
+                    and covers(done[plan.key(cell)], describe_evaluation(plan.evaluation, zs)))]
     log(f"sweep: {len(requests)} cells, {len(requests) - len(todo)} already "
         f"finished in {out_dir / CELLS_FILE}, {len(todo)} to run")
     if not todo:
         return done
+    execution = plan.execution
     if model_and_tokenizer is None:
         from .models.loading import load_model
 
-        model, tokenizer, _ = load_model(plan.model, progress=progress)
+        model, tokenizer, _ = load_model(plan.model, dtype=plan.dtype, revision=plan.revision,
+                                         progress=progress)
     else:
         model, tokenizer = model_and_tokenizer
-    check_evaluation(plan.evaluation.spec(True))
-    layers = target_layers(model, PruneSettings())
+    layers = target_layers(model)
     dense = DenseWeights(m for named in layers.values() for m in named.values())
-    bench = Workbench(model, tokenizer, device=device, progress=progress)
+    bench = Workbench(model, tokenizer, device=execution.device, progress=progress)
     # Every data source is read (and 'self' text generated) from the dense model up front.
     for cell, _, _ in todo:
         if cell.calibration_key is not None:
             bench.calibration_ids(cell.calibration_spec)
     versions = library_versions()
+    device = device_description(execution.device)
     try:
         for number, (cell, zeroshot, names) in enumerate(todo, 1):
             log(f"sweep cell {number}/{len(todo)} [{', '.join(names)}]: {describe_cell(cell)}")
             dense.restore()
             t = time.perf_counter()
-            result = run_cell(bench, cell, zeroshot, plan)
-            record = {"key": cell.key, "cell": asdict(cell), "grids": names,
-                      "evaluation": plan.evaluation.describe(zeroshot), "model": plan.model,
-                      **result, "cell_seconds": time.perf_counter() - t,
+            outcome = execute(plan.job(cell, zeroshot), None, bench=bench, progress=progress,
+                              announce=False)
+            result = cell_results(outcome)
+            record = {"key": plan.key(cell), "cell": asdict(cell), "grids": names,
+                      "evaluation": describe_evaluation(plan.evaluation, zeroshot),
+                      "model": plan.model, "revision": plan.revision,
+                      "dtype": str(model.dtype).removeprefix("torch."),
+                      "device": device, "deterministic": execution.deterministic,
+                      "batch_size": execution.batch_size, **result,
+                      "cell_seconds": time.perf_counter() - t,
                       "versions": versions, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             append_record(out_dir, record)
-            done[cell.key] = record
+            done[record["key"]] = record
             if after_cell:
                 after_cell(done)
             log("  " + ", ".join(f"ppl {k} {v:.3f}" for k, v in result["perplexity"].items()))

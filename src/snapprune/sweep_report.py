@@ -103,14 +103,15 @@ def render_markdown(plan: SweepPlan | None, records: dict[str, dict]) -> str:
     sections = ["# Sweep results", ""]
     if plan is not None:
         ev = plan.evaluation
-        sections += [f"Model: `{plan.model}`. Perplexity: {', '.join(Path(s).name for s in ev.ppl)}"
-                     f", windows of {ev.eval_seqlen} tokens, at most {ev.max_windows or 'all'}"
+        sections += [f"Model: `{plan.model}`. Perplexity: "
+                     f"{', '.join(Path(s).name for s in ev.sources())}"
+                     f", windows of {ev.seqlen} tokens, at most {ev.max_windows or 'all'}"
                      " windows. "
                      + (f"Zero-shot: {', '.join(_task_names(ev.zeroshot))}, at most "
                         f"{ev.limit or 'all'} examples per task." if ev.zeroshot else ""), ""]
         groups = []
         for grid in plan.grids:
-            rows = [records[c.key] for c in grid.cells if c.key in records]
+            rows = [records[plan.key(c)] for c in grid.cells if plan.key(c) in records]
             groups.append((grid.name, rows, len(grid.cells)))
     else:
         groups = [("all cells", list(records.values()), len(records))]
@@ -186,7 +187,7 @@ def plot_against(records: list[dict], axis: str, source: str, path: Path) -> boo
 def render(out_dir: str | Path, records: dict[str, dict], plan: SweepPlan | None = None,
            plots: bool = True) -> list[Path]:
     """Write ``results.md`` and the plots into ``out_dir``; return the files written."""
-    from .models.save import write_text_atomic
+    from .outputs import write_text_atomic
 
     out_dir = Path(out_dir)
     written = [out_dir / TABLE_FILE]

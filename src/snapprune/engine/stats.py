@@ -98,6 +98,12 @@ class LayerStats:
             self._xxt += self._product
         self._sq += sq
 
+    def sums(self) -> list[torch.Tensor]:
+        """The raw sums (``Σ x²``, and ``Σ x xᵀ`` when gathered), which add up across
+        processes: summing them in place over ranks (and ``nsamples``) gives the statistics
+        of all ranks' inputs."""
+        return [self._sq] + ([self._xxt] if self._xxt is not None else [])
+
     def finish(self) -> None:
         """Free the per-window product buffer once every input is in (adding more later
         allocates it again)."""

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from ..errors import SnapPruneError
-from ..progress import third_party_bars
+from ..progress import library_bars
 
 QUERY_FORM = ("query", "choices", "gold")
 PARTIAL_FORM = ("context_options", "continuation", "gold")
@@ -120,6 +120,24 @@ def expand_tasks(tasks: list[str]) -> list[str]:
     return expanded
 
 
+def _harness_model(base, progress: bool):
+    """lm-eval's HF wrapper with its own ``disable_tqdm`` switch set from ``progress``."""
+    if progress:
+        return base
+
+    class Quiet(base):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return Quiet
+
+
 def evaluate_zeroshot(
     model,
     tokenizer,
@@ -151,9 +169,10 @@ def evaluate_zeroshot(
         else:
             specs.append(task)
             names.append(task)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = _harness_model(HFLM, progress)(pretrained=model, tokenizer=tokenizer,
+                                         batch_size=batch_size, device=device)
     try:
-        with third_party_bars(progress):
+        with library_bars(progress):
             output = simple_evaluate(
                 model=lm, tasks=specs, num_fewshot=0, limit=limit, bootstrap_iters=0,
                 log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0,

@@ -5,68 +5,151 @@ accumulates statistics on its share and one ``all_reduce(SUM)`` per distinct lay
 them the statistics of all windows (they are sums, so the split does not matter); the block's
 layers are then assigned to ranks by estimated solver cost, each rank prunes its own, and the
 pruned weights are broadcast from their owners, so that every rank propagates its windows
-through the same pruned block. One process is the world-size-1 case of the same path.
+through the same pruned block. The block loop calls these through ``collectives.Collectives``;
+one process is its ``Local`` case.
 
-Launch with ``torchrun --nproc_per_node N -m snapprune prune ...``: NCCL when ``--device cuda``
-(each rank on its ``LOCAL_RANK`` GPU), gloo on CPUs.
+Launch with ``torchrun --nproc_per_node N -m snapprune prune ...``: NCCL on CUDA devices (each
+rank on its ``LOCAL_RANK`` GPU), gloo on CPUs. Collectives time out after
+``SNAPPRUNE_COLLECTIVE_TIMEOUT`` seconds (default 1,800): a rank that died leaves the others
+with a one-line error instead of a hang.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..engine import LayerStats, get_method, parse_pattern
+from ..engine import LayerStats
 from ..errors import SnapPruneError
-from .layout import input_width, linear_weight
+from . import collectives
+from .collectives import Collectives
 
-if TYPE_CHECKING:  # the pipeline imports this module
-    from .pipeline import PruneSettings
-
-
-@dataclass(frozen=True)
-class Group:
-    """This process's place among the ranks (``world == 1``: no collectives at all)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def current_group() -> Group:
-    if dist.is_available() and dist.is_initialized():
-        return Group(dist.get_rank(), dist.get_world_size())
-    return Group()
+TIMEOUT_ENV = "SNAPPRUNE_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT_SECONDS = 1800
 
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_environment(device: str) -> Group:
-    """Join the process group ``torchrun`` describes in the environment (a no-op otherwise) and
-    return this rank's place; with CUDA, pick the rank's local GPU."""
-    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
-        return current_group()
-    if not dist.is_available():
-        raise SnapPruneError("this torch build has no torch.distributed; run one process")
-    cuda = str(device).startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return current_group()
+def collective_timeout() -> datetime.timedelta:
+    text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_SECONDS))
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise SnapPruneError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds") from None
+    if seconds <= 0:
+        raise SnapPruneError(f"{TIMEOUT_ENV} must be positive, got {text}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def local_share(ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank ``rank``'s calibration windows: a contiguous share, as even as the count allows."""
+    if world == 1:
+        return ids
+    if ids.shape[0] < world:
+        raise SnapPruneError(f"{ids.shape[0]} calibration windows cannot be shared by "
+                             f"{world} processes; use nsamples >= {world}")
+    return torch.tensor_split(ids, world)[rank]
+
+
+def assign_layers(costs: dict[str, float], world: int) -> dict[str, int]:
+    """Greedy longest-first: each layer, costliest first, to the least-loaded rank (ties to
+    the lower rank, then by name, so every rank computes the same assignment)."""
+    load = [0.0] * world
+    owners = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += costs[name]
+    return owners
+
+
+class TorchCollectives(Collectives):
+    """The collectives over ``torch.distributed``'s default process group."""
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+
+    def share(self, ids: torch.Tensor) -> torch.Tensor:
+        return local_share(ids, self.rank, self.world)
+
+    def sum_stats(self, stats: dict[str, LayerStats]) -> None:
+        """Sum every distinct ``LayerStats`` (shared ones once) over the ranks, in place."""
+        seen: set[int] = set()
+        for name in sorted(stats):
+            item = stats[name]
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            for tensor in item.sums():
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            count = torch.tensor([item.nsamples], dtype=torch.float64, device=item.device)
+            dist.all_reduce(count, op=dist.ReduceOp.SUM)
+            item.nsamples = int(count.item())
+
+    def assign(self, named: dict[str, nn.Module],
+               cost: Callable[[nn.Module], float]) -> dict[str, int]:
+        return assign_layers({name: cost(module) for name, module in named.items()},
+                             self.world)
+
+    def broadcast(self, named: dict[str, nn.Module], owners: dict[str, int]) -> None:
+        for name in sorted(named):
+            weight = named[name].weight
+            if weight.is_contiguous():
+                dist.broadcast(weight.data, src=owners[name])
+            else:
+                buffer = weight.data.contiguous()
+                dist.broadcast(buffer, src=owners[name])
+                weight.data.copy_(buffer)
+
+    def gather(self, value) -> list:
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def same_everywhere(self, value: int) -> bool:
+        bounds = torch.tensor([value, -value], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            bounds = bounds.cuda()
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+        return int(bounds[0]) == -int(bounds[1])
+
+    def leave(self) -> None:
+        leave_group()
+
+
+def init_from_environment(device: str) -> Collectives:
+    """Join the process group ``torchrun`` describes in the environment (a no-op otherwise),
+    with an explicit collective timeout, and install its collectives for the block loop."""
+    if not launched_by_torchrun():
+        return collectives.current()
+    if not (dist.is_available() and dist.is_initialized()):
+        if not dist.is_available():
+            raise SnapPruneError("this torch build has no torch.distributed; run one process")
+        cuda = str(device).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=collective_timeout())
+    group = TorchCollectives()
+    collectives.install(group)
+    return group
+
+
+def leave_group() -> None:
+    """Destroy the process group (if any) and go back to one process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    collectives.install(collectives.Local())
 
 
 def rank_device(device: str) -> str:
@@ -74,77 +157,3 @@ def rank_device(device: str) -> str:
     if str(device) == "cuda" and launched_by_torchrun():
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return device
-
-
-def local_share(ids: torch.Tensor, group: Group) -> torch.Tensor:
-    """This rank's calibration windows: a contiguous share, as even as the count allows."""
-    if not group.active:
-        return ids
-    if ids.shape[0] < group.world:
-        raise SnapPruneError(f"{ids.shape[0]} calibration windows cannot be shared by "
-                             f"{group.world} processes; use --nsamples ≥ {group.world}")
-    return torch.tensor_split(ids, group.world)[group.rank]
-
-
-def all_reduce_stats(stats: dict[str, LayerStats], group: Group) -> None:
-    """Sum every distinct ``LayerStats`` (shared ones once) over the ranks, in place."""
-    if not group.active:
-        return
-    seen: set[int] = set()
-    for name in sorted(stats):
-        item = stats[name]
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        sums = [item._sq] + ([item._xxt] if item._xxt is not None else [])
-        for tensor in sums:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        count = torch.tensor([item.nsamples], dtype=torch.float64, device=item.device)
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-        item.nsamples = int(count.item())
-
-
-def solver_cost(module: nn.Module, settings: PruneSettings) -> float:
-    """Relative time to prune a layer with ``settings``: the method's estimate
-    (``Method.layer_cost``)."""
-    cols = input_width(module)
-    rows = linear_weight(module).numel() // cols
-    return get_method(settings.method).layer_cost(
-        rows, cols, parse_pattern(settings.pattern), settings.blocksize,
-        settings.resolved_metric)
-
-
-def assign_layers(named: dict[str, nn.Module], world: int,
-                  settings: PruneSettings) -> dict[str, int]:
-    """Greedy longest-first: each layer, costliest first, to the least-loaded rank (ties to
-    the lower rank, then by name, so every rank computes the same assignment)."""
-    costs = {name: solver_cost(module, settings) for name, module in named.items()}
-    load = [0.0] * world
-    owners = {}
-    for name in sorted(named, key=lambda n: (-costs[n], n)):
-        rank = min(range(world), key=lambda r: (load[r], r))
-        owners[name] = rank
-        load[rank] += costs[name]
-    return owners
-
-
-def broadcast_layers(named: dict[str, nn.Module], owners: dict[str, int], group: Group) -> None:
-    """Every rank receives each layer's pruned weight from its owner."""
-    if not group.active:
-        return
-    for name in sorted(named):
-        weight = named[name].weight
-        if weight.is_contiguous():
-            dist.broadcast(weight.data, src=owners[name])
-        else:
-            buffer = weight.data.contiguous()
-            dist.broadcast(buffer, src=owners[name])
-            weight.data.copy_(buffer)
-
-
-def all_gather_objects(value, group: Group) -> list:
-    if not group.active:
-        return [value]
-    out = [None] * group.world
-    dist.all_gather_object(out, value)
-    return out

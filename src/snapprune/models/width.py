@@ -20,52 +20,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..engine import METRICS, LayerStats, get_method, prune_weight
+from ..engine import LayerStats, prune_weight
 from ..engine.width import lowest_units
 from ..errors import SnapPruneError
+from ..memory import peak_bytes
 from .adapters import Adapter, adapter_for, head_geometry
+from .blockloop import run_blocks
 from .layout import is_conv1d, linear_weight, set_linear_weight
-from .pipeline import LayerRecord, MethodChoice, _peak_memory, run_blocks
-
-
-@dataclass(frozen=True)
-class WidthSettings(MethodChoice):
-    """What ``shrink`` removes: fractions of MLP neurons and of query heads."""
-
-    method: str = "thanos"
-    mlp: float = 0.0
-    heads: float = 0.0
-    metric: str | None = None
-    percdamp: float = 0.01
-    multiple_of: int = 8
-    alpha: float = 0.0
-
-    @property
-    def pattern(self) -> str:
-        return "width"
-
-    def check(self) -> None:
-        """Refuse a bad request before any work."""
-        get_method(self.method)
-        if self.metric is not None and self.metric not in METRICS:
-            raise SnapPruneError(f"unknown mask metric {self.metric!r}; choose one of "
-                                 f"{', '.join(METRICS)}")
-        for name in ("mlp", "heads"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-                raise SnapPruneError(f"--{name} must be a fraction in [0, 1), got {value}")
-        if not self.mlp and not self.heads:
-            raise SnapPruneError("nothing to remove: pass --mlp F and/or --heads F (in (0, 1))")
-        if self.alpha:
-            raise SnapPruneError(
-                "alpha > 0 keeps outlier rows dense, and a row that keeps a column's weights "
-                "cannot be cut out; shrink removes whole units (use alpha 0, or 'prune "
-                "--pattern structured --alpha A' for zeros in place)")
-        if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
-            raise SnapPruneError(f"--multiple-of must be a positive integer, "
-                                 f"got {self.multiple_of}")
-        if self.percdamp < 0:
-            raise SnapPruneError(f"percdamp must be >= 0, got {self.percdamp}")
+from .loading import empty_model, with_weights
+from .records import LayerRecord, RunRecord
+from .settings import WidthSettings
 
 
 @dataclass(frozen=True)
@@ -124,62 +88,46 @@ def plan_width(model: nn.Module, settings: WidthSettings) -> WidthPlan:
         mlp_new = max(step, round(mlp_old * (1 - settings.mlp) / step) * step)
         if mlp_new >= mlp_old:
             raise SnapPruneError(
-                f"--mlp {settings.mlp} of {mlp_old} neurons rounds to no removal at "
-                f"--multiple-of {step}; raise --mlp or lower --multiple-of")
+                f"mlp {settings.mlp} of {mlp_old} neurons rounds to no removal at "
+                f"multiple_of {step}; raise mlp or lower multiple_of")
     geometry = head_geometry(config)
     heads_new, kv_new, groups = geometry.heads, geometry.kv_heads, 1
     if settings.heads:
         if adapter.head_dim_key is None:
             raise SnapPruneError(
                 f"{type(config).__name__} derives the head width from the hidden size, so "
-                "removing heads would need custom model code; use --mlp only for this family")
+                "removing heads would need custom model code; remove MLP neurons only for this "
+                "family")
         grouped = geometry.kv_heads < geometry.heads
         groups = geometry.kv_heads if grouped else 1
         size = geometry.heads // groups
         removed = round(settings.heads * size)
         if removed == 0:
             raise SnapPruneError(
-                f"--heads {settings.heads} removes no head: {size} query heads per group; "
+                f"heads {settings.heads} removes no head: {size} query heads per group; "
                 f"use at least {1 / size:.3g}")
         if removed >= size:
             raise SnapPruneError(
-                f"--heads {settings.heads} would leave a key/value group empty ({removed} of "
-                f"its {size} query heads removed); lower --heads")
+                f"heads {settings.heads} would leave a key/value group empty ({removed} of "
+                f"its {size} query heads removed); lower heads")
         heads_new = geometry.heads - removed * groups
         kv_new = geometry.kv_heads if grouped else heads_new
     return WidthPlan(mlp_old, mlp_new, geometry.heads, heads_new, geometry.kv_heads, kv_new,
                      geometry.head_dim, groups)
 
 
-@dataclass
-class ShrinkRun:
-    """What ``shrink_model`` did: the new widths, per-layer records, sizes and times."""
+@dataclass(kw_only=True)
+class ShrinkRun(RunRecord):
+    """What ``shrink_model`` did: the new widths, per-layer records (every cut layer's
+    reconstruction error is measured), sizes and times."""
 
     settings: WidthSettings
     plan: WidthPlan
-    layers: list[LayerRecord] = field(default_factory=list)
     removed: dict[int, dict[str, list[int]]] = field(default_factory=dict)
-    calibration_seconds: float = 0.0
-    solver_seconds: float = 0.0
-    total_seconds: float = 0.0
-    peak_memory_bytes: int = 0
-    activations: str = ""
-    activation_bytes: int = 0
-    deterministic: bool = False
-    layer_errors: bool = True
-    """Always: every cut layer's reconstruction error is measured (the block loop reads it)."""
     parameters_before: int = 0
     parameters_after: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
-    architecture: dict = field(default_factory=dict)
-
-    @property
-    def achieved_sparsity(self) -> float:
-        """Fraction of the pruned layers' weights removed (by their masks)."""
-        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
-        removed = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
-        return removed / total if total else 0.0
 
 
 def _sizes(model: nn.Module) -> tuple[int, int]:
@@ -219,8 +167,8 @@ def shrink_model(
     adapter = adapter_for(model)
     blocks = adapter.decoder_blocks(model)
     params, nbytes = _sizes(model)
-    run = ShrinkRun(settings, plan, parameters_before=params, bytes_before=nbytes,
-                    architecture=adapter.describe(model))
+    run = ShrinkRun(settings=settings, plan=plan, parameters_before=params,
+                    bytes_before=nbytes, architecture=adapter.describe(model))
     mlp_out = adapter.mlp.output
     attn_out = adapter.attention.o
     layers: dict[int, dict[str, nn.Module]] = {}
@@ -283,7 +231,7 @@ def shrink_model(
     smaller = cut_out(model, adapter, plan, run.removed)
     run.parameters_after, run.bytes_after = _sizes(smaller)
     run.total_seconds = time.perf_counter() - start
-    run.peak_memory_bytes = _peak_memory(device)
+    run.peak_memory_bytes = peak_bytes(device)
     return smaller, run
 
 
@@ -303,9 +251,8 @@ def _slice_layer(state: dict, prefix: str, module: nn.Module, keep: torch.Tensor
 
 def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
             removed: dict[int, dict[str, list[int]]]) -> nn.Module:
-    """A new model from the smaller standard config holding ``model``'s remaining weights."""
-    from transformers import AutoModelForCausalLM
-
+    """A new model from the smaller standard config holding copies of ``model``'s remaining
+    weights (nothing shared: later changes to either model leave the other alone)."""
     config = copy.deepcopy(model.config)
     if plan.mlp_removed:
         setattr(config, adapter.mlp_width_key, plan.mlp_new)
@@ -314,7 +261,7 @@ def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
         setattr(config, adapter.head_dim_key, plan.head_dim)
         if hasattr(config, "num_key_value_heads"):
             config.num_key_value_heads = plan.kv_new
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     blocks = adapter.decoder_blocks(model)
     for index, block in enumerate(blocks):
         modules = dict(block.named_modules())
@@ -333,8 +280,8 @@ def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
             for name in producers:
                 _slice_layer(state, f"{prefix}.{name}", modules[name], keep, outputs=True)
             _slice_layer(state, f"{prefix}.{att.o}", modules[att.o], keep, outputs=False)
-    smaller = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    missing, unexpected = smaller.load_state_dict(state, strict=False)
+    smaller = empty_model(config, model.dtype)
+    missing, unexpected = with_weights(smaller, state, strict=False)
     tied = set(getattr(smaller, "_tied_weights_keys", None) or ())
     if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
         raise SnapPruneError(f"the cut-out model does not match its config (missing {missing}, "

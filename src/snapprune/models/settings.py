@@ -1,0 +1,130 @@
+"""What a step changes, as immutable settings: zeros in place (``PruneSettings``) or whole
+units cut out (``WidthSettings``). Each field's default is the one default of that setting:
+the command line, recipes, sweeps and the Python API all read it from here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+from ..engine import METRICS, check_settings, get_method
+from ..errors import SnapPruneError
+
+
+class MethodChoice:
+    """What settings that name a method (``method``, ``metric``) derive from its declaration."""
+
+    method: str
+    metric: str | None
+
+    @property
+    def resolved_metric(self) -> str:
+        return self.metric or get_method(self.method).default_metric
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any calibration data enters the result (magnitude scores need none)."""
+        return get_method(self.method).needs_activations(self.resolved_metric)
+
+
+def check_percdamp(percdamp: float) -> None:
+    if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
+        raise SnapPruneError(f"percdamp (Hessian damping, a fraction of its mean diagonal) "
+                             f"must be a finite number >= 0, got {percdamp!r}; 0.01 is usual")
+
+
+@dataclass(frozen=True)
+class PruneSettings(MethodChoice):
+    """Everything that decides the pruned weights (besides the model and calibration data).
+    Immutable: ``dataclasses.replace`` makes a changed copy. ``sparsity`` ``None`` means the
+    pattern's own (N:M) or 0.5 (the field's standard setting) for the other patterns."""
+
+    method: str = "thanos"
+    pattern: str = "unstructured"
+    sparsity: float | None = None
+    alpha: float = 0.0
+    blocksize: int = 128
+    percdamp: float = 0.01
+    metric: str | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    DEFAULT_SPARSITY = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+
+    @property
+    def resolved_sparsity(self) -> float:
+        """The sparsity the run aims at: N/M for N:M, else the request or 0.5."""
+        if ":" in str(self.pattern):
+            return check_settings(self.method, self.pattern, self.sparsity, self.alpha,
+                                  self.blocksize, self.metric)[1]
+        return self.DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
+
+    def resolved(self) -> PruneSettings:
+        """A copy naming every value the run uses (sparsity, metric), for records."""
+        _, target = self.check()
+        return replace(self, sparsity=target, metric=self.resolved_metric)
+
+    def check(self):
+        """Refuse a bad request before any work; return ``(pattern, target sparsity)``."""
+        check_percdamp(self.percdamp)
+        sparsity = self.sparsity
+        if sparsity is None and ":" not in str(self.pattern):
+            sparsity = self.DEFAULT_SPARSITY
+        return check_settings(self.method, self.pattern, sparsity, self.alpha,
+                              self.blocksize, self.metric)
+
+
+@dataclass(frozen=True)
+class WidthSettings(MethodChoice):
+    """What ``shrink`` removes: fractions of MLP neurons and of query heads."""
+
+    method: str = "thanos"
+    mlp: float = 0.0
+    heads: float = 0.0
+    metric: str | None = None
+    percdamp: float = 0.01
+    multiple_of: int = 8
+    alpha: float = 0.0
+
+    @property
+    def pattern(self) -> str:
+        return "width"
+
+    def resolved(self) -> WidthSettings:
+        """A copy naming every value the run uses (metric), for records."""
+        self.check()
+        return replace(self, metric=self.resolved_metric)
+
+    def check(self) -> None:
+        """Refuse a bad request before any work."""
+        get_method(self.method)
+        check_percdamp(self.percdamp)
+        if self.metric is not None and self.metric not in METRICS:
+            raise SnapPruneError(f"unknown mask metric {self.metric!r}; choose one of "
+                                 f"{', '.join(METRICS)}")
+        for name in ("mlp", "heads"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise SnapPruneError(f"{name} must be a fraction in [0, 1), got {value}")
+        if not self.mlp and not self.heads:
+            raise SnapPruneError("nothing to remove: give mlp and/or heads a fraction in (0, 1)")
+        if self.alpha:
+            raise SnapPruneError(
+                "alpha > 0 keeps outlier rows dense, and a row that keeps a column's weights "
+                "cannot be cut out; shrink removes whole units (use alpha 0, or prune with "
+                "the structured pattern and alpha for zeros in place)")
+        if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
+            raise SnapPruneError(f"multiple_of must be a positive integer, "
+                                 f"got {self.multiple_of}")
+
+
+def field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))

@@ -1,0 +1,102 @@
+"""What a finished run prints: what happened, in a few labelled lines, and what to do next."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .estimate import duration
+from .models.pipeline import PruneRun
+from .models.settings import WidthSettings
+from .models.width import ShrinkRun
+
+
+def verdict(ratio: float) -> str:
+    """A plain-words reading of a perplexity ratio (after / before)."""
+    if ratio < 1.05:
+        return "about as good as before"
+    if ratio < 1.5:
+        return "a moderate loss"
+    if ratio < 3:
+        return "a large loss; recovery by fine-tuning wins much of it back"
+    return "a severe loss: try a lower sparsity, another pattern, or shrink instead"
+
+
+def _what(run) -> str:
+    settings = run.settings
+    if isinstance(run, ShrinkRun):
+        plan = run.plan
+        parts = []
+        if plan.mlp_new != plan.mlp_old:
+            parts.append(f"MLP {plan.mlp_old} → {plan.mlp_new} neurons")
+        if plan.heads_new != plan.heads_old:
+            parts.append(f"heads {plan.heads_old} → {plan.heads_new}")
+        return (f"{settings.method} shrink: {', '.join(parts)}; parameters "
+                f"{run.parameters_before:,} → {run.parameters_after:,} "
+                f"(-{1 - run.parameters_after / max(1, run.parameters_before):.1%})")
+    if isinstance(run, PruneRun):
+        pattern = settings.pattern
+        return (f"{settings.method} {pattern}: sparsity {run.achieved_sparsity:.1%} of the "
+                f"{len(run.layers)} pruned layers' weights")
+    return type(run).__name__
+
+
+def summary_lines(outcome) -> list[str]:
+    """The closing summary of ``outcome`` (a ``run.Outcome``)."""
+    job, report = outcome.job, outcome.report
+    lines = []
+    total = outcome.seconds.get("total_seconds")
+    head = "snapprune: done"
+    if total is not None:
+        head += f" in {duration(total)}"
+        if outcome.estimate is not None:
+            head += f" (estimated {duration(outcome.estimate.total_seconds)})"
+    lines.append(head)
+    for run in outcome.runs:
+        lines.append(f"  step        {_what(run)}")
+    after = report.get("perplexity", {})
+    before = report.get("dense_perplexity", {})
+    label = "pruned" if job.steps else "model"
+    for source, result in after.items():
+        name = Path(source).name
+        windows = f"{result['windows']} × {result['seqlen']} tokens"
+        if source in before:
+            dense = before[source]["perplexity"]
+            ratio = result["perplexity"] / dense
+            lines.append(f"  perplexity  {name} ({windows}): dense {dense:.2f} → {label} "
+                         f"{result['perplexity']:.2f} ({ratio:.2f}×: {verdict(ratio)})")
+        else:
+            lines.append(f"  perplexity  {name} ({windows}): {label} "
+                         f"{result['perplexity']:.2f}")
+    zeroshot = report.get("zeroshot", {})
+    if zeroshot:
+        mean = {k: v.get("mean", {}).get("acc_norm") for k, v in zeroshot.items()}
+        lines.append("  zero-shot   mean acc_norm " + ", ".join(
+            f"{k} {v:.3f}" for k, v in mean.items() if v is not None))
+    saved = outcome.saved
+    if saved is not None:
+        lines.append(f"  saved       {saved}/ (model, tokenizer, snapprune_report.json, "
+                     "snapprune_recipe.yaml)")
+    elif job.steps:
+        lines.append("  saved       nothing (--no-save)")
+    if job.steps and saved is not None:
+        lines += _next_steps(job, saved)
+    return lines
+
+
+def _next_steps(job, saved: Path) -> list[str]:
+    try:
+        where = saved.relative_to(Path.cwd())
+    except ValueError:
+        where = saved
+    lines = ["next:",
+             f"  snapprune generate --model {where} --compare {job.model}"
+             "      # does it still talk?",
+             f"  snapprune eval --model {where} --max-windows all"
+             "      # the whole WikiText-2 test split"]
+    if not any(isinstance(s, WidthSettings) for s in job.steps):
+        lines.append(f"  snapprune shrink --model {job.model} --method thanos --mlp 0.3 --out "
+                     f"{where}-mlp30      # smaller and faster in every runtime")
+    lines.append(f"  snapprune run {where}/snapprune_recipe.yaml --out {where}-again"
+                 "      # replay this run")
+    return lines
+
