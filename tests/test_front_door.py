@@ -93,3 +93,46 @@ def test_generate_on_a_saved_directory_beside_the_dense_model(tiny_dir, tmp_path
     rows = json.loads(path.read_text())["generations"]
     assert rows[0]["prompt"] == "Hello there" and rows[0]["model"] != rows[0]["dense"]
     assert "generations" not in json.loads((pruned / "snapprune_report.json").read_text())
+
+
+def test_the_shortest_command_works_offline_and_names_its_defaults(no_network, tiny_dir,
+                                                                   tmp_path, capsys):
+    """No calibration source, sparsity or evaluation given, no network: the bundled samples,
+    50%, and a labelled summary (dense → pruned, ratio, where the files are, what next)."""
+    out = tmp_path / "pruned"
+    code = main(["prune", "--model", str(tiny_dir), "--method", "thanos", "--out", str(out),
+                 "--nsamples", "2", "--seqlen", "32", "--eval-seqlen", "32", "--max-windows",
+                 "2", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    notes = captured.err.splitlines()
+    assert any("bundled C4 sample" in n and "not reachable" in n for n in notes)
+    assert any(n.startswith("sparsity: 0.5 (the field's standard setting") for n in notes)
+    summary = captured.out
+    assert "perplexity  wikitext2-test (2 × 32 tokens): dense " in summary
+    assert "→ pruned" in summary and "×" in summary
+    assert f"saved       {out}" in summary
+    assert "snapprune generate --model" in summary and "snapprune shrink" in summary
+    report = json.loads((out / "snapprune_report.json").read_text())
+    assert report["calibration"]["source"] == "c4-sample"
+    assert report["settings"]["sparsity"] == 0.5 and report["settings"]["metric"] == "wanda"
+    assert set(report["perplexity"]) == set(report["dense_perplexity"]) == {"wikitext2-test"}
+    assert report["notes"] and report["estimate"]["total_seconds"] > 0
+
+
+def test_out_is_required_unless_no_save(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["prune", "--model", tiny_dir, "--method", "magnitude", "--no-eval", "--quiet"]
+    code, err = _run(capsys, *args)
+    assert code == 2 and "--out DIR" in err and "--no-save" in err
+    code, err = _run(capsys, *args, "--no-save", "--json", "r.json")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # nothing else written
+
+
+def test_long_options_are_never_abbreviated(tiny_dir, capsys):
+    code, err = _run(capsys, "prune", "--model", tiny_dir, "--eval-seq", 64, "--no-save")
+    assert code == 2 and "unrecognized arguments: --eval-seq" in err
+    code, err = _run(capsys, "eval", "--model", tiny_dir, "--eval", "wikitext2-test",
+                     "--seqlen", 32, "--max-windows", 1, "--quiet")
+    assert code == 0, err  # prune's flag name works for eval too

@@ -15,6 +15,8 @@ from snapprune.eval.perplexity import perplexity
 from snapprune.models.loading import load_model
 from snapprune.models.pipeline import prune_model
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def smollm2():

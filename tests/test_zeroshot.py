@@ -40,8 +40,8 @@ def _write(path, records):
 
 
 @pytest.fixture(scope="module")
-def tiny(smollm2_tokenizer):
-    return tiny_model("llama", vocab=len(smollm2_tokenizer)), smollm2_tokenizer
+def tiny(tokenizer):
+    return tiny_model("llama", vocab=len(tokenizer)), tokenizer
 
 
 def test_never_seen_task_files_work_unchanged(tmp_path, tiny):

@@ -369,7 +369,8 @@ def _add_eval_parser(sub) -> None:
                         description="Perplexity over non-overlapping windows, and zero-shot "
                                     "accuracy.")
     _add_model_args(ev)
-    ev.add_argument("--ppl", dest="ppl", action="append", default=SUPPRESS, metavar="SRC",
+    ev.add_argument("--ppl", "--eval", dest="ppl", action="append", default=SUPPRESS,
+                    metavar="SRC",
                     help=f"perplexity source: {', '.join(EVALUATION_SOURCES)} or a file; "
                          f"repeatable (default: {DEFAULT_EVALUATION})")
     _add_window_args(ev, ("--seqlen", "--eval-seqlen"))

@@ -166,7 +166,7 @@ class Workbench:
             for source in evaluation.sources(streamed):
                 res = perplexity(self.model, self.eval_ids(source), seqlen=evaluation.seqlen,
                                  max_windows=evaluation.max_windows, device=self.device,
-                                 source=f"{label} {Path(source).name}".strip(),
+                                 source=Path(source).name, label=label,
                                  progress=self.progress)
                 result.perplexity[source] = res
             if evaluation.zeroshot:

@@ -49,6 +49,7 @@ def perplexity(
     device: str | torch.device = "cpu",
     source: str = "",
     progress: bool = True,
+    label: str = "",
 ) -> PerplexityResult:
     """``exp`` of the mean next-token negative log-likelihood over all predicted tokens of
     every non-overlapping ``seqlen`` window (each window starts with a fresh context)."""
@@ -62,7 +63,7 @@ def perplexity(
     device = torch.device(device)
     start = time.perf_counter()
     nll, count = 0.0, 0
-    for window in tqdm(windows, desc=f"perplexity {source}".strip(), unit="win",
+    for window in tqdm(windows, desc=f"{label} perplexity {source}".strip(), unit="win",
                        disable=not progress):
         logits = model(window[None].to(device), use_cache=False).logits[0, :-1].float()
         nll += F.cross_entropy(logits, window[1:].to(device), reduction="sum").item()

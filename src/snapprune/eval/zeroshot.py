@@ -160,6 +160,8 @@ def evaluate_zeroshot(
         raise SnapPruneError(
             "zero-shot evaluation needs lm-evaluation-harness: pip install 'snapprune[eval]'"
         ) from exc
+    from lm_eval.tasks import TaskManager
+
     specs, names = [], []
     for task in expand_tasks(tasks):
         if Path(task).suffix in (".jsonl", ".json") or Path(task).exists():
@@ -173,8 +175,11 @@ def evaluate_zeroshot(
                                          batch_size=batch_size, device=device)
     try:
         with library_bars(progress):
+            # Indexing lm-eval's own task library takes seconds; local files need none of it.
+            manager = TaskManager(include_defaults=any(isinstance(t, str) for t in specs))
             output = simple_evaluate(
                 model=lm, tasks=specs, num_fewshot=0, limit=limit, bootstrap_iters=0,
+                task_manager=manager,
                 log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                 fewshot_random_seed=0)
     except Exception as exc:  # unknown Hub task, no network: one line for the user
