@@ -11,8 +11,8 @@ block of memory. Calibration ids are random tokens (a random model has no use fo
 
 ``depth``: for each depth, prune the same checkpoint streamed (``stream_prune``) and in memory
 (``from_pretrained`` → ``prune_model`` → ``save_pretrained``), each in a fresh process whose
-peak resident memory (``VmHWM``, polled from ``/proc``) is recorded. Streaming should be flat in
-depth; in memory it grows by one block per block. The bound each streamed peak is compared with
+peak resident memory (``memory.process_peak_bytes``, polled) is recorded. Streaming should be
+flat in depth; in memory it grows by one block per block. The bound each streamed peak is compared with
 is the issue's: parameters outside the blocks + 2 blocks + calibration activations.
 
 ``big``: a checkpoint larger than this machine's memory (32 blocks in fp32 ≈ 27 GB): Wanda end to
@@ -40,7 +40,10 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
+
+from snapprune.memory import process_peak_bytes, resident_bytes, total_bytes
 
 GEOMETRIES = {
     "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
@@ -121,12 +124,6 @@ def directory_bytes(directory: Path) -> int:
 
 # --- one run, in a fresh process --------------------------------------------------------------
 
-def _status(field: str, pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def child(args: argparse.Namespace) -> None:
@@ -137,7 +134,7 @@ def child(args: argparse.Namespace) -> None:
     from snapprune.models.streaming import stream_prune
 
     torch.set_num_threads(args.threads)
-    print(json.dumps({"baseline_rss": _status("VmRSS")}), flush=True)  # even if killed later
+    print(json.dumps({"baseline_rss": resident_bytes()}), flush=True)  # even if killed later
     settings = PruneSettings(args.method, "unstructured", args.sparsity)
     vocab = json.loads((Path(args.source) / "config.json").read_text())["vocab_size"]
     ids = torch.randint(0, vocab, (args.nsamples, args.seqlen),
@@ -179,8 +176,8 @@ def measure(mode: str, source: Path, dest: Path, args: argparse.Namespace,
 
     def poll() -> None:
         while process.poll() is None:
-            with contextlib.suppress(OSError, ValueError):
-                peak[0] = max(peak[0], _status("VmHWM", process.pid))
+            with contextlib.suppress(OSError, ValueError, psutil.Error):
+                peak[0] = max(peak[0], process_peak_bytes(process.pid))
             time.sleep(0.2)
 
     watcher = threading.Thread(target=poll, daemon=True)
@@ -206,7 +203,7 @@ def _from_resume_state(dest: Path) -> dict:
     """What a run stopped by the crash hook had done, read from its resume checkpoint."""
     from snapprune.models.streaming import STATE_NAME, partial_dir
 
-    state = torch.load(partial_dir(dest.resolve()) / STATE_NAME, weights_only=False)
+    state = json.loads((partial_dir(dest.resolve()) / STATE_NAME).read_text())
     return {"blocks_done": state["next_block"],
             "calibration_seconds": state["calibration_seconds"],
             "solver_seconds": state["solver_seconds"]}
@@ -314,15 +311,7 @@ def _row(scenario: str, blocks: int, source: Path, result: dict, bound: dict,
             "achieved_sparsity": result.get("achieved_sparsity"),
             "output_bytes": result.get("output_bytes"),
             "tokens": args.nsamples * args.seqlen, "threads": args.threads,
-            "memory_total": _meminfo("MemTotal")}
-
-
-def _meminfo(field: str) -> int:
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+            "memory_total": total_bytes()}
 
 
 def _emit(row: dict, out: Path) -> None:

@@ -122,16 +122,9 @@ def probe(path: str, device: str) -> int:
     """In this (fresh) process: peak RSS increase from loading ``path`` and running it."""
     from transformers import AutoModelForCausalLM
 
-    def status(field: str) -> int:
-        """Bytes of a /proc/self/status field. VmHWM is this process's own peak: getrusage's
-        ru_maxrss would carry the parent's peak across fork and exec."""
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no {field} in /proc/self/status")
+    from snapprune.memory import process_peak_bytes, resident_bytes
 
-    base = status("VmRSS")
+    base = resident_bytes()
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 512)).to(device)
     with torch.no_grad():
@@ -140,7 +133,9 @@ def probe(path: str, device: str) -> int:
                        pad_token_id=0, attention_mask=torch.ones_like(ids[:, :32]))
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated())
-    return status("VmHWM") - base
+    # This process's own peak (VmHWM where kept): getrusage's ru_maxrss would carry the
+    # parent's peak across fork and exec.
+    return process_peak_bytes(os.getpid()) - base
 
 
 def peak_memory(path: Path, device: str) -> int:

@@ -95,7 +95,7 @@ def test_a_new_run_never_discards_saved_progress(sharded_dir, tmp_path, capsys):
     _killed_after(1, sharded_dir, out)
     assert _saved_block(out) == 2
     code, err = _run(capsys, *_args(sharded_dir, out))
-    assert code == 2 and "--resume" in err and "--restart" in err
+    assert code == 2 and "resume to continue" in err and "restart to discard" in err
     assert _saved_block(out) == 2  # untouched
     code, err = _run(capsys, *_args(sharded_dir, out, "--restart"))
     assert code == 0, err

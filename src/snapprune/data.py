@@ -95,7 +95,7 @@ def resolve_calibration_source(source: str) -> tuple[str, str | None]:
     if reason is None:
         return "c4", None
     return "c4-sample", (f"calibration: the Hub is not reachable ({reason}), so the bundled C4 "
-                         "sample is used (--calib c4-sample; --calib FILE for your own text)")
+                         "sample is used (c4-sample; a local file for your own text)")
 
 
 def default_windows(source: str) -> tuple[int, int]:
@@ -221,7 +221,7 @@ def _windows_from_documents(
             longest = max(lengths.values(), default=0)
             raise SnapPruneError(
                 f"{source} has too little text: no document is longer than {seqlen} tokens "
-                f"(longest: {longest}); lower --seqlen or use a source with longer documents"
+                f"(longest: {longest}); lower seqlen or use a source with longer documents"
             )
         i = rng.randint(0, len(docs) - 1)
         ids = tokenizer(docs[i], return_tensors="pt").input_ids[0]
@@ -240,7 +240,7 @@ def _windows_from_stream(
     if ids.numel() < nsamples * seqlen:
         raise SnapPruneError(
             f"{source} has too little text: {ids.numel()} tokens for {nsamples} windows of "
-            f"{seqlen}; lower --nsamples or --seqlen, or use more text"
+            f"{seqlen}; lower nsamples or seqlen, or use more text"
         )
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
@@ -263,7 +263,7 @@ def calibration_windows(
     file of ``{"text": ...}`` documents.
     """
     if nsamples < 1 or seqlen < 2:
-        raise SnapPruneError("calibration needs --nsamples >= 1 and --seqlen >= 2")
+        raise SnapPruneError("calibration needs nsamples >= 1 and seqlen >= 2")
     if source == "self":
         if model is None:
             raise SnapPruneError("calibration source 'self' needs the model")

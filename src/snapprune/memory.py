@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import sys
+from pathlib import Path
 
 import psutil
 import torch
@@ -31,6 +32,22 @@ def peak_resident_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def process_peak_bytes(pid: int) -> int:
+    """Peak resident memory of another process, for benchmarks that poll a child: Linux's
+    own high-water mark (``VmHWM``, which exec resets, unlike ``ru_maxrss``) where the system
+    keeps one, else its resident memory now (poll it to follow the peak)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+def total_bytes() -> int:
+    """The machine's memory."""
+    return int(psutil.virtual_memory().total)
 
 
 def peak_bytes(device: torch.device) -> int:

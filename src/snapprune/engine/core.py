@@ -31,6 +31,9 @@ class PruneResult:
     percdamp: float | None = None
     """Damping fraction the factorisation used (raised from the request if it had to be);
     ``None`` for methods that never factor the Hessian."""
+    upper: torch.Tensor | None = None
+    """The upper Cholesky factor of the damped ``H⁻¹`` the method used (``None`` when it
+    needed none): GPTQ after pruning reads the same factor (``quantize_weight(upper=)``)."""
 
     @property
     def sparsity(self) -> float:
@@ -187,4 +190,4 @@ def prune_weight(
                if stats is not None and stats.has_hessian and error else math.nan)
     used = problem.damping_log[-1] if problem.damping_log else None
     return PruneResult(weight=w.to(weight.dtype), mask=mask, error=quality, seconds=seconds,
-                       percdamp=used)
+                       percdamp=used, upper=problem.__dict__.get("upper"))

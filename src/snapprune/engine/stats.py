@@ -78,7 +78,7 @@ class LayerStats:
         if not torch.isfinite(sq).all():
             raise SnapPruneError(
                 "calibration activations contain NaN or Inf; check the model's weights and dtype "
-                "(try --dtype float32)"
+                "(try dtype float32)"
             )
         for part, part_sq in zip(parts, sq, strict=True):
             self._add_window(part, part_sq)

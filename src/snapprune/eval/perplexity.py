@@ -58,7 +58,7 @@ def perplexity(
     if not windows:
         raise SnapPruneError(
             f"the evaluation text has {ids.numel()} tokens, less than one window of {seqlen}; "
-            "lower --seqlen"
+            "lower seqlen"
         )
     device = torch.device(device)
     start = time.perf_counter()

@@ -59,7 +59,7 @@ def resolve_model(spec: str) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SnapPruneError(
-                f"{spec} is a directory without config.json; point --model at a saved "
+                f"{spec} is a directory without config.json; point the model at a saved "
                 "transformers model (save_pretrained) or a Hub id"
             )
         return ModelSource(spec, str(path))

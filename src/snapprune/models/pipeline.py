@@ -53,7 +53,7 @@ def target_layers(model: nn.Module, include: tuple[str, ...] = (),
                          if _select(prefix + n, include, exclude)}
     if not any(chosen.values()):
         raise SnapPruneError(
-            "no linear layer matches include/exclude; check the layer names with --verbose"
+            "no linear layer matches include/exclude; the layers are listed in verbose output"
         )
     return chosen
 

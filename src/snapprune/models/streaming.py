@@ -269,17 +269,17 @@ def stream_prune(
     if resume:
         if not state_path.is_file():
             raise SnapPruneError(f"nothing to resume: {tmp} holds no checkpoint; run without "
-                                 "--resume")
+                                 "resume")
         state = json.loads(state_path.read_text())
         differ = _differences(state.get("fingerprint", {}), fingerprint)
         if differ:
             raise SnapPruneError(
                 f"{tmp} was made from another model or other settings ({', '.join(differ[:4])} "
-                "differ); run the same command as before, or --restart to start over")
+                "differ); run the same command as before, or restart to start over")
         begin = int(state["next_block"])
         if not group.same_everywhere(begin):
             raise SnapPruneError(f"the ranks' checkpoints in {tmp} stop at different blocks "
-                                 "(a rank was killed while writing); --restart to start over")
+                                 "(a rank was killed while writing); restart to start over")
         from safetensors.torch import load_file
 
         saved = load_file(tmp / state["activations"])
@@ -298,8 +298,8 @@ def stream_prune(
         stopped = saved_progress(out)
         if stopped is not None and not restart:
             raise SnapPruneError(
-                f"{tmp} holds a streamed run stopped before block {stopped}: --resume to "
-                "continue it, or --restart to discard it and start over")
+                f"{tmp} holds a streamed run stopped before block {stopped}: resume to "
+                "continue it, or restart to discard it and start over")
         if group.is_main:
             if tmp.exists():  # snapprune's own hidden directory: nothing resumable in it now
                 shutil.rmtree(tmp)

@@ -1,0 +1,220 @@
+"""Quantisation schemes: every fact about a weight grid, declared once.
+
+A scheme fixes the integer codes' range, how the weights of one group (a row's run of
+``group_size`` consecutive input columns; the whole row when ``group_size`` is ``None``) set
+the group's scale (and zero point or minimum), and how codes map back to values. The
+quantisers (GPTQ, round-to-nearest), the exporters and the report all read it from here.
+
+Two families of grids:
+
+- ``minmax`` (``w4g128``, ``w8``, ``w4g32-asym``, …): the formulas of compressed-tensors /
+  llm-compressor, which vLLM serves. Symmetric: ``scale = max|w| / ((2^b - 1) / 2)``, codes in
+  ``[-2^(b-1), 2^(b-1) - 1]``, value ``code · scale``. Asymmetric: the range is first widened to
+  hold 0, ``scale = (max - min) / (2^b - 1)``, an integer zero point ``zp``, value
+  ``(code - zp) · scale``. Zero is exactly on both grids.
+- llama.cpp's block types (``q4_0``, ``q4_1``, ``q8_0``): blocks of 32, ``q4_0``:
+  ``d = m / -8`` with ``m`` the block's value of largest magnitude, codes 0…15, value
+  ``(code - 8) · d``; ``q4_1``: ``d = (max - min) / 15``, minimum ``m``, value
+  ``code · d + m`` (zero is generally *not* on its grid); ``q8_0``: ``d = max|w| / 127``,
+  value ``code · d``. ``d`` and ``m`` are stored as float16, so the grid uses their float16
+  values: what llama.cpp reads back is exactly what the quantiser chose.
+
+Codes are rounded to the nearest point of the stored grid (halves to even) and clamped to the
+range, so a weight moved by GPTQ's error feedback past the group's range lands on its edge.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SnapPruneError
+
+GGUF_BLOCK = 32
+"""Values per llama.cpp quantisation block."""
+
+
+@dataclass(frozen=True)
+class GroupParams:
+    """A group's grid: ``scale`` (rows,) and, for asymmetric grids, ``zero`` (rows,): the
+    integer zero point (minmax) or the float16 minimum (``q4_1``)."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A weight quantisation scheme. ``group_size`` ``None``: one group per output row
+    (per-channel). ``grid``: ``minmax`` or a llama.cpp block type (``q4_0``, ``q4_1``,
+    ``q8_0``)."""
+
+    name: str
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    grid: str = "minmax"
+
+    @property
+    def gguf(self) -> bool:
+        """One of llama.cpp's block types (blocks of 32, float16 scales)."""
+        return self.grid != "minmax"
+
+    @property
+    def qmin(self) -> int:
+        if self.grid == "q4_0" or self.grid == "q4_1":
+            return 0
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        if self.grid == "q4_0" or self.grid == "q4_1":
+            return 15
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def exact_zero(self) -> bool:
+        """Whether 0 is a point of every group's grid (pruned weights can stay exactly 0)."""
+        return self.grid != "q4_1"
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage per weight, scales included (float16 scales; per-channel: ~b)."""
+        if self.group_size is None:
+            return float(self.bits)
+        extra = 16 * (1 if self.symmetric and self.grid != "q4_1" else 2)
+        if self.grid == "minmax" and not self.symmetric:
+            extra = 16 + self.bits  # integer zero point
+        return self.bits + extra / self.group_size
+
+    def groups(self, cols: int) -> int:
+        """Groups per row: ``ceil(cols / group_size)`` (the last may be shorter)."""
+        return 1 if self.group_size is None else math.ceil(cols / self.group_size)
+
+    def group_width(self, cols: int) -> int:
+        return cols if self.group_size is None else self.group_size
+
+    def check_width(self, cols: int, name: str = "this layer") -> None:
+        """llama.cpp's blocks need whole blocks of 32 per row."""
+        if self.gguf and cols % GGUF_BLOCK:
+            raise SnapPruneError(
+                f"{self.name} quantises blocks of {GGUF_BLOCK} inputs, but {name} has {cols}; "
+                f"widths must be multiples of {GGUF_BLOCK} (shrink with multiple_of 32 or 64)")
+
+    # -- the grid -------------------------------------------------------------------------
+
+    def fit(self, w: torch.Tensor, scale_dtype: torch.dtype = torch.float16) -> GroupParams:
+        """The grid of each row of ``w`` (rows × group columns, float32)."""
+        w = w.to(torch.float32)
+        if self.grid == "q4_0":
+            index = w.abs().argmax(1, keepdim=True)  # the first of equal magnitudes
+            signed = w.gather(1, index).squeeze(1)
+            return GroupParams(_half(signed / -8.0))
+        if self.grid == "q4_1":
+            low, high = w.min(1).values, w.max(1).values
+            return GroupParams(_half((high - low) / 15.0), _half(low))
+        if self.grid == "q8_0":
+            return GroupParams(_half(w.abs().max(1).values / 127.0))
+        low = torch.clamp(w.min(1).values, max=0.0)
+        high = torch.clamp(w.max(1).values, min=0.0)
+        levels = 2**self.bits - 1
+        if self.symmetric:
+            scale = torch.maximum(low.abs(), high) / (levels / 2)
+            return GroupParams(_rounded(scale, scale_dtype))
+        scale = _rounded((high - low) / levels, scale_dtype)
+        zero = torch.clamp(self.qmin - low / scale, self.qmin, self.qmax).round()
+        return GroupParams(scale, zero)
+
+    def codes(self, w: torch.Tensor, params: GroupParams) -> torch.Tensor:
+        """Nearest codes (float tensor of integers) of ``w`` (rows × k) on ``params``'
+        grid; ``params`` hold one value per row."""
+        scale = params.scale[:, None]
+        if self.grid == "q4_0":
+            raw = _divide(w, scale) + 8.0
+        elif self.grid == "q4_1":
+            raw = _divide(w - params.zero[:, None], scale)
+        elif self.grid == "q8_0" or self.symmetric:
+            raw = _divide(w, scale)
+        else:
+            raw = _divide(w, scale) + params.zero[:, None]
+        return torch.clamp(raw.round(), self.qmin, self.qmax)
+
+    def values(self, codes: torch.Tensor, params: GroupParams) -> torch.Tensor:
+        """The weights ``codes`` stand for (float32)."""
+        scale = params.scale[:, None].to(torch.float32)
+        if self.grid == "q4_0":
+            return (codes - 8.0) * scale
+        if self.grid == "q4_1":
+            return codes * scale + params.zero[:, None]
+        if self.grid == "q8_0" or self.symmetric:
+            return codes * scale
+        return (codes - params.zero[:, None]) * scale
+
+    def zero_code(self, params: GroupParams) -> torch.Tensor:
+        """Per row, the code whose value is exactly 0 (``exact_zero`` grids only)."""
+        if self.grid == "q4_0":
+            return torch.full_like(params.scale, 8.0)
+        if self.grid == "q8_0" or self.symmetric:
+            return torch.zeros_like(params.scale)
+        if self.grid == "minmax":
+            return params.zero
+        raise SnapPruneError(f"{self.name}'s grid has no exact zero")
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as stored in ``dtype``, back in float32; a zero scale (an all-zero group) becomes
+    the dtype's smallest step, as compressed-tensors stores it, so codes stay finite."""
+    stored = x.to(dtype).to(torch.float32)
+    return torch.where(stored == 0, torch.tensor(torch.finfo(dtype).eps), stored)
+
+
+def _divide(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``w / scale`` with 0 where the scale is 0 (llama.cpp's ``id = d ? 1/d : 0``)."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.where(scale == 0, torch.zeros_like(w), w / safe)
+
+
+_NAMED = {
+    "q4_0": Scheme("q4_0", 4, GGUF_BLOCK, True, "q4_0"),
+    "q4_1": Scheme("q4_1", 4, GGUF_BLOCK, False, "q4_1"),
+    "q8_0": Scheme("q8_0", 8, GGUF_BLOCK, True, "q8_0"),
+}
+_PATTERN = re.compile(r"^w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<asym>-asym|-sym)?$")
+BITS = (2, 3, 4, 8)
+"""Bit widths of the ``minmax`` schemes (2 for ablations)."""
+
+
+def parse_scheme(name: str) -> Scheme:
+    """A scheme by the name users know: ``q4_0``, ``q4_1``, ``q8_0`` (llama.cpp), or
+    ``w{bits}[g{group}][-asym]`` (``w4g128``, ``w8``, ``w4g32-asym``, ``w3g128``)."""
+    if isinstance(name, Scheme):
+        return name
+    text = str(name).strip().lower()
+    if text in _NAMED:
+        return _NAMED[text]
+    match = _PATTERN.match(text)
+    if match is None:
+        raise SnapPruneError(
+            f"unknown quantisation scheme {name!r}; use q4_0, q4_1, q8_0, or w<bits>[g<group>]"
+            "[-asym] with bits in 2, 3, 4, 8 (e.g. w4g128, w8, w4g32-asym)")
+    bits = int(match["bits"])
+    if bits not in BITS:
+        raise SnapPruneError(f"scheme {name!r}: {bits}-bit weights are not supported; use "
+                             f"{', '.join(map(str, BITS))} bits")
+    group = int(match["group"]) if match["group"] else None
+    if group is not None and (group < 8 or group & (group - 1)):
+        raise SnapPruneError(f"scheme {name!r}: group size {group} must be a power of two "
+                             ">= 8 (32, 64, 128 are usual)")
+    return Scheme(text, bits, group, match["asym"] != "-asym", "minmax")
+
+
+SCHEME_NAMES = ("q4_0", "q4_1", "q8_0", "w8", "w4g128", "w4g64", "w4g32", "w4g128-asym",
+                "w3g128", "w2g64")
+"""Examples for help texts (any ``w{bits}[g{group}][-asym]`` is accepted)."""
