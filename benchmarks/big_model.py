@@ -12,8 +12,8 @@ block of memory. Calibration ids are random tokens (a random model has no use fo
 ``depth``: for each depth, prune the same checkpoint streamed (``stream_prune``) and in memory
 (``from_pretrained`` → ``prune_model`` → ``save_pretrained``), each in a fresh process whose
 peak resident memory (``memory.process_peak_bytes``, polled) is recorded. Streaming should be
-flat in depth; in memory it grows by one block per block. The bound each streamed peak is compared with
-is the issue's: parameters outside the blocks + 2 blocks + calibration activations.
+flat in depth; in memory it grows by one block per block. The bound each streamed peak is
+compared with is the issue's: parameters outside the blocks + 2 blocks + calibration activations.
 
 ``big``: a checkpoint larger than this machine's memory (32 blocks in fp32 ≈ 27 GB): Wanda end to
 end, streamed; then Thanos on its first ``--thanos-blocks`` blocks (the run is stopped by the

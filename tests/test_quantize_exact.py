@@ -138,7 +138,7 @@ def test_joint_quantisation_keeps_every_pruned_weight_exactly_zero(name, pattern
     if pattern == "2:4":
         zeros = (result.weight == 0).reshape(16, -1, 4).sum(2)
         assert (zeros >= 2).all()  # every group of 4 still holds at least its 2 zeros
-    values, codes, _, _ = reference_gptq(pruned.weight, problem.stats.hessian,
+    _, codes, _, _ = reference_gptq(pruned.weight, problem.stats.hessian,
                                          parse_scheme(name), mask=pruned.mask,
                                          prefer=result.codes)
     assert torch.equal(result.codes.double(), codes)

@@ -95,7 +95,7 @@ def resolve_calibration_source(source: str) -> tuple[str, str | None]:
     if reason is None:
         return "c4", None
     return "c4-sample", (f"calibration: the Hub is not reachable ({reason}), so the bundled C4 "
-                         "sample is used (c4-sample; a local file for your own text)")
+                         "sample is used (--calib c4-sample; --calib FILE for your own text)")
 
 
 def default_windows(source: str) -> tuple[int, int]:

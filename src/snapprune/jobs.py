@@ -214,7 +214,7 @@ class Job:
             if isinstance(before, PruneSettings) and before.sparsity is None \
                     and ":" not in str(before.pattern):
                 notes.append(f"sparsity: {after.sparsity:g} (the field's standard setting; "
-                             "set sparsity to change it)")
+                             "--sparsity S to change it)")
         calibration = self.calibration
         if self.needs_calibration:
             calibration, note = calibration.resolved()

@@ -48,8 +48,10 @@ def summary_lines(outcome) -> list[str]:
     head = "snapprune: done"
     if total is not None:
         head += f" in {duration(total)}"
-        if outcome.estimate is not None:
-            head += f" (estimated {duration(outcome.estimate.total_seconds)})"
+        measured = _estimated_parts(outcome)
+        if outcome.estimate is not None and measured:
+            head += (f"; calibration, solver and evaluation took {duration(measured)} "
+                     f"(estimated {duration(outcome.estimate.total_seconds)})")
     lines.append(head)
     for run in outcome.runs:
         lines.append(f"  step        {_what(run)}")
@@ -81,6 +83,14 @@ def summary_lines(outcome) -> list[str]:
     if job.steps and saved is not None:
         lines += _next_steps(job, saved)
     return lines
+
+
+def _estimated_parts(outcome) -> float:
+    """The measured time of what the estimate covers: the steps and the evaluations."""
+    steps = sum(run.total_seconds for run in outcome.runs)
+    evaluations = sum(outcome.seconds.get(k, 0.0) for k in ("dense_evaluation_seconds",
+                                                              "evaluation_seconds"))
+    return steps + evaluations
 
 
 def _next_steps(job, saved: Path) -> list[str]:

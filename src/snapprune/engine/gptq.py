@@ -67,7 +67,7 @@ def gptq_blockwise(
     processing order (``H[order][:, order]`` with ``order``). Returns ``(values, codes,
     params)`` with values and codes in natural column order and one ``GroupParams`` per
     natural group."""
-    rows, cols = weight.shape
+    cols = weight.shape[1]
     width = scheme.group_width(cols)
     static = order is not None
     params: list[GroupParams | None]

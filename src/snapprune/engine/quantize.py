@@ -76,7 +76,7 @@ def quantize_weight(
     if weight.dim() != 2 or not torch.is_floating_point(weight):
         raise SnapPruneError(f"expected a 2-D floating-point weight, got {tuple(weight.shape)} "
                              f"{weight.dtype}")
-    rows, cols = weight.shape
+    cols = weight.shape[1]
     scheme.check_width(cols)
     if mask is not None and not scheme.exact_zero and bool(mask.any()):
         raise SnapPruneError(f"{scheme.name}'s grid has no exact zero, so pruned weights "
