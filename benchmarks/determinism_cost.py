@@ -22,9 +22,10 @@ from snapprune.data import calibration_windows
 from snapprune.engine import determinism
 from snapprune.engine.factor import inverse_cholesky_upper
 from snapprune.models.adapters import adapter_for
+from snapprune.models.blockloop import gather_layer_stats
+from snapprune.models.capture import capture_block_inputs
 from snapprune.models.layout import is_prunable
 from snapprune.models.loading import load_model
-from snapprune.models.pipeline import capture_block_inputs, gather_layer_stats
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

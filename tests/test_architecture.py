@@ -19,8 +19,8 @@ from snapprune.cli import main
 from snapprune.engine import register_method, unregister_method
 from snapprune.engine.masks import lowest_k_mask, nm_mask, structured_mask
 from snapprune.models import adapter_for
-from snapprune.models.pipeline import target_layers
 from snapprune.models.settings import PruneSettings
+from snapprune.models.targets import target_layers
 from snapprune.sweep import canonical_cell
 
 PACKAGE = Path(snapprune.__file__).parent

@@ -16,11 +16,22 @@ from pathlib import Path
 
 from .data import AUTO, CALIBRATION_SOURCES, DEFAULT_EVALUATION, EVALUATION_SOURCES
 from .engine import METRICS, get_method, method_names
+from .engine.quantize import QUANT_METHODS
+from .engine.schemes import SCHEME_NAMES
 from .errors import SnapPruneError
+from .export import FORMAT_NAMES
 from .generate import DEFAULT_PROMPTS
-from .jobs import CalibrationSpec, EvaluationSpec, Execution, Job, read_recipe, step_kind
+from .jobs import (
+    CalibrationSpec,
+    EvaluationSpec,
+    Execution,
+    Job,
+    OutputSpec,
+    read_recipe,
+    step_kind,
+)
 from .models.capture import ACTIVATION_PLACES
-from .models.settings import PruneSettings, WidthSettings
+from .models.settings import PruneSettings, QuantizeSettings, WidthSettings
 
 SUPPRESS = argparse.SUPPRESS
 
@@ -255,8 +266,52 @@ def _add_zeroshot_args(group) -> None:
                        help="zero-shot: at most N examples per task (default: all)")
 
 
+SCHEMES_HELP = (
+    "quantisation schemes: q4_0, q4_1, q8_0 (llama.cpp's block types, for --format gguf) or "
+    "w<bits>[g<group>][-asym] with bits 2, 3, 4, 8 (compressed-tensors' grids, for --format "
+    "compressed-tensors when 4 or 8 bits): e.g. " + ", ".join(SCHEME_NAMES))
+
+
+def _add_quantize_args(parser, *, own: bool = False) -> None:
+    """``--quantize SCHEME`` (prune, shrink) or ``--scheme SCHEME`` (quantize) and the
+    quantiser's settings."""
+    group = parser.add_argument_group("quantisation")
+    if own:
+        group.add_argument("--scheme", default=SUPPRESS, metavar="SCHEME",
+                           help=SCHEMES_HELP + _d(QuantizeSettings, "scheme"))
+        group.add_argument("--method", default=SUPPRESS, choices=QUANT_METHODS,
+                           help="GPTQ on each layer's Hessian, or round-to-nearest (no data)"
+                                + _d(QuantizeSettings, "method"))
+        group.add_argument("--blocksize", type=_positive_int, default=SUPPRESS, metavar="B",
+                           help="GPTQ's lazy block width" + _d(QuantizeSettings, "blocksize"))
+        group.add_argument("--percdamp", type=_number, default=SUPPRESS, metavar="F",
+                           help="Hessian damping, fraction of its mean diagonal"
+                                + _d(QuantizeSettings, "percdamp"))
+        group.add_argument("--include", action="append", default=SUPPRESS, metavar="PAT",
+                           help="only layers whose name matches; repeatable")
+        group.add_argument("--exclude", action="append", default=SUPPRESS, metavar="PAT",
+                           help="skip layers whose name matches; repeatable")
+    else:
+        group.add_argument("--quantize", default=SUPPRESS, metavar="SCHEME",
+                           help="also quantise every pruned layer, in the same pass, on the "
+                                "same Hessian (pruned weights stay exactly 0). " + SCHEMES_HELP)
+        group.add_argument("--quant-method", default=SUPPRESS, choices=QUANT_METHODS,
+                           help="the quantiser" + _d(QuantizeSettings, "method"))
+        group.add_argument("--quant-blocksize", type=_positive_int, default=SUPPRESS,
+                           metavar="B", help="GPTQ's lazy block width"
+                                             + _d(QuantizeSettings, "blocksize"))
+    group.add_argument("--act-order", action="store_true", default=SUPPRESS,
+                       help="GPTQ in decreasing Hessian diagonal (group scales fitted up front, "
+                            "kept in natural order)")
+
+
 def _add_output_args(parser) -> None:
     output = parser.add_argument_group("output")
+    output.add_argument("--format", default=SUPPRESS, choices=FORMAT_NAMES,
+                        help="hf: safetensors (quantised weights de-quantised); gguf: "
+                             "llama.cpp's file (LLaMA family; q4_0, q4_1, q8_0); "
+                             "compressed-tensors: vLLM's (w* schemes)"
+                             + _d(OutputSpec, "format"))
     output.add_argument("--out", metavar="DIR", help="save the model, tokenizer, report and "
                         "recipe here (required, unless --no-save)")
     output.add_argument("--no-save", action="store_true",
@@ -317,6 +372,7 @@ def _add_prune_parser(sub) -> None:
                        help="skip each layer's reconstruction error (reported as null): two "
                             "extra rows x cols^2 products per layer, on a CPU often more time "
                             "than the pruning itself")
+    _add_quantize_args(prune)
     _add_evaluation_args(prune, "pruning")
     _add_output_args(prune)
     memory = prune.add_argument_group("models larger than memory")
@@ -359,9 +415,42 @@ def _add_shrink_parser(sub) -> None:
                            + _d(WidthSettings, "percdamp"))
     what.add_argument("--alpha", type=_number, default=SUPPRESS, metavar="A",
                       help="must be 0: outlier rows cannot be cut out (see prune --alpha)")
+    _add_quantize_args(shrink)
     _add_calibration_args(shrink)
     _add_evaluation_args(shrink, "shrinking")
     _add_output_args(shrink)
+
+
+QUANTIZE_EPILOG = """\
+GPTQ quantises each layer column by column on its Hessian (the calibration statistics pruning
+uses) and spreads each rounding error over the columns still to come; round-to-nearest (--method
+rtn) needs no data. Schemes: llama.cpp's q4_0, q4_1, q8_0 (blocks of 32, float16 scales;
+--format gguf writes them exactly as chosen) and w<bits>[g<group>][-asym] (compressed-tensors'
+grids; --format compressed-tensors writes 4 and 8 bits for vLLM). hf writes de-quantised
+safetensors for any scheme.
+
+examples:
+  snapprune quantize --model smollm2-135m --scheme q4_0 --format gguf --out runs/q4_0
+  snapprune prune --model smollm2-135m --method thanos --quantize q4_0 --format gguf \\
+      --out runs/thanos50-q4_0                          # joint: pruned weights stay 0
+  snapprune shrink --model smollm2-135m --mlp 0.3 --heads 0.34 --quantize q4_0 \\
+      --format gguf --out runs/smaller-q4_0              # smaller and 4-bit
+"""
+
+
+def _add_quantize_parser(sub) -> None:
+    quantize = sub.add_parser(
+        "quantize", help="quantise a model's weights (GPTQ or round-to-nearest) and write "
+                         "it for llama.cpp, vLLM or transformers",
+        description="Quantise every decoder-block linear layer, block by block.",
+        epilog=QUANTIZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(quantize, required=False)
+    _add_quantize_args(quantize, own=True)
+    _add_calibration_args(quantize)
+    quantize.add_argument("--no-layer-errors", dest="layer_errors", action="store_false",
+                          default=SUPPRESS, help="skip each layer's reconstruction error")
+    _add_evaluation_args(quantize, "quantising")
+    _add_output_args(quantize)
 
 
 def _add_eval_parser(sub) -> None:
@@ -470,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_Parser)
     _add_prune_parser(sub)
     _add_shrink_parser(sub)
+    _add_quantize_parser(sub)
     _add_eval_parser(sub)
     _add_sweep_parser(sub)
     _add_generate_parser(sub)
@@ -487,7 +577,7 @@ SECTIONS = {
     "execution": {"device": "device", "batch_size": "batch_size",
                   "activations": "activations", "layer_errors": "layer_errors",
                   "deterministic": "deterministic", "stream": "stream"},
-    "output": {"samples": "samples"},
+    "output": {"samples": "samples", "format": "format"},
 }
 """Command-line destination → the job section and field it sets."""
 
@@ -498,28 +588,57 @@ def _zeroshot_tasks(text: str) -> tuple[str, ...]:
     return tuple(expand_tasks([t.strip() for t in text.split(",") if t.strip()]))
 
 
+QUANTIZE_FLAGS = {"quantize": "scheme", "scheme": "scheme", "quant_method": "method",
+                  "act_order": "act_order", "quant_blocksize": "blocksize"}
+"""Command-line destinations of the quantisation step's settings."""
+STEP_CLASSES = {"prune": PruneSettings, "shrink": WidthSettings, "quantize": QuantizeSettings}
+
+
+def _with_changes(step, given: dict, names: dict[str, str]):
+    changes = {field: tuple(given[dest]) if isinstance(given[dest], list) else given[dest]
+               for dest, field in names.items() if dest in given}
+    return dataclasses.replace(step, **changes) if changes else step
+
+
 def job_from_args(args: argparse.Namespace, kind: str | None) -> Job:
     """The job the arguments describe: the recipe's (``--recipe``) or the declared defaults,
-    with every flag the user gave on top."""
+    with every flag the user gave on top. ``prune`` and ``shrink`` add a quantisation step
+    with ``--quantize``; ``quantize`` is that step alone."""
     given = vars(args)
-    step_cls = {"prune": PruneSettings, "shrink": WidthSettings}.get(kind)
+    step_cls = STEP_CLASSES.get(kind)
+    allowed = {None: None, "prune": (["prune"], ["prune", "quantize"]),
+               "shrink": (["shrink"], ["shrink", "quantize"]), "quantize": (["quantize"],)}
     if given.get("recipe"):
         job = read_recipe(given["recipe"])
-        if kind is not None and [step_kind(s) for s in job.steps] != [kind]:
-            raise SnapPruneError(f"recipe {given['recipe']} holds steps "
-                                 f"{[step_kind(s) for s in job.steps]}; snapprune {kind} runs "
-                                 f"one {kind} step (snapprune run takes any recipe)")
+        kinds = [step_kind(s) for s in job.steps]
+        if kind is not None and kinds not in allowed[kind]:
+            raise SnapPruneError(f"recipe {given['recipe']} holds steps {kinds}; snapprune "
+                                 f"{kind} runs {' or '.join(map(str, allowed[kind]))} "
+                                 "(snapprune run takes any recipe)")
     else:
         if "model" not in given:
             raise SnapPruneError(f"snapprune {args.command} needs --model (or --recipe FILE)")
         job = Job(model=given["model"], steps=(step_cls(),) if step_cls else ())
     job = dataclasses.replace(job, **{k: given[k] for k in ("model", "revision", "dtype")
                                       if k in given})
-    if step_cls is not None:
-        names = {f.name for f in dataclasses.fields(step_cls)}
-        changes = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()
-                   if k in names}
-        job = dataclasses.replace(job, steps=(dataclasses.replace(job.steps[0], **changes),))
+    steps = list(job.steps)
+    if step_cls is not None and step_cls is not QuantizeSettings:
+        names = {f.name: f.name for f in dataclasses.fields(step_cls)}
+        steps[0] = _with_changes(steps[0], given, names)
+    quantizing = kind == "quantize" or "quantize" in given
+    if quantizing:
+        if not any(isinstance(s, QuantizeSettings) for s in steps):
+            steps.append(QuantizeSettings())
+        index = next(i for i, s in enumerate(steps) if isinstance(s, QuantizeSettings))
+        names = dict(QUANTIZE_FLAGS)
+        if kind == "quantize":  # its own flags name the quantiser's settings directly
+            names.update(method="method", blocksize="blocksize", percdamp="percdamp",
+                         include="include", exclude="exclude")
+        steps[index] = _with_changes(steps[index], given, names)
+    elif any(flag in given for flag in ("quant_method", "act_order", "quant_blocksize")):
+        raise SnapPruneError("--quant-method, --act-order and --quant-blocksize set the "
+                             "quantiser: add --quantize SCHEME")
+    job = dataclasses.replace(job, steps=tuple(steps))
     if "zeroshot" in given:
         given["zeroshot"] = _zeroshot_tasks(given["zeroshot"])
     if "ppl" in given:
@@ -580,6 +699,7 @@ def _execute(job: Job, args, argv: list[str]) -> int:
 
 JOBS = {"prune": lambda args: job_from_args(args, "prune"),
         "shrink": lambda args: job_from_args(args, "shrink"),
+        "quantize": lambda args: job_from_args(args, "quantize"),
         "run": lambda args: read_recipe(args.recipe)}
 """Commands that run a job (under ``torchrun`` too)."""
 

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .engine.quantize import quantize_weight
 from .eval.perplexity import capped_seqlen
 from .jobs import Job
 from .models.adapters import adapter_for
 from .models.blockloop import gather_layer_stats, propagate
 from .models.capture import capture_block_inputs
 from .models.layout import linear_weight
-from .models.pipeline import target_layers
-from .models.settings import PruneSettings, WidthSettings
+from .models.settings import PruneSettings, QuantizeSettings, WidthSettings
+from .models.targets import target_layers
 
 
 @dataclass
@@ -70,6 +71,10 @@ def _weight_step(job: Job):
     return next((s for s in job.steps if isinstance(s, (PruneSettings, WidthSettings))), None)
 
 
+def _quantize_step(job: Job):
+    return next((s for s in job.steps if isinstance(s, QuantizeSettings)), None)
+
+
 @torch.no_grad()
 def estimate_job(bench, job: Job) -> Estimate:
     """Time the first block on one window and scale (see the module docstring)."""
@@ -80,13 +85,16 @@ def estimate_job(bench, job: Job) -> Estimate:
     blocks = adapter_for(model).decoder_blocks(model)
     count = len(blocks)
     step = _weight_step(job)
+    quantize = _quantize_step(job)
     out = Estimate(device=str(device))
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     block = copy.deepcopy(blocks[0]).to(device)
-    names = _step_layers(model, step) if step is not None else {}
+    names = set(_step_layers(model, step) if step is not None else [])
+    if quantize is not None:
+        names |= set(_step_layers(model, quantize))
     modules = dict(block.named_modules())
-    named = {f"{n}": modules[n] for n in names}
+    named = {n: modules[n] for n in sorted(names)}
 
     def forward_seconds(seqlen: int, with_stats: bool = True):
         window = torch.randint(0, vocab, (1, seqlen), generator=gen)
@@ -104,7 +112,7 @@ def estimate_job(bench, job: Job) -> Estimate:
 
         return stats_seconds, _timed(forward), stats
 
-    if step is not None:
+    if step is not None or quantize is not None:
         if job.needs_calibration:
             spec = job.calibration
             seqlen = capped_seqlen(model, spec.seqlen)
@@ -115,8 +123,16 @@ def estimate_job(bench, job: Job) -> Estimate:
             stats = None
         solve = 0.0
         for name, module in named.items():
-            fraction = _fraction(step, name)
             t = time.perf_counter()
+            if quantize is not None:
+                quantize_weight(linear_weight(module), stats and stats.get(name),
+                                quantize.scheme, method=quantize.method,
+                                act_order=quantize.act_order, blocksize=quantize.blocksize,
+                                percdamp=quantize.percdamp, error=False)
+            if step is None or name not in _step_layers(model, step):
+                solve += time.perf_counter() - t
+                continue
+            fraction = _fraction(step, name)
             if isinstance(step, WidthSettings):
                 prune_weight(linear_weight(module).clone(), stats and stats[name],
                              method=step.method, pattern="structured", sparsity=fraction,
@@ -147,6 +163,9 @@ def estimate_job(bench, job: Job) -> Estimate:
 def _step_layers(model, step) -> list[str]:
     """Block-relative names of the first block's layers the step changes."""
     adapter = adapter_for(model)
+    if isinstance(step, QuantizeSettings):
+        prefix = f"{adapter.blocks}.0."
+        return [n[len(prefix):] for n in target_layers(model, step.include, step.exclude)[0]]
     if isinstance(step, WidthSettings):
         names = []
         if step.mlp:

@@ -14,14 +14,15 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from .data import AUTO, DEFAULT_EVALUATION, check_source, default_windows
 from .data import resolve_calibration_source as _resolve_source
+from .engine.schemes import parse_scheme
 from .errors import SnapPruneError
 from .models.capture import ACTIVATION_PLACES
 from .models.loading import DTYPES
-from .models.settings import PruneSettings, WidthSettings
+from .models.settings import PruneSettings, QuantizeSettings, WidthSettings
 
 RECIPE_VERSION = 1
 DEFAULT_MAX_WINDOWS = 8
@@ -140,18 +141,19 @@ class OutputSpec:
     format: str = "hf"
     samples: bool = True
 
-    FORMATS: ClassVar[tuple[str, ...]] = ("hf",)
-
     def check(self) -> None:
-        if self.format not in self.FORMATS:
-            raise SnapPruneError(f"unknown output format {self.format!r}; choose one of "
-                                 f"{', '.join(self.FORMATS)}")
+        from .export import get_format
+
+        get_format(self.format)
 
 
-STEP_KINDS: dict[str, type] = {"prune": PruneSettings, "shrink": WidthSettings}
+STEP_KINDS: dict[str, type] = {"prune": PruneSettings, "shrink": WidthSettings,
+                               "quantize": QuantizeSettings}
 """Every kind of step a job can hold, by the name recipes and the command line use."""
 WEIGHT_STEPS = ("prune", "shrink")
 """Steps that remove weights; a job holds at most one, first."""
+ORDER = ("prune", "shrink", "quantize")
+"""The order steps run in (remove weights, then quantise the rest); each at most once."""
 
 
 def step_kind(step) -> str:
@@ -193,8 +195,16 @@ class Job:
         if len(weight) > 1 or (weight and kinds[0] not in WEIGHT_STEPS):
             raise SnapPruneError(f"steps {kinds}: a job removes weights once, as its first "
                                  "step (prune or shrink)")
+        if kinds != sorted(kinds, key=ORDER.index) or len(set(kinds)) != len(kinds):
+            raise SnapPruneError(f"steps {kinds}: each step at most once, in the order "
+                                 f"{' → '.join(ORDER)}")
         for step in self.steps:
             step.check()
+        quantize = next((s for s in self.steps if isinstance(s, QuantizeSettings)), None)
+        if quantize is not None and "prune" in kinds \
+                and not parse_scheme(quantize.scheme).exact_zero:
+            raise SnapPruneError(f"{quantize.scheme}'s grid has no exact zero, so pruned weights "
+                                 "would not stay 0; use q4_0, q8_0 or a w* scheme")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise SnapPruneError(f"unknown dtype {self.dtype!r}; choose auto, "
                                  f"{', '.join(DTYPES)}")
@@ -203,6 +213,9 @@ class Job:
         self.evaluation.check()
         self.execution.check()
         self.output.check()
+        from .export import get_format
+
+        get_format(self.output.format).check_job(self)
 
     def resolved(self) -> tuple[Job, list[str]]:
         """The job with every default it will use named (calibration source and windows,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import math
 import platform
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .export import quantization_of
+from .models.quantize import QuantizeRun
 from .models.streaming import ids_digest
 from .models.width import ShrinkRun, width_report
 
@@ -90,6 +93,21 @@ def model_revision(job, model) -> str | None:
     return commit or job.revision
 
 
+def quantization_report(run: QuantizeRun) -> dict:
+    """The quantisation section: the scheme's facts, the settings, and per-layer errors
+    (against the weights the quantiser was given: after pruning, when joint)."""
+    scheme = run.scheme
+    errors = [r.error for r in run.layers if math.isfinite(r.error)]
+    return {"scheme": scheme.name, "bits": scheme.bits, "group_size": scheme.group_size,
+            "symmetric": scheme.symmetric, "grid": scheme.grid,
+            "bits_per_weight": scheme.bits_per_weight, "scale_dtype": run.scale_dtype,
+            "settings": asdict(run.settings),
+            "mean_layer_error": sum(errors) / len(errors) if errors else None,
+            "seconds": run.solver_seconds,
+            "layers": [{"name": r.name, "shape": r.shape, "error": r.error,
+                        "seconds": r.seconds} for r in run.layers]}
+
+
 def _perplexities(evaluated) -> dict:
     return {k: asdict(v) for k, v in (evaluated.perplexity if evaluated else {}).items()}
 
@@ -98,10 +116,11 @@ def build_report(outcome, *, argv: list[str] | None, calibration_ids) -> dict:
     """The report of ``outcome`` (a ``run.Outcome``), in strict-JSON-able values."""
     job = outcome.job
     execution = job.execution
-    run = outcome.run
+    run = next((r for r in outcome.runs if not isinstance(r, QuantizeRun)), None)
     report: dict = {"model": job.model, "model_revision": model_revision(job, outcome.model)}
+    if outcome.runs:
+        report["architecture"] = outcome.runs[0].architecture
     if run is not None:
-        report["architecture"] = run.architecture
         settings = asdict(run.settings)
         report["method"] = settings.pop("method")
         settings.pop("pattern", None)
@@ -128,6 +147,10 @@ def build_report(outcome, *, argv: list[str] | None, calibration_ids) -> dict:
         else str(outcome.model.dtype).removeprefix("torch."),
         "batch_size": execution.batch_size,
     })
+    quantization = quantization_of(outcome.runs)
+    if quantization is not None:
+        report["quantization"] = quantization_report(quantization)
+    run = run or quantization
     if run is not None:
         report.update({
             "activations": run.activations or None,

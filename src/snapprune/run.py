@@ -27,8 +27,10 @@ from .jobs import CalibrationSpec, EvaluationSpec, Job, recipe_text
 from .models import collectives
 from .models.adapters import adapter_for
 from .models.capture import BlockInputs, capture_block_inputs, home_device
-from .models.pipeline import PruneRun, check_model_for_pruning, prune_model, target_layers
-from .models.settings import PruneSettings, WidthSettings
+from .models.pipeline import PruneRun, check_model_for_pruning, prune_model
+from .models.quantize import QuantizeRun, check_quantizable, quantize_model
+from .models.settings import PruneSettings, QuantizeSettings, WidthSettings
+from .models.targets import target_layers
 from .models.width import ShrinkRun, plan_width, shrink_model
 from .outputs import REPORT_NAME, check_output_dir, save_directory, write_json_atomic
 
@@ -198,31 +200,39 @@ class Workbench:
             elif isinstance(step, PruneSettings):
                 check_model_for_pruning(target_layers(self.model, step.include, step.exclude),
                                         step)
+            elif isinstance(step, QuantizeSettings) and not any(
+                    isinstance(s, WidthSettings) for s in job.steps):
+                check_quantizable(target_layers(self.model, step.include, step.exclude), step)
+        from .export import get_format
 
-    def apply(self, step, job: Job, *, verbose: bool = False) -> PruneRun | ShrinkRun:
+        get_format(job.output.format).check_model(self.model, job)
+
+    def apply(self, step, job: Job, *, verbose: bool = False,
+              quantize: QuantizeSettings | None = None) -> PruneRun | ShrinkRun | QuantizeRun:
         """Apply one step to the model (in place, or replacing it by a smaller one) and return
-        what it did. Calibration data and the first block's inputs come from the workbench's
-        caches."""
+        what it did; ``quantize``: quantise in the same pass (joint). Calibration data and the
+        first block's inputs come from the workbench's caches."""
         inputs, data_seconds, capture_seconds = None, 0.0, 0.0
-        if step.needs_calibration:
+        if step.needs_calibration or (quantize is not None and quantize.needs_calibration):
             _, data_seconds = self.calibration_ids(job.calibration)
             t = time.perf_counter()
             inputs = self.block_inputs(job.calibration, job.execution.batch_size)
             capture_seconds = time.perf_counter() - t
         log = self.log if verbose else None
         execution = job.execution
+        common = dict(device=self.device, batch_size=execution.batch_size,
+                      progress=self.progress, log=log, block_inputs=inputs,
+                      activations=execution.activations)
         if isinstance(step, WidthSettings):
             # The smaller model replaces the loaded one; cached first-block inputs (embeddings
             # and block arguments) stay valid, since shrinking never touches them.
-            self.model, run = shrink_model(
-                self.model, None, step, device=self.device,
-                batch_size=execution.batch_size, progress=self.progress, log=log,
-                block_inputs=inputs, activations=execution.activations)
+            self.model, run = shrink_model(self.model, None, step, quantize=quantize, **common)
+        elif isinstance(step, QuantizeSettings):
+            run = quantize_model(self.model, None, step, layer_errors=execution.layer_errors,
+                                 **common)
         else:
-            run = prune_model(self.model, None, step, device=self.device,
-                              batch_size=execution.batch_size, progress=self.progress, log=log,
-                              block_inputs=inputs, activations=execution.activations,
-                              layer_errors=execution.layer_errors)
+            run = prune_model(self.model, None, step, layer_errors=execution.layer_errors,
+                              quantize=quantize, **common)
         # The first block's inputs are part of the calibration passes when this job made them.
         run.calibration_seconds += capture_seconds
         run.total_seconds += capture_seconds
@@ -310,6 +320,9 @@ def execute(
                                  argv=argv, started=started)
     group = collectives.current()
     main = group.is_main
+    if group.active and any(isinstance(s, QuantizeSettings) for s in job.steps):
+        raise SnapPruneError("quantisation runs in one process; prune or shrink under "
+                             "torchrun, then quantise the output in one process")
     device = _rank_device(job.execution.device)
     for note in notes:
         if main:
@@ -340,8 +353,8 @@ def execute(
             outcome.dense = bench.evaluate(job.evaluation, label="dense")
             seconds["dense_evaluation_seconds"] = time.perf_counter() - t
         before = bench.samples() if main and job.steps and job.output.samples else None
-        for step in job.steps:
-            outcome.runs.append(bench.apply(step, job, verbose=verbose))
+        for step, quantize in stages(job.steps):
+            outcome.runs.append(bench.apply(step, job, verbose=verbose, quantize=quantize))
         if group.active:  # nothing below calls a collective: the others may go
             group.leave()
         if not main:
@@ -350,7 +363,7 @@ def execute(
         for run in outcome.runs:
             _log_run(run, log)
         t = time.perf_counter()
-        outcome.evaluated = bench.evaluate(job.evaluation, label="pruned" if job.steps else "")
+        outcome.evaluated = bench.evaluate(job.evaluation, label=after_label(job))
         seconds["evaluation_seconds"] = time.perf_counter() - t
         if before is not None:
             after = bench.samples()
@@ -368,6 +381,32 @@ def execute(
         if json_path is not None:
             write_json_atomic(json_path, outcome.report)
     return outcome
+
+
+def stages(steps) -> list[tuple]:
+    """The passes a job's steps run in: a prune or shrink step followed by quantisation is one
+    pass (joint: the same statistics, each layer quantised right after it is pruned);
+    ``(step, quantisation fused into it or None)``."""
+    out, index = [], 0
+    while index < len(steps):
+        step = steps[index]
+        following = steps[index + 1] if index + 1 < len(steps) else None
+        if isinstance(step, (PruneSettings, WidthSettings)) \
+                and isinstance(following, QuantizeSettings):
+            out.append((step, following))
+            index += 2
+        else:
+            out.append((step, None))
+            index += 1
+    return out
+
+
+AFTER = {PruneSettings: "pruned", WidthSettings: "shrunk", QuantizeSettings: "quantised"}
+
+
+def after_label(job: Job) -> str:
+    """How the model after the job's steps is called (``pruned``, ``shrunk``, ...)."""
+    return AFTER.get(type(job.steps[-1]), "after") if job.steps else ""
 
 
 def _rank_device(device: str) -> str:
@@ -388,14 +427,23 @@ def _log_run(run, log) -> None:
     elif isinstance(run, PruneRun):
         log(f"pruned {len(run.layers)} layers to sparsity {run.achieved_sparsity:.4f} in "
             f"{run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
+    elif isinstance(run, QuantizeRun):
+        log(f"quantised {len(run.layers)} layers ({run.settings.method} {run.settings.scheme}) "
+            f"in {run.total_seconds:.1f}s")
+    quantization = getattr(run, "quantization", None)
+    if quantization is not None:
+        log(f"quantised {len(quantization.layers)} layers ({quantization.settings.method} "
+            f"{quantization.settings.scheme}) in the same pass")
 
 
 def _save(outcome: Outcome, out: Path, *, overwrite: bool) -> Path:
     """The model in the job's format, its tokenizer, report and recipe, atomically."""
+    from .export import get_format
+
     def fill(tmp: Path) -> None:
-        outcome.model.save_pretrained(tmp, safe_serialization=True)
-        if outcome.tokenizer is not None:
-            outcome.tokenizer.save_pretrained(tmp)
+        files = get_format(outcome.job.output.format).write(outcome, tmp)
+        outcome.report["files"] = {name: (tmp / name).stat().st_size for name in files}
+        outcome.report["notes"] = list(outcome.notes)
         write_json_atomic(tmp / REPORT_NAME, outcome.report)
         (tmp / RECIPE_NAME).write_text(recipe_text(outcome.job), encoding="utf-8")
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .estimate import duration
 from .models.pipeline import PruneRun
+from .models.quantize import QuantizeRun
 from .models.settings import WidthSettings
 from .models.width import ShrinkRun
+from .run import after_label
 
 
 def verdict(ratio: float) -> str:
@@ -37,7 +40,17 @@ def _what(run) -> str:
         pattern = settings.pattern
         return (f"{settings.method} {pattern}: sparsity {run.achieved_sparsity:.1%} of the "
                 f"{len(run.layers)} pruned layers' weights")
+    if isinstance(run, QuantizeRun):
+        return _quantized(run)
     return type(run).__name__
+
+
+def _quantized(run: QuantizeRun) -> str:
+    scheme = run.scheme
+    errors = [r.error for r in run.layers if math.isfinite(r.error)]
+    mean = f"; mean layer error {sum(errors) / len(errors):.4f}" if errors else ""
+    return (f"{run.settings.method} {scheme.name} ({scheme.bits_per_weight:g} bits per weight) "
+            f"on {len(run.layers)} layers{mean}")
 
 
 def summary_lines(outcome) -> list[str]:
@@ -55,9 +68,11 @@ def summary_lines(outcome) -> list[str]:
     lines.append(head)
     for run in outcome.runs:
         lines.append(f"  step        {_what(run)}")
+        if getattr(run, "quantization", None) is not None:
+            lines.append(f"  + quantise  {_quantized(run.quantization)} (same pass)")
     after = report.get("perplexity", {})
     before = report.get("dense_perplexity", {})
-    label = "pruned" if job.steps else "model"
+    label = after_label(job) or "model"
     for source, result in after.items():
         name = Path(source).name
         windows = f"{result['windows']} × {result['seqlen']} tokens"
@@ -76,8 +91,11 @@ def summary_lines(outcome) -> list[str]:
             f"{k} {v:.3f}" for k, v in mean.items() if v is not None))
     saved = outcome.saved
     if saved is not None:
-        lines.append(f"  saved       {saved}/ (model, tokenizer, snapprune_report.json, "
-                     "snapprune_recipe.yaml)")
+        files = report.get("files", {})
+        model_files = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in files.items()
+                                if name.endswith((".gguf", ".safetensors")))
+        lines.append(f"  saved       {saved}/ ({model_files or 'model'}, "
+                     "snapprune_report.json, snapprune_recipe.yaml)")
     elif job.steps:
         lines.append("  saved       nothing (--no-save)")
     if job.steps and saved is not None:

@@ -360,7 +360,7 @@ def run_sweep(
     weights are restored to their dense values after the sweep. ``after_cell`` sees all
     records after each finished cell (to refresh a report).
     """
-    from .models.pipeline import target_layers
+    from .models.targets import target_layers
     from .report import device_description, library_versions
 
     out_dir = Path(out_dir)

@@ -57,6 +57,7 @@ def quantize_weight(
     percdamp: float = 0.01,
     upper: torch.Tensor | None = None,
     scale_dtype: torch.dtype = torch.float16,
+    keep_columns: torch.Tensor | None = None,
     error: bool = True,
 ) -> QuantResult:
     """Quantise one weight matrix (``rows × cols``, ``y = W x``) on ``scheme``'s grid.
@@ -68,8 +69,15 @@ def quantize_weight(
     decreasing Hessian diagonal, group grids fitted up front and kept in natural order.
     Columns never active in calibration (``H_jj = 0``) are set to 0 first, as GPTQ does.
     ``scale_dtype``: how the format stores the minmax scales (llama.cpp's grids are always
-    float16). The input is not modified.
+    float16). ``keep_columns``: the input columns that remain once removed ones are cut out
+    (``shrink``): the others must be 0 and stay 0; groups, codes and the GPTQ factor are those
+    of the cut-out layer (its Hessian restricted to the kept columns). The input is not
+    modified.
     """
+    if keep_columns is not None:
+        return _on_kept_columns(weight, stats, scheme, keep_columns, method=method, mask=mask,
+                                act_order=act_order, blocksize=blocksize, percdamp=percdamp,
+                                scale_dtype=scale_dtype, error=error)
     scheme = parse_scheme(scheme)
     if method not in QUANT_METHODS:
         raise SnapPruneError(f"unknown quantiser {method!r}; choose {', '.join(QUANT_METHODS)}")
@@ -118,3 +126,30 @@ def quantize_weight(
     scales, zeros = _stack(params)
     return QuantResult(values.to(weight.dtype), codes.to(torch.int16), scales, zeros, scheme,
                        quality, seconds, used)
+
+
+def _on_kept_columns(weight, stats, scheme, keep, *, error: bool, **options) -> QuantResult:
+    """Quantise the cut-out layer ``weight[:, keep]`` and put it back among zero columns."""
+    keep = torch.as_tensor(keep, device=weight.device).long()
+    if bool((weight.index_select(1, _complement(keep, weight.shape[1])) != 0).any()):
+        raise SnapPruneError("the columns to be cut out must already be zero")
+    sub_stats = None
+    if stats is not None:
+        sub_stats = LayerStats(len(keep), dtype=stats.dtype, device=stats.device)
+        sub_stats.set_hessian(stats.hessian[keep][:, keep], stats.sq_norms[keep])
+    mask = options.pop("mask")
+    part = quantize_weight(weight[:, keep], sub_stats, scheme,
+                           mask=None if mask is None else mask[:, keep], error=False,
+                           **options)
+    full = torch.zeros_like(weight)
+    full[:, keep] = part.weight
+    quality = (reconstruction_error(weight, full, stats.hessian)
+               if stats is not None and stats.has_hessian and error else math.nan)
+    part.weight, part.error = full, quality
+    return part
+
+
+def _complement(keep: torch.Tensor, total: int) -> torch.Tensor:
+    removed = torch.ones(total, dtype=torch.bool, device=keep.device)
+    removed[keep] = False
+    return removed.nonzero().squeeze(1)

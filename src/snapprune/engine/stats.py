@@ -98,6 +98,16 @@ class LayerStats:
             self._xxt += self._product
         self._sq += sq
 
+    def set_hessian(self, hessian: torch.Tensor, sq_norms: torch.Tensor) -> None:
+        """Statistics given directly (``H`` and ``‖x_j‖²/N``), e.g. a layer's restricted to
+        the input columns that remain after others are cut out."""
+        if hessian.shape != (self.columns, self.columns) or sq_norms.shape != (self.columns,):
+            raise SnapPruneError(f"statistics of {self.columns} columns need a "
+                                 f"{self.columns}² Hessian and {self.columns} norms")
+        self.nsamples = 2
+        self._xxt = hessian.to(device=self.device, dtype=self._sq.dtype).clone()
+        self._sq = sq_norms.to(device=self.device, dtype=self._sq.dtype) * 2
+
     def sums(self) -> list[torch.Tensor]:
         """The raw sums (``Σ x²``, and ``Σ x xᵀ`` when gathered), which add up across
         processes: summing them in place over ranks (and ``nsamples``) gives the statistics

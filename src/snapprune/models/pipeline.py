@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,58 +11,34 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engine import LayerStats, get_method, parse_pattern, prune_weight
+from ..engine import LayerStats, PruneResult, get_method, parse_pattern, prune_weight
 from ..errors import SnapPruneError
 from ..memory import peak_bytes
 from .adapters import adapter_for
 from .blockloop import record_ranks, run_blocks
 from .capture import BlockInputs, home_device
 from .layout import input_width, linear_weight, set_linear_weight
+from .quantize import (
+    QuantizeRun,
+    check_quantizable,
+    quantize_embeddings,
+    quantize_layer,
+    refuse_under_ranks,
+    scale_dtype_for,
+)
 from .records import LayerRecord, RunRecord
-from .settings import PruneSettings
+from .settings import PruneSettings, QuantizeSettings
+from .targets import check_finite, layer_roles, target_layers
 
 
 @dataclass(kw_only=True)
 class PruneRun(RunRecord):
-    """What ``prune_model`` did: per-layer records and where the time went."""
+    """What ``prune_model`` did: per-layer records and where the time went, and, when it
+    quantised too (joint), what that did."""
 
     settings: PruneSettings
     roles: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
-
-
-def _select(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
-    def matches(patterns):
-        return any(fnmatch.fnmatch(name, p) or p in name.split(".") or fnmatch.fnmatch(
-            name.rsplit(".", 1)[-1], p) for p in patterns)
-
-    return (not include or matches(include)) and not matches(exclude)
-
-
-def target_layers(model: nn.Module, include: tuple[str, ...] = (),
-                  exclude: tuple[str, ...] = ()) -> dict[int, dict[str, nn.Module]]:
-    """Per block index, the linear layers to change (names relative to the model): those the
-    family adapter's groups name, narrowed by ``include``/``exclude``."""
-    adapter = adapter_for(model)
-    blocks = adapter.decoder_blocks(model)
-    chosen: dict[int, dict[str, nn.Module]] = {}
-    for index, block in enumerate(blocks):
-        prefix = f"{adapter.blocks}.{index}."
-        modules = dict(block.named_modules())
-        chosen[index] = {prefix + n: modules[n] for n in adapter.layer_roles(block)
-                         if _select(prefix + n, include, exclude)}
-    if not any(chosen.values()):
-        raise SnapPruneError(
-            "no linear layer matches include/exclude; the layers are listed in verbose output"
-        )
-    return chosen
-
-
-def layer_roles(model: nn.Module) -> dict[str, str]:
-    """Model-relative layer name → its group role (``attention.q``, ``mlp.out``, …)."""
-    adapter = adapter_for(model)
-    return {f"{adapter.blocks}.{i}.{n}": role
-            for i, block in enumerate(adapter.decoder_blocks(model))
-            for n, role in adapter.layer_roles(block).items()}
+    quantization: QuantizeRun | None = None
 
 
 def check_model_for_pruning(layers: dict[int, dict[str, nn.Module]], settings: PruneSettings,
@@ -83,14 +58,6 @@ def check_model_for_pruning(layers: dict[int, dict[str, nn.Module]], settings: P
             check_finite(named)
 
 
-def check_finite(named: dict[str, nn.Module]) -> None:
-    for name, module in named.items():
-        if not torch.isfinite(module.weight).all():
-            raise SnapPruneError(
-                f"weight of {name} contains NaN or Inf; the model is corrupt, reload it"
-            )
-
-
 def layer_cost(settings: PruneSettings) -> Callable[[nn.Module], float]:
     """Relative time to prune a layer with ``settings`` (the method's ``layer_cost``), which
     shares a block's layers out over ranks."""
@@ -107,8 +74,9 @@ def layer_cost(settings: PruneSettings) -> Callable[[nn.Module], float]:
 
 
 def prune_layer(name: str, module: nn.Module, stats: LayerStats | None,
-                settings: PruneSettings, run: PruneRun, log) -> torch.Tensor:
-    """Prune one layer in place, record it, return its mask (``True`` = removed)."""
+                settings: PruneSettings, run: PruneRun, log) -> PruneResult:
+    """Prune one layer in place, record it, return the result (mask: ``True`` = removed;
+    the factor it used)."""
     role = run.roles.get(name, "")
     _, sparsity = settings.check()
     result = prune_weight(
@@ -125,7 +93,7 @@ def prune_layer(name: str, module: nn.Module, stats: LayerStats | None,
     if log:
         log(f"{name:48s} {record.shape[0]}x{record.shape[1]}  sparsity "
             f"{record.sparsity:.3f}  error {record.error:.4g}  {record.seconds:.2f}s")
-    return result.mask
+    return result
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -148,6 +116,7 @@ def prune_model(
     block_inputs: BlockInputs | None = None,
     activations: str = "auto",
     layer_errors: bool = True,
+    quantize: QuantizeSettings | None = None,
     **overrides,
 ) -> PruneRun:
     """Prune every selected linear layer of ``model`` in place, block by block.
@@ -162,6 +131,8 @@ def prune_model(
     (``capture_block_inputs``), which sweeps reuse; they are not modified.
     Keyword overrides replace fields of ``PruneSettings`` (``method=``, ``sparsity=``, ...) in
     a copy; ``settings`` itself is never changed. Every module ends where it started.
+    ``quantize``: quantise each layer right after pruning it (joint), on the same statistics
+    and, when the damping is the same, the same factor; pruned weights stay exactly 0.
     """
     settings = settings or PruneSettings()
     known = {f.name for f in dataclasses.fields(PruneSettings)}
@@ -176,34 +147,53 @@ def prune_model(
     check_model_for_pruning(layers, settings)
     run = PruneRun(settings=settings, architecture=adapter.describe(model),
                    roles=layer_roles(model), layer_errors=layer_errors)
+    if quantize is not None:
+        refuse_under_ranks()
+        check_quantizable(layers, quantize)
+        run.quantization = QuantizeRun(
+            settings=quantize, layer_errors=layer_errors,
+            scale_dtype=str(scale_dtype_for(model)).removeprefix("torch."))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    if not settings.needs_calibration:
-        _prune_weights_only(layers, settings, run, device, log)
-    else:
-        def prune_block(_index: int, named: dict[str, nn.Module],
-                        stats: dict[str, LayerStats]) -> None:
-            for name, module in named.items():
-                prune_layer(name, module, stats[name], settings, run, log)
+    def prune_block(_index: int, named: dict[str, nn.Module],
+                    stats: dict[str, LayerStats]) -> None:
+        for name, module in named.items():
+            result = prune_layer(name, module, stats.get(name), settings, run, log)
+            if run.quantization is not None:
+                same = result.percdamp is not None and quantize.percdamp == settings.percdamp
+                quantize_layer(name, module, stats.get(name), quantize, run.quantization, log,
+                               mask=result.mask, upper=result.upper if same else None,
+                               role=run.roles.get(name, ""))
 
+    calibrated = settings.needs_calibration or (quantize is not None
+                                                and quantize.needs_calibration)
+    if not calibrated:
+        _weights_only(layers, prune_block, device)
+    else:
         method = get_method(settings.method)
-        run_blocks(model, layers, prune_block, calibration, run, device=device,
-                   hessian=method.needs_hessian(settings.resolved_metric) or layer_errors,
+        hessian = (method.needs_hessian(settings.resolved_metric) or layer_errors
+                   or quantize is not None)
+        run_blocks(model, layers, prune_block, calibration, run, device=device, hessian=hessian,
                    batch_size=batch_size, progress=progress, block_inputs=block_inputs,
-                   desc=f"{settings.method} {settings.pattern}", activations=activations,
-                   layer_cost=layer_cost(settings))
+                   desc=f"{settings.method} {settings.pattern}"
+                        + (f" + {quantize.scheme}" if quantize else ""),
+                   activations=activations, layer_cost=layer_cost(settings))
+    if run.quantization is not None:
+        quantize_embeddings(model, run.quantization)
+        run.quantization.total_seconds = run.quantization.solver_seconds
     run.total_seconds = time.perf_counter() - start
     run.peak_memory_bytes = peak_bytes(device)
     record_ranks(run)
     return run
 
 
-def _prune_weights_only(layers, settings, run, device, log) -> None:
-    """Magnitude pruning: no forward pass at all (layer errors are unknown: NaN)."""
-    for named in layers.values():
+def _weights_only(layers, step, device) -> None:
+    """Magnitude pruning (and round-to-nearest): no forward pass at all (layer errors are
+    unknown: NaN)."""
+    for index, named in layers.items():
         for name, module in named.items():
             home = home_device(module)
             module.to(device)
-            prune_layer(name, module, None, settings, run, log)
+            step(index, {name: module}, {})
             module.to(home)

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, fields, replace
 
 from ..engine import METRICS, check_settings, get_method
+from ..engine.quantize import QUANT_METHODS
+from ..engine.schemes import parse_scheme
 from ..errors import SnapPruneError
 
 
@@ -124,6 +126,50 @@ class WidthSettings(MethodChoice):
         if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
             raise SnapPruneError(f"multiple_of must be a positive integer, "
                                  f"got {self.multiple_of}")
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """Weight quantisation of the decoder blocks' linear layers: the scheme (``engine.schemes``:
+    ``q4_0``, ``w4g128``, ...), GPTQ on each layer's Hessian or round-to-nearest, activation
+    order, GPTQ's lazy block width and the Hessian damping. After a prune or shrink step in the
+    same job it runs joint: on the same statistics and factor, pruned weights held at 0."""
+
+    scheme: str = "q4_0"
+    method: str = "gptq"
+    act_order: bool = False
+    blocksize: int = 128
+    percdamp: float = 0.01
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                object.__setattr__(self, name, (value,) if isinstance(value, str)
+                                   else tuple(value))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
+
+    def resolved(self) -> QuantizeSettings:
+        self.check()
+        return replace(self, scheme=parse_scheme(self.scheme).name)
+
+    def check(self) -> None:
+        parse_scheme(self.scheme)
+        if self.method not in QUANT_METHODS:
+            raise SnapPruneError(f"unknown quantiser {self.method!r}; choose "
+                                 f"{', '.join(QUANT_METHODS)}")
+        if not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise SnapPruneError(f"quantiser blocksize must be a positive integer, got "
+                                 f"{self.blocksize!r}")
+        check_percdamp(self.percdamp)
+        if self.act_order and self.method != "gptq":
+            raise SnapPruneError("act_order orders GPTQ's columns; round-to-nearest has no "
+                                 "order (drop act_order or use method gptq)")
 
 
 def field_names(cls) -> tuple[str, ...]:

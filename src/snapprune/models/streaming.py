@@ -40,17 +40,10 @@ from .adapters import adapter_for
 from .blockloop import record_ranks, run_blocks
 from .capture import BlockInputs, capture_block_inputs
 from .loading import empty_model
-from .pipeline import (
-    PruneRun,
-    check_finite,
-    check_model_for_pruning,
-    layer_cost,
-    layer_roles,
-    prune_layer,
-    target_layers,
-)
+from .pipeline import PruneRun, check_model_for_pruning, layer_cost, prune_layer
 from .records import LayerRecord
 from .settings import PruneSettings
+from .targets import check_finite, layer_roles, target_layers
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -28,8 +28,17 @@ from .adapters import Adapter, adapter_for, head_geometry
 from .blockloop import run_blocks
 from .layout import is_conv1d, linear_weight, set_linear_weight
 from .loading import empty_model, with_weights
+from .quantize import (
+    QuantizeRun,
+    check_quantizable,
+    quantize_embeddings,
+    quantize_layer,
+    refuse_under_ranks,
+    scale_dtype_for,
+)
 from .records import LayerRecord, RunRecord
-from .settings import WidthSettings
+from .settings import QuantizeSettings, WidthSettings
+from .targets import layer_roles, target_layers
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,7 @@ class ShrinkRun(RunRecord):
     parameters_after: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
+    quantization: QuantizeRun | None = None
 
 
 def _sizes(model: nn.Module) -> tuple[int, int]:
@@ -156,11 +166,14 @@ def shrink_model(
     log=None,
     block_inputs=None,
     activations: str = "auto",
+    quantize: QuantizeSettings | None = None,
 ) -> tuple[nn.Module, ShrinkRun]:
     """Remove ``settings.mlp`` of every block's MLP neurons and ``settings.heads`` of its query
     heads; return a new, smaller model (standard config, same dtype, on the CPU) and the run.
     ``model`` itself ends with the removed units zeroed in place (the reference the smaller
-    model equals)."""
+    model equals). ``quantize``: quantise every layer of each block right after its units are
+    removed, on the cut-out shapes (the layers that lose input columns on their Hessian
+    restricted to the columns that remain)."""
     start = time.perf_counter()
     device = torch.device(device)
     plan = plan_width(model, settings)
@@ -180,11 +193,27 @@ def shrink_model(
         if plan.heads_new < plan.heads_old:
             named[f"{adapter.blocks}.{index}.{attn_out}"] = modules[attn_out]
         layers[index] = named
+    consumers = {name for named in layers.values() for name in named}
+    if quantize is not None:
+        refuse_under_ranks()
+        layers = target_layers(model, quantize.include, quantize.exclude)
+        missing = consumers - {n for named in layers.values() for n in named}
+        if missing:
+            raise SnapPruneError(f"the layers that lose units must be quantised too; "
+                                 f"{sorted(missing)[0]} is excluded")
+        check_quantizable(layers, quantize, widths=_cut_widths(plan, consumers, mlp_out))
+        run.quantization = QuantizeRun(
+            settings=quantize, layer_errors=True,
+            scale_dtype=str(scale_dtype_for(model)).removeprefix("torch."))
+    roles = layer_roles(model)
 
     def step(index: int, named: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
         modules = dict(blocks[index].named_modules())
         removed: dict[str, list[int]] = {}
+        kept: dict[str, torch.Tensor] = {}
         for name, module in named.items():
+            if name not in consumers:
+                continue
             is_mlp = name.endswith("." + mlp_out)
             if is_mlp:
                 chooser = lambda s: lowest_units(s, 1, plan.mlp_removed)  # noqa: E731
@@ -199,6 +228,7 @@ def shrink_model(
                 percdamp=settings.percdamp, choose_columns=chooser)
             set_linear_weight(module, result.weight)
             columns = result.mask.any(0)
+            kept[name] = (~columns).nonzero().squeeze(1)
             if is_mlp:
                 units = columns.nonzero().squeeze(1)
                 for producer in adapter.mlp.inputs:
@@ -220,15 +250,26 @@ def shrink_model(
                 log(f"{name:48s} removed {len(removed.get('mlp', removed.get('heads', [])))} "
                     f"units  error {record.error:.4g}  {record.seconds:.2f}s")
         run.removed[index] = removed
+        if run.quantization is not None:
+            for name, module in named.items():
+                quantize_layer(name, module, stats.get(name), quantize, run.quantization, log,
+                               keep_columns=kept.get(name), role=roles.get(name, ""))
 
-    if settings.needs_calibration:
+    calibrated = settings.needs_calibration or (quantize is not None
+                                                and quantize.needs_calibration)
+    if calibrated:
         run_blocks(model, layers, step, calibration, run, device=device,
                    batch_size=batch_size, progress=progress, block_inputs=block_inputs,
-                   desc=f"shrink {settings.method}", activations=activations)
+                   desc=f"shrink {settings.method}"
+                        + (f" + {quantize.scheme}" if quantize else ""),
+                   activations=activations)
     else:
         for index, named in layers.items():
             step(index, named, {})
-    smaller = cut_out(model, adapter, plan, run.removed)
+    smaller = cut_out(model, adapter, plan, run.removed,
+                      run.quantization.quantized if run.quantization else None)
+    if run.quantization is not None:
+        quantize_embeddings(smaller, run.quantization)
     run.parameters_after, run.bytes_after = _sizes(smaller)
     run.total_seconds = time.perf_counter() - start
     run.peak_memory_bytes = peak_bytes(device)
@@ -249,10 +290,19 @@ def _slice_layer(state: dict, prefix: str, module: nn.Module, keep: torch.Tensor
         state[f"{prefix}.bias"] = _keep(state[f"{prefix}.bias"], 0, keep)
 
 
+def _cut_widths(plan: WidthPlan, consumers: set[str], mlp_out: str) -> dict[str, int]:
+    """The input width each layer that loses units will have once they are cut out."""
+    return {name: plan.mlp_new if name.endswith("." + mlp_out) else
+            plan.heads_new * plan.head_dim for name in consumers}
+
+
 def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
-            removed: dict[int, dict[str, list[int]]]) -> nn.Module:
+            removed: dict[int, dict[str, list[int]]],
+            quantized: dict | None = None) -> nn.Module:
     """A new model from the smaller standard config holding copies of ``model``'s remaining
-    weights (nothing shared: later changes to either model leave the other alone)."""
+    weights (nothing shared: later changes to either model leave the other alone).
+    ``quantized`` (layer name → ``QuantizedLayer``): the codes of layers that lose output
+    units lose the same rows (those that lose input columns were quantised cut out)."""
     config = copy.deepcopy(model.config)
     if plan.mlp_removed:
         setattr(config, adapter.mlp_width_key, plan.mlp_new)
@@ -270,6 +320,7 @@ def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
             keep = _complement(removed[index]["mlp"], plan.mlp_old)
             for name in adapter.mlp.inputs:
                 _slice_layer(state, f"{prefix}.{name}", modules[name], keep, outputs=True)
+                _slice_codes(quantized, f"{prefix}.{name}", keep)
             _slice_layer(state, f"{prefix}.{adapter.mlp.output}", modules[adapter.mlp.output],
                          keep, outputs=False)
         if "heads" in removed.get(index, {}):
@@ -279,6 +330,7 @@ def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
             producers = [att.q] + ([att.k, att.v] if plan.kv_new < plan.kv_old else [])
             for name in producers:
                 _slice_layer(state, f"{prefix}.{name}", modules[name], keep, outputs=True)
+                _slice_codes(quantized, f"{prefix}.{name}", keep)
             _slice_layer(state, f"{prefix}.{att.o}", modules[att.o], keep, outputs=False)
     smaller = empty_model(config, model.dtype)
     missing, unexpected = with_weights(smaller, state, strict=False)
@@ -287,6 +339,11 @@ def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
         raise SnapPruneError(f"the cut-out model does not match its config (missing {missing}, "
                              f"unexpected {unexpected}); please report this")
     return smaller.eval()
+
+
+def _slice_codes(quantized: dict | None, name: str, keep: torch.Tensor) -> None:
+    if quantized is not None and name in quantized:
+        quantized[name] = quantized[name].keep_rows(keep)
 
 
 def _complement(removed: list[int], total: int) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""``compressed-tensors``: the format llm-compressor writes and vLLM serves, written with the
+compressed-tensors package: ``pack-quantized`` integer weights (8 codes of 4 bits, or 4 of 8
+bits, to an int32) with their group scales, the quantisation config in ``config.json``.
+transformers loads it through its compressed-tensors support; vLLM serves 4- and 8-bit
+weights (W4A16, W8A16). Symmetric schemes only: the library packs asymmetric zero points but
+cannot unpack them, so transformers could not load such a file back (llm-compressor issue
+1704).
+
+Groups are the quantiser's, in natural column order (activation order with static groups
+needs no ``g_idx``); the codes are compressed-tensors' own quantisation of the grid values
+with the quantiser's scales, which returns the quantiser's codes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..engine.schemes import parse_scheme
+from ..errors import SnapPruneError
+from . import Format, quantization_of, require
+
+FORMAT_NAME = "pack-quantized"
+
+
+def check_job(job) -> None:
+    from ..models.settings import QuantizeSettings
+
+    require("compressed_tensors", "deploy")
+    steps = [s for s in job.steps if isinstance(s, QuantizeSettings)]
+    if not steps:
+        raise SnapPruneError("compressed-tensors stores quantised weights: add a quantisation "
+                             "(e.g. --quantize w4g128), or write hf")
+    for step in steps:
+        scheme = parse_scheme(step.scheme)
+        if scheme.gguf:
+            raise SnapPruneError(
+                f"compressed-tensors holds w* schemes (w4g128, w8, ...), not llama.cpp's "
+                f"{scheme.name}: quantise with a w* scheme or write gguf")
+        if not scheme.symmetric:
+            raise SnapPruneError(
+                f"{scheme.name}: compressed-tensors packs asymmetric zero points that its "
+                "decompressor cannot unpack (llm-compressor issue 1704), so transformers "
+                "cannot load the file back; use a symmetric scheme, or write hf")
+
+
+def check_model(model, job) -> None:
+    """Every model whose linear layers transformers keeps as ``nn.Linear``."""
+
+
+def _args(scheme):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(
+        num_bits=scheme.bits, type="int", symmetric=scheme.symmetric,
+        strategy="group" if scheme.group_size else "channel", group_size=scheme.group_size)
+
+
+def write(outcome, directory: Path) -> list[str]:
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+    )
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    model = outcome.model
+    record = quantization_of(outcome.runs)
+    scheme = record.scheme
+    qscheme = QuantizationScheme(targets=["Linear"], weights=_args(scheme))
+    dtype = next(model.parameters()).dtype
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for name, layer in record.quantized.items():
+        weight = state.pop(f"{name}.weight").to(torch.float32)
+        scale_dtype = getattr(torch, record.scale_dtype)
+        entries = {"weight": weight, "weight_scale": layer.scales.to(scale_dtype)}
+        packed = PackedQuantizationCompressor.compress(entries, qscheme)
+        state.update({f"{name}.{key}": value for key, value in packed.items()})
+    config = QuantizationConfig(
+        config_groups={"group_0": qscheme}, format=FORMAT_NAME,
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=[n for n in linear if n not in record.quantized])
+    written = []
+    shards = split_torch_state_dict_into_shards(state, max_shard_size="5GB")
+    for file, names in shards.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, str(directory / file), metadata={"format": "pt"})
+        written.append(file)
+    if shards.is_sharded:
+        index = {"metadata": shards.metadata, "weight_map": shards.tensor_to_filename}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        written.append("model.safetensors.index.json")
+    config_data = model.config.to_dict()
+    config_data["torch_dtype"] = str(dtype).removeprefix("torch.")
+    import compressed_tensors
+
+    config_data["quantization_config"] = {
+        "version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
+        **config.model_dump(exclude=["quant_method"])}
+    (directory / "config.json").write_text(json.dumps(config_data, indent=2, default=str),
+                                          encoding="utf-8")
+    written.append("config.json")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+        written.append("generation_config.json")
+    if outcome.tokenizer is not None:
+        outcome.tokenizer.save_pretrained(directory)
+    return written
+
+
+FORMAT = Format("compressed-tensors", "llm-compressor's format, served by vLLM "
+                "(pack-quantized int4/int8, group scales)", "deploy", check_job, check_model,
+                write)

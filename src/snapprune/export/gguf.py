@@ -1,0 +1,257 @@
+"""``gguf``: llama.cpp's model file, written with gguf-py's ``GGUFWriter``.
+
+LLaMA-family models (LLaMA, Mistral, SmolLM and their shrunk versions: explicit head width,
+any MLP width that is a multiple of 32). Quantised layers are stored in their scheme's block
+type (``q4_0``, ``q4_1``, ``q8_0``) from the quantiser's own codes and float16 scales, so what
+llama.cpp reads is exactly the GPTQ (or round-to-nearest) result, not a re-quantisation.
+With llama.cpp's block types the token embedding and an untied output matrix come quantised
+to ``q8_0`` by the quantisation step (``models.quantize.quantize_embeddings``), so the file
+holds exactly the model that was evaluated; without quantisation float16; norms float32.
+
+The tokenizer is carried over so llama.cpp runs the file alone: from the source GGUF file
+(followed through snapprune's own outputs, whose reports name their source), else built from
+the tokenizer's files with gguf-py's vocab classes.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine.schemes import GGUF_BLOCK, parse_scheme
+from ..errors import SnapPruneError
+from . import Format, quantization_of
+
+FAMILIES = ("llama", "mistral")
+"""``config.model_type`` values written as llama.cpp's ``llama`` architecture."""
+FILE_NAME = "model.gguf"
+
+
+def _quant_type(name: str):
+    from gguf import GGMLQuantizationType
+
+    return {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1,
+            "q8_0": GGMLQuantizationType.Q8_0}[name]
+
+
+def check_job(job) -> None:
+    from ..models.settings import QuantizeSettings
+
+    for step in job.steps:
+        if isinstance(step, QuantizeSettings) and not parse_scheme(step.scheme).gguf:
+            raise SnapPruneError(
+                f"GGUF holds llama.cpp's block types (q4_0, q4_1, q8_0), not {step.scheme}: "
+                "quantise with one of those, or write compressed-tensors for w* schemes")
+
+
+def check_model(model, job) -> None:
+    config = model.config
+    if config.model_type not in FAMILIES:
+        raise SnapPruneError(
+            f"the GGUF writer covers the LLaMA family ({', '.join(FAMILIES)}), not "
+            f"{config.model_type}; write hf and convert with llama.cpp's convert_hf_to_gguf.py")
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind not in ("default", None):
+        raise SnapPruneError(f"rope scaling {kind!r} is not written to GGUF here; write hf and "
+                             "convert with llama.cpp's convert_hf_to_gguf.py")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(config, flag, False):
+            raise SnapPruneError(f"{flag} is not in llama.cpp's llama architecture; write hf")
+
+
+def _permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's LLaMA rope pairs adjacent dimensions, transformers' pairs halves: the rows
+    of q (and k) are reordered within each head, as llama.cpp's converter reorders them."""
+    shape = rows.shape
+    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2) \
+        .reshape(shape)
+
+
+def _pack(codes: torch.Tensor, scales: torch.Tensor, zeros, grid: str) -> np.ndarray:
+    """Blocks of 32 in llama.cpp's layout: float16 ``d`` (and ``m`` for ``q4_1``), then the
+    codes (two 4-bit codes a byte: byte ``j`` holds codes ``j`` and ``j + 16``)."""
+    rows, cols = codes.shape
+    blocks = cols // GGUF_BLOCK
+    c = codes.to(torch.int32).reshape(rows, blocks, GGUF_BLOCK).numpy()
+    d = scales.to(torch.float16).numpy().reshape(rows, blocks, 1).view(np.uint8)
+    if grid == "q8_0":
+        payload = c.astype(np.int8).view(np.uint8)
+        parts = [d, payload]
+    else:
+        low, high = c[..., :16], c[..., 16:]
+        payload = (low | (high << 4)).astype(np.uint8)
+        parts = [d]
+        if grid == "q4_1":
+            parts.append(zeros.to(torch.float16).numpy().reshape(rows, blocks, 1)
+                         .view(np.uint8))
+        parts.append(payload)
+    return np.concatenate(parts, axis=2).reshape(rows, -1)
+
+
+def source_gguf(spec: str, depth: int = 0) -> Path | None:
+    """The GGUF file a model came from: itself, or the source named in a snapprune output's
+    report, followed back."""
+    from ..models.loading import resolve_model
+    from ..outputs import REPORT_NAME
+
+    if depth > 8:
+        return None
+    try:
+        source = resolve_model(spec)
+    except SnapPruneError:
+        return None
+    if source.gguf_file:
+        return Path(source.path) / source.gguf_file
+    report = Path(source.path) / REPORT_NAME
+    if source.is_local and report.is_file():
+        with open(report, encoding="utf-8") as handle:
+            return source_gguf(json.load(handle).get("model", ""), depth + 1)
+    return None
+
+
+def _carry_tokenizer(writer, source: Path) -> None:
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(source))
+    for name, field in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), kind, sub_type=sub)
+
+
+def _build_tokenizer(writer, tokenizer) -> str | None:
+    """The tokenizer from its own files through gguf-py's vocab classes; returns a note when
+    llama.cpp's pre-tokenizer had to be guessed."""
+    from gguf import SpecialVocab
+    from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        path = Path(tmp)
+        for kind in (BpeVocab, LlamaHfVocab, SentencePieceVocab):
+            try:
+                vocab = kind(path)
+                break
+            except (FileNotFoundError, KeyError, ValueError, TypeError):
+                continue
+        else:
+            raise SnapPruneError("the tokenizer is neither BPE nor SentencePiece as gguf-py "
+                                 "reads them; write hf and convert with llama.cpp's "
+                                 "convert_hf_to_gguf.py")
+        tokens, scores, types = zip(*vocab.all_tokens(), strict=True)
+        writer.add_tokenizer_model(vocab.tokenizer_model)
+        note = None
+        if vocab.tokenizer_model == "gpt2":
+            pre = _pre_tokenizer(path)
+            writer.add_tokenizer_pre(pre)
+            if pre == "default":
+                note = ("GGUF: the tokenizer's pre-tokenizer is not one snapprune recognises; "
+                        "llama.cpp uses its default, which may split text differently")
+        writer.add_token_list(list(tokens))
+        writer.add_token_scores(list(scores))
+        writer.add_token_types(list(types))
+        SpecialVocab(path, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer,
+                                                                              quiet=True)
+    return note
+
+
+def _pre_tokenizer(path: Path) -> str:
+    """llama.cpp's name for a byte-level BPE pre-tokenizer: GPT-2's regex is the one known
+    here (what transformers builds from GGUF files, and GPT-2's own)."""
+    data = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    pre = data.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    return "default"
+
+
+def write(outcome, directory: Path) -> list[str]:
+    from gguf import (
+        MODEL_ARCH,
+        GGUFWriter,
+        LlamaFileType,
+        get_tensor_name_map,
+    )
+
+    model, job = outcome.model, outcome.job
+    config = model.config
+    record = quantization_of(outcome.runs)
+    quantized = record.quantized if record is not None else {}
+    scheme = record.scheme if record is not None else None
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    path = directory / FILE_NAME
+    writer = GGUFWriter(path, "llama")
+    writer.add_type("model")
+    writer.add_name(f"{Path(job.model).name} (snapprune)")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    file_type = {"q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
+                 "q8_0": LlamaFileType.MOSTLY_Q8_0}.get(getattr(scheme, "name", None),
+                                                        LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(2)
+    source = source_gguf(job.model)
+    note = None
+    if source is not None:
+        _carry_tokenizer(writer, source)
+    else:
+        note = _build_tokenizer(writer, outcome.tokenizer)
+    if note:
+        outcome.notes.append(note)
+
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise SnapPruneError(f"{name} has no GGUF name in llama.cpp's llama architecture; "
+                                 "write hf")
+        layer = name.removesuffix(".weight")
+        rows_heads = heads if layer.endswith("q_proj") else (
+            kv_heads if layer.endswith("k_proj") else None)
+        if layer in quantized and name.endswith(".weight"):
+            q = quantized[layer]
+            codes, scales = q.codes, q.scales
+            zeros = q.zeros
+            if rows_heads is not None:
+                codes, scales = _permute(codes, rows_heads), _permute(scales, rows_heads)
+                zeros = None if zeros is None else _permute(zeros, rows_heads)
+            data = _pack(codes, scales, zeros, q.scheme.grid)
+            writer.add_tensor(target, data, raw_dtype=_quant_type(q.scheme.name))
+            continue
+        value = tensor.detach().to(torch.float32)
+        if rows_heads is not None:
+            value = _permute(value, rows_heads)
+        if value.dim() == 1:
+            writer.add_tensor(target, value.numpy())
+        else:
+            writer.add_tensor(target, value.to(torch.float16).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return [FILE_NAME]
+
+
+FORMAT = Format("gguf", "llama.cpp's GGUF file (LLaMA family; q4_0, q4_1, q8_0 from the "
+                "quantiser's own codes)", None, check_job, check_model, write)
