@@ -169,6 +169,8 @@ def test_bad_quantisation_requests_are_refused_before_loading(args, fragment, tm
     ("llama", ["quantize", "--scheme", "q4_0", "--include", "o_proj", "--format", "gguf"],
      None),
     ("phi3", ["quantize", "--scheme", "q8_0"], None),
+    ("llama", ["quantize", "--scheme", "w4g128", "--format", "compressed-tensors"],
+     "need whole groups"),
 ])
 def test_refusals_that_need_the_model(family, args, fragment, tmp_path, capsys, tokenizer):
     model = tiny_model(family, vocab=len(tokenizer))

@@ -82,12 +82,12 @@ def test_shrink_smollm2_equals_the_zeroed_model(smollm2):
     calib = calibration_windows(str(C4_FILE), tokenizer, nsamples=2, seqlen=64, seed=0)
     smaller, run = shrink_model(model, calib, WidthSettings(method="thanos", mlp=0.3,
                                                             heads=0.34), progress=False)
-    assert smaller.config.intermediate_size == 1072  # 1536 · 0.7 = 1075.2 → multiple of 8
+    assert smaller.config.intermediate_size == 1088  # 1536 · 0.7 = 1075.2 → multiple of 32
     assert smaller.config.num_attention_heads == 6 and smaller.config.num_key_value_heads == 3
     assert smaller.config.head_dim == 64
     assert run.parameters_before == 134_515_008
-    # Per block: 464 neurons × 3 × 576, and 3 heads × 64 × (576 in q + 576 in o).
-    assert run.parameters_after == 134_515_008 - 30 * (464 * 3 * 576 + 3 * 64 * 2 * 576)
+    # Per block: 448 neurons × 3 × 576, and 3 heads × 64 × (576 in q + 576 in o).
+    assert run.parameters_after == 134_515_008 - 30 * (448 * 3 * 576 + 3 * 64 * 2 * 576)
     ids = calib[:1]
     torch.testing.assert_close(smaller(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 

@@ -77,13 +77,13 @@ def test_config_widths_and_parameter_count(family):
     expected = expected_parameters(model, plan)
     smaller, run = shrink_model(model, token_batch(2, 16), WidthSettings(mlp=0.3, heads=0.5),
                                 progress=False)
-    assert smaller.config.intermediate_size == 88  # 128 · 0.7 = 89.6 → multiple of 8
+    assert smaller.config.intermediate_size == 96  # 128 · 0.7 = 89.6 → multiple of 32
     assert smaller.config.num_attention_heads == 2 and smaller.config.head_dim == 16
     # GQA keeps its 2 key/value groups; without GQA k and v lose the heads q loses (4 → 2).
     assert smaller.config.num_key_value_heads == 2
     assert sum(p.numel() for p in smaller.parameters()) == expected == run.parameters_after
     layer = smaller.model.layers[0]
-    assert layer.mlp.down_proj.weight.shape == (64, 88)
+    assert layer.mlp.down_proj.weight.shape == (64, 96)
     assert layer.self_attn.q_proj.weight.shape == (32, 64)
 
 
@@ -159,10 +159,10 @@ def test_cli_shrink_saves_a_model_plain_transformers_loads(tiny_dir, tmp_path, c
                      "--out", out, "--quiet")
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
-    assert config["intermediate_size"] == 88 and config["num_attention_heads"] == 2
+    assert config["intermediate_size"] == 96 and config["num_attention_heads"] == 2
     report = json.loads((out / "snapprune_report.json").read_text())
     width = report["width"]
-    assert width["mlp"] == {"old": 128, "new": 88} and width["heads"]["new"] == 2
+    assert width["mlp"] == {"old": 128, "new": 96} and width["heads"]["new"] == 2
     assert width["parameters"]["after"] < width["parameters"]["before"]
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert sum(p.numel() for p in reloaded.parameters()) == width["parameters"]["after"]

@@ -47,7 +47,32 @@ def check_job(job) -> None:
 
 
 def check_model(model, job) -> None:
-    """Every model whose linear layers transformers keeps as ``nn.Linear``."""
+    """Whole groups in every quantised layer (the library refuses a partial last group, and
+    vLLM's kernels need whole groups), at the widths the layers will have."""
+    from ..models.layout import input_width
+    from ..models.settings import QuantizeSettings, WidthSettings
+    from ..models.targets import target_layers
+    from ..models.width import plan_width
+
+    quantize = next(s for s in job.steps if isinstance(s, QuantizeSettings))
+    group = parse_scheme(quantize.scheme).group_size
+    if group is None:
+        return
+    widths = {input_width(m) for named in target_layers(model, quantize.include,
+                                                        quantize.exclude).values()
+              for m in named.values()}
+    shrink = next((s for s in job.steps if isinstance(s, WidthSettings)), None)
+    if shrink is not None:
+        plan = plan_width(model, shrink)
+        widths |= {plan.mlp_new, plan.heads_new * plan.head_dim}
+    bad = sorted(w for w in widths if w % group)
+    if bad:
+        fits = [g for g in (128, 64, 32) if all(w % g == 0 for w in widths)]
+        raise SnapPruneError(
+            f"{quantize.scheme}: compressed-tensors (and vLLM's kernels) need whole groups, but "
+            f"layers have {bad[0]} inputs, not a multiple of {group}; "
+            + (f"use g{fits[0]}" if fits else "write hf") + " (or shrink with --multiple-of "
+            f"{group})")
 
 
 def _args(scheme):

@@ -86,14 +86,17 @@ class PruneSettings(MethodChoice):
 
 @dataclass(frozen=True)
 class WidthSettings(MethodChoice):
-    """What ``shrink`` removes: fractions of MLP neurons and of query heads."""
+    """What ``shrink`` removes: fractions of MLP neurons and of query heads. The new MLP width
+    is a multiple of ``multiple_of``: 32 by default, the smallest width every output format
+    quantises whole (llama.cpp's blocks of 32, the common group size 32); a GPU kernel that
+    wants 64 or 128, or a group of 128, asks for it."""
 
     method: str = "thanos"
     mlp: float = 0.0
     heads: float = 0.0
     metric: str | None = None
     percdamp: float = 0.01
-    multiple_of: int = 8
+    multiple_of: int = 32
     alpha: float = 0.0
 
     @property
