@@ -13,12 +13,16 @@ from .engine import (
     reconstruction_error,
     register_method,
 )
+from .engine.quantize import quantize_weight
+from .engine.schemes import parse_scheme
 from .errors import SnapPruneError
 from .jobs import CalibrationSpec, EvaluationSpec, Execution, Job, OutputSpec, read_recipe
 from .models.layout import linear_weight, set_linear_weight
 from .models.pipeline import PruneRun, prune_model
-from .models.settings import PruneSettings, WidthSettings
+from .models.quantize import QuantizeRun, quantize_model
+from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
 from .models.width import ShrinkRun, shrink_model
+from .recovery import RecoverRun, recover
 from .run import Outcome, execute
 
 
@@ -47,6 +51,10 @@ __all__ = [
     "PruneResult",
     "PruneRun",
     "PruneSettings",
+    "QuantizeRun",
+    "QuantizeSettings",
+    "RecoverRun",
+    "RecoverSettings",
     "ShrinkRun",
     "SnapPruneError",
     "WidthSettings",
@@ -55,10 +63,14 @@ __all__ = [
     "linear_weight",
     "method_names",
     "parse_pattern",
+    "parse_scheme",
     "prune_model",
     "prune_weight",
+    "quantize_model",
+    "quantize_weight",
     "read_recipe",
     "reconstruction_error",
+    "recover",
     "register_method",
     "set_linear_weight",
     "shrink_model",

@@ -31,7 +31,7 @@ from .jobs import (
     step_kind,
 )
 from .models.capture import ACTIVATION_PLACES
-from .models.settings import PruneSettings, QuantizeSettings, WidthSettings
+from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
 
 SUPPRESS = argparse.SUPPRESS
 
@@ -453,6 +453,100 @@ def _add_quantize_parser(sub) -> None:
     _add_output_args(quantize)
 
 
+RECOVER_EPILOG = """\
+recover trains a pruned (zeros in place) or shrunk model to win back what pruning cost,
+keeping its structure exactly: every weight that is 0 stays exactly 0 (gradients masked; with
+AdamW its moments stay 0), N:M stays N:M, shapes stay. The default loss distils the dense
+model's next-token distribution (KL divergence); --hidden-weight adds SquareHead's per-block
+normalised MSE; --loss lm is plain language-model fine-tuning, the ablation. The teacher is the
+dense model the student's snapprune report names (or --teacher). Training text never overlaps
+the evaluation windows (checked). A checkpoint beside --out every --checkpoint-every steps:
+after an interruption, the same command with --resume continues it.
+
+examples:
+  snapprune prune --model smollm2-135m --method thanos --pattern 2:4 --out runs/p24
+  snapprune recover --model runs/p24 --tokens 262144 --out runs/p24-recovered
+  snapprune quantize --model runs/p24-recovered --scheme q4_0 --format gguf --out runs/p24-q4
+  torchrun --nproc_per_node 2 -m snapprune recover --model runs/p24 --tokens 262144 \\
+      --out runs/p24-recovered                          # two processes (DDP, gloo on CPUs)
+"""
+
+RECOVER_FLAGS = {"tokens": "tokens", "teacher": "teacher", "data": "data",
+                 "r_seqlen": "seqlen", "r_batch_size": "batch_size", "accumulate": "accumulate",
+                 "lr": "lr", "warmup": "warmup", "weight_decay": "weight_decay",
+                 "max_grad_norm": "max_grad_norm", "loss": "loss",
+                 "temperature": "temperature", "hidden_weight": "hidden_weight",
+                 "train_dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing",
+                 "eval_every": "eval_every", "eval_windows": "eval_windows",
+                 "checkpoint_every": "checkpoint_every", "r_seed": "seed"}
+"""Command-line destinations of the recovery step's settings."""
+
+
+def _add_recover_parser(sub) -> None:
+    recover = sub.add_parser(
+        "recover", help="train a pruned model back towards the dense one, its structure kept",
+        description="Recovery by distillation from the dense model (or LM fine-tuning).",
+        epilog=RECOVER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(recover, required=False)
+    r = RecoverSettings
+    group = recover.add_argument_group("training")
+    group.add_argument("--teacher", default=SUPPRESS, metavar="DENSE",
+                       help="the dense model (default: the one the student's report names)")
+    group.add_argument("--tokens", type=_positive_int, default=SUPPRESS, metavar="N",
+                       help="training tokens" + _d(r, "tokens"))
+    group.add_argument("--data", default=SUPPRESS, metavar="SRC",
+                       help="training text: a calibration source (c4-sample, c4, wikitext2, "
+                            "self, a local file)" + _d(r, "data"))
+    group.add_argument("--seqlen", dest="r_seqlen", type=_positive_int, default=SUPPRESS,
+                       metavar="L", help="tokens per training window" + _d(r, "seqlen"))
+    group.add_argument("--batch-size", dest="r_batch_size", type=_positive_int,
+                       default=SUPPRESS, metavar="N",
+                       help="windows per micro-batch, over all processes" + _d(r, "batch_size"))
+    group.add_argument("--accumulate", type=_positive_int, default=SUPPRESS, metavar="K",
+                       help="micro-batches per optimiser step" + _d(r, "accumulate"))
+    group.add_argument("--lr", type=_number, default=SUPPRESS, metavar="LR",
+                       help="AdamW's peak learning rate" + _d(r, "lr"))
+    group.add_argument("--warmup", type=_number, default=SUPPRESS, metavar="F",
+                       help="linear warm-up over this fraction of the steps, then cosine"
+                            + _d(r, "warmup"))
+    group.add_argument("--weight-decay", type=_number, default=SUPPRESS, metavar="W",
+                       help="AdamW's weight decay" + _d(r, "weight_decay"))
+    group.add_argument("--max-grad-norm", type=_number, default=SUPPRESS, metavar="G",
+                       help="gradient clipping (0: none)" + _d(r, "max_grad_norm"))
+    group.add_argument("--loss", default=SUPPRESS, choices=("kd", "lm"),
+                       help="kd: distillation from the teacher; lm: next-token cross-entropy"
+                            + _d(r, "loss"))
+    group.add_argument("--temperature", type=_number, default=SUPPRESS, metavar="T",
+                       help="distillation temperature" + _d(r, "temperature"))
+    group.add_argument("--hidden-weight", type=_number, default=SUPPRESS, metavar="W",
+                       help="weight of the per-block normalised MSE to the teacher's hidden "
+                            "states (SquareHead)" + _d(r, "hidden_weight"))
+    group.add_argument("--train-dtype", default=SUPPRESS, choices=("float32", "bfloat16"),
+                       help="compute precision (bfloat16: autocast, float32 master weights)"
+                            + _d(r, "dtype"))
+    group.add_argument("--gradient-checkpointing", action="store_true", default=SUPPRESS,
+                       help="recompute activations in the backward pass: less memory, slower")
+    group.add_argument("--seed", dest="r_seed", type=_int, default=SUPPRESS, metavar="S",
+                       help="seed of the training windows" + _d(r, "seed"))
+    group.add_argument("--deterministic", action="store_true", default=SUPPRESS,
+                       help=DETERMINISTIC_HELP)
+    long = recover.add_argument_group("a long run")
+    long.add_argument("--eval-every", type=_int, default=SUPPRESS, metavar="K",
+                      help="held-out perplexity every K steps (0: before and after)"
+                           + _d(r, "eval_every"))
+    long.add_argument("--eval-windows", type=_positive_int, default=SUPPRESS, metavar="W",
+                      help="windows of the held-out perplexity" + _d(r, "eval_windows"))
+    long.add_argument("--checkpoint-every", type=_int, default=SUPPRESS, metavar="K",
+                      help="a resumable checkpoint every K steps (0: every tenth of the run)"
+                           + _d(r, "checkpoint_every"))
+    long.add_argument("--resume", action="store_true",
+                      help="continue a recovery that was stopped, from its last checkpoint")
+    long.add_argument("--restart", action="store_true",
+                      help="discard a stopped recovery's checkpoint and start over")
+    _add_evaluation_args(recover, "recovery")
+    _add_output_args(recover)
+
+
 def _add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a model's perplexity and zero-shot accuracy",
                         description="Perplexity over non-overlapping windows, and zero-shot "
@@ -559,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_Parser)
     _add_prune_parser(sub)
     _add_shrink_parser(sub)
+    _add_recover_parser(sub)
     _add_quantize_parser(sub)
     _add_eval_parser(sub)
     _add_sweep_parser(sub)
@@ -591,7 +686,8 @@ def _zeroshot_tasks(text: str) -> tuple[str, ...]:
 QUANTIZE_FLAGS = {"quantize": "scheme", "scheme": "scheme", "quant_method": "method",
                   "act_order": "act_order", "quant_blocksize": "blocksize"}
 """Command-line destinations of the quantisation step's settings."""
-STEP_CLASSES = {"prune": PruneSettings, "shrink": WidthSettings, "quantize": QuantizeSettings}
+STEP_CLASSES = {"prune": PruneSettings, "shrink": WidthSettings, "quantize": QuantizeSettings,
+                "recover": RecoverSettings}
 
 
 def _with_changes(step, given: dict, names: dict[str, str]):
@@ -607,7 +703,8 @@ def job_from_args(args: argparse.Namespace, kind: str | None) -> Job:
     given = vars(args)
     step_cls = STEP_CLASSES.get(kind)
     allowed = {None: None, "prune": (["prune"], ["prune", "quantize"]),
-               "shrink": (["shrink"], ["shrink", "quantize"]), "quantize": (["quantize"],)}
+               "shrink": (["shrink"], ["shrink", "quantize"]), "quantize": (["quantize"],),
+               "recover": (["recover"],)}
     if given.get("recipe"):
         job = read_recipe(given["recipe"])
         kinds = [step_kind(s) for s in job.steps]
@@ -622,7 +719,9 @@ def job_from_args(args: argparse.Namespace, kind: str | None) -> Job:
     job = dataclasses.replace(job, **{k: given[k] for k in ("model", "revision", "dtype")
                                       if k in given})
     steps = list(job.steps)
-    if step_cls is not None and step_cls is not QuantizeSettings:
+    if step_cls is RecoverSettings:
+        steps[0] = _with_changes(steps[0], given, RECOVER_FLAGS)
+    elif step_cls is not None and step_cls is not QuantizeSettings:
         names = {f.name: f.name for f in dataclasses.fields(step_cls)}
         steps[0] = _with_changes(steps[0], given, names)
     quantizing = kind == "quantize" or "quantize" in given
@@ -690,7 +789,13 @@ def _execute(job: Job, args, argv: list[str]) -> int:
                               restart=getattr(args, "restart", False), progress=progress,
                               verbose=args.verbose, log=_log, argv=argv)
         except KeyboardInterrupt:
-            print("snapprune: interrupted; nothing was written", file=sys.stderr)
+            from .recovery import checkpoint_dir_for
+
+            kept = out is not None and checkpoint_dir_for(Path(out).resolve()).is_dir()
+            print("snapprune: interrupted; " + (
+                f"the recovery checkpoint in {checkpoint_dir_for(Path(out).resolve())} is kept: "
+                "run the same command with --resume" if kept else "nothing was written"),
+                file=sys.stderr)
             return 130
     if outcome.report:
         print("\n".join(summary_lines(outcome)))
@@ -699,6 +804,7 @@ def _execute(job: Job, args, argv: list[str]) -> int:
 
 JOBS = {"prune": lambda args: job_from_args(args, "prune"),
         "shrink": lambda args: job_from_args(args, "shrink"),
+        "recover": lambda args: job_from_args(args, "recover"),
         "quantize": lambda args: job_from_args(args, "quantize"),
         "run": lambda args: read_recipe(args.recipe)}
 """Commands that run a job (under ``torchrun`` too)."""

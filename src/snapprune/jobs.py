@@ -22,7 +22,7 @@ from .engine.schemes import parse_scheme
 from .errors import SnapPruneError
 from .models.capture import ACTIVATION_PLACES
 from .models.loading import DTYPES
-from .models.settings import PruneSettings, QuantizeSettings, WidthSettings
+from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
 
 RECIPE_VERSION = 1
 DEFAULT_MAX_WINDOWS = 8
@@ -148,12 +148,12 @@ class OutputSpec:
 
 
 STEP_KINDS: dict[str, type] = {"prune": PruneSettings, "shrink": WidthSettings,
-                               "quantize": QuantizeSettings}
+                               "recover": RecoverSettings, "quantize": QuantizeSettings}
 """Every kind of step a job can hold, by the name recipes and the command line use."""
 WEIGHT_STEPS = ("prune", "shrink")
 """Steps that remove weights; a job holds at most one, first."""
-ORDER = ("prune", "shrink", "quantize")
-"""The order steps run in (remove weights, then quantise the rest); each at most once."""
+ORDER = ("prune", "shrink", "recover", "quantize")
+"""The order steps run in (remove weights, win back quality, quantise); each at most once."""
 
 
 def step_kind(step) -> str:
@@ -200,6 +200,13 @@ class Job:
                                  f"{' → '.join(ORDER)}")
         for step in self.steps:
             step.check()
+        recover = next((s for s in self.steps if isinstance(s, RecoverSettings)), None)
+        if recover is not None:
+            if recover.loss == "kd" and recover.teacher is None and not weight:
+                from .models.teacher import teacher_source
+
+                teacher_source(self.model)  # a one-line refusal when none can be named
+            check_source(recover.data, calibration=True)
         quantize = next((s for s in self.steps if isinstance(s, QuantizeSettings)), None)
         if quantize is not None and "prune" in kinds \
                 and not parse_scheme(quantize.scheme).exact_zero:

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 
 from .export import quantization_of
+from .models.pipeline import PruneRun
 from .models.quantize import QuantizeRun
 from .models.streaming import ids_digest
 from .models.width import ShrinkRun, width_report
+from .recovery import RecoverRun
 
 OPTIONAL_PACKAGES = ("lm_eval", "gguf", "compressed_tensors", "llama_cpp_python", "accelerate")
 
@@ -108,6 +110,17 @@ def quantization_report(run: QuantizeRun) -> dict:
                         "seconds": r.seconds} for r in run.layers]}
 
 
+def recovery_report(run: RecoverRun) -> dict:
+    """The recovery section: settings, teacher and data, the loss curve and held-out
+    perplexity against tokens, speed, and whether the pruned structure was kept."""
+    return {"settings": asdict(run.settings), "teacher": run.teacher,
+            "data": run.data_source, "steps": run.steps, "tokens": run.tokens_seen,
+            "seconds": run.total_seconds, "tokens_per_second": run.tokens_per_second,
+            "resumed_at": run.resumed_at, "frozen_zeros": run.frozen_zeros,
+            "structure_kept": run.structure_kept, "loss_curve": run.curve,
+            "heldout_perplexity": run.heldout, "peak_memory_bytes": run.peak_memory_bytes}
+
+
 def _perplexities(evaluated) -> dict:
     return {k: asdict(v) for k, v in (evaluated.perplexity if evaluated else {}).items()}
 
@@ -116,7 +129,7 @@ def build_report(outcome, *, argv: list[str] | None, calibration_ids) -> dict:
     """The report of ``outcome`` (a ``run.Outcome``), in strict-JSON-able values."""
     job = outcome.job
     execution = job.execution
-    run = next((r for r in outcome.runs if not isinstance(r, QuantizeRun)), None)
+    run = next((r for r in outcome.runs if isinstance(r, (PruneRun, ShrinkRun))), None)
     report: dict = {"model": job.model, "model_revision": model_revision(job, outcome.model)}
     if outcome.runs:
         report["architecture"] = outcome.runs[0].architecture
@@ -150,7 +163,10 @@ def build_report(outcome, *, argv: list[str] | None, calibration_ids) -> dict:
     quantization = quantization_of(outcome.runs)
     if quantization is not None:
         report["quantization"] = quantization_report(quantization)
-    run = run or quantization
+    recovery = next((r for r in outcome.runs if isinstance(r, RecoverRun)), None)
+    if recovery is not None:
+        report["recovery"] = recovery_report(recovery)
+    run = run or quantization or recovery
     if run is not None:
         report.update({
             "activations": run.activations or None,

@@ -29,7 +29,7 @@ from .models.adapters import adapter_for
 from .models.capture import BlockInputs, capture_block_inputs, home_device
 from .models.pipeline import PruneRun, check_model_for_pruning, prune_model
 from .models.quantize import QuantizeRun, check_quantizable, quantize_model
-from .models.settings import PruneSettings, QuantizeSettings, WidthSettings
+from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
 from .models.targets import target_layers
 from .models.width import ShrinkRun, plan_width, shrink_model
 from .outputs import REPORT_NAME, check_output_dir, save_directory, write_json_atomic
@@ -263,17 +263,20 @@ class Outcome:
         return self.runs[0] if self.runs else None
 
 
-def wants_stream(job: Job, resume: bool) -> bool:
-    """``stream`` or ``resume`` ask for it; otherwise a local safetensors model that would
-    not fit in memory streams by itself."""
-    if resume or job.execution.stream:
+def wants_stream(job: Job, resume: bool, out: str | Path | None = None) -> bool:
+    """A single prune step streams when ``stream`` asks, when ``resume`` finds a stopped
+    streamed run for ``out``, or by itself when a local safetensors model would not fit in
+    memory."""
+    single = len(job.steps) == 1 and isinstance(job.steps[0], PruneSettings)
+    if job.execution.stream:
         return True
-    if job.execution.stream is False or len(job.steps) != 1 \
-            or not isinstance(job.steps[0], PruneSettings):
+    if job.execution.stream is False or not single:
         return False
     from .models.loading import resolve_model
-    from .models.streaming import should_stream
+    from .models.streaming import partial_dir, should_stream
 
+    if resume and out is not None and partial_dir(Path(out).expanduser().resolve()).is_dir():
+        return True
     source = resolve_model(job.model)
     return source.is_local and source.gguf_file is None and should_stream(source.path)
 
@@ -308,7 +311,7 @@ def execute(
     job.validate()
     job, notes = job.resolved()
     job.validate()
-    streamed = bench is None and wants_stream(job, resume)
+    streamed = bench is None and wants_stream(job, resume, out)
     if out is not None:
         out = (Path(out).expanduser().resolve() if streamed and resume
                else check_output_dir(out, overwrite))
@@ -350,11 +353,17 @@ def execute(
             log(outcome.estimate.describe())
         if main and job.steps and job.evaluation.dense:
             t = time.perf_counter()
-            outcome.dense = bench.evaluate(job.evaluation, label="dense")
+            outcome.dense = bench.evaluate(job.evaluation, label=before_label(job))
             seconds["dense_evaluation_seconds"] = time.perf_counter() - t
         before = bench.samples() if main and job.steps and job.output.samples else None
+        recovery = _Recovery(job, bench, out, resume=resume, restart=restart, log=log)
         for step, quantize in stages(job.steps):
-            outcome.runs.append(bench.apply(step, job, verbose=verbose, quantize=quantize))
+            if isinstance(step, RecoverSettings):
+                outcome.runs.append(recovery.run(step, progress=progress and main))
+            else:
+                recovery.keep_teacher()
+                outcome.runs.append(bench.apply(step, job, verbose=verbose,
+                                                quantize=quantize))
         if group.active:  # nothing below calls a collective: the others may go
             group.leave()
         if not main:
@@ -378,9 +387,100 @@ def execute(
         if out is not None:
             outcome.saved = _save(outcome, Path(out), overwrite=overwrite)
             outcome.report["saved_to"] = str(outcome.saved)
+            recovery.finished()
         if json_path is not None:
             write_json_atomic(json_path, outcome.report)
     return outcome
+
+
+class _Recovery:
+    """A job's recovery step: its teacher (a copy of the model before the job's weight step,
+    or the dense model the student's report names), its training windows (checked against
+    the evaluated text), its checkpoints beside the output."""
+
+    def __init__(self, job: Job, bench: Workbench, out: Path | None, *, resume: bool,
+                 restart: bool, log) -> None:
+        from .recovery import checkpoint_dir_for, saved_step
+
+        self.job, self.bench, self.log = job, bench, log
+        self.settings = next((s for s in job.steps if isinstance(s, RecoverSettings)), None)
+        self.teacher = None
+        self.resume = resume
+        self.directory = checkpoint_dir_for(out) if out is not None else None
+        if self.settings is None or self.directory is None:
+            return
+        stopped = saved_step(self.directory)
+        if resume and stopped is None:
+            raise SnapPruneError(f"nothing to resume: {self.directory} holds no recovery "
+                                 "checkpoint; run without --resume")
+        if stopped is not None and not resume:
+            if not restart:
+                raise SnapPruneError(
+                    f"{self.directory} holds a recovery stopped at step {stopped}: --resume to "
+                    "continue it, or --restart to discard it and start over")
+            from .recovery import discard_checkpoint
+
+            discard_checkpoint(self.directory)
+
+    def keep_teacher(self) -> None:
+        """Before a weight step: the model as it is now is the dense teacher."""
+        if self.settings is not None and self.settings.loss == "kd" \
+                and self.settings.teacher is None and self.teacher is None:
+            import copy
+
+            self.teacher = copy.deepcopy(self.bench.model)
+
+    def _teacher(self):
+        if self.settings.loss != "kd":
+            return None, ""
+        if self.teacher is not None:
+            return self.teacher, self.job.model
+        from .models.loading import load_model
+        from .models.teacher import teacher_source
+
+        spec = self.settings.teacher or teacher_source(self.job.model)
+        model, _, _ = load_model(spec, dtype=self.job.dtype, progress=False)
+        return model, spec
+
+    def run(self, settings: RecoverSettings, *, progress: bool):
+        from .data import calibration_windows, resolve_calibration_source
+        from .recovery import recover, shared_windows
+
+        teacher, name = self._teacher()
+        bench = self.bench
+        source, note = resolve_calibration_source(settings.data)
+        if note:
+            self.log(note.replace("calibration:", "recovery data:"))
+        windows = settings.steps * settings.accumulate * settings.batch_size
+        data = calibration_windows(source, bench.tokenizer, nsamples=windows,
+                                   seqlen=settings.seqlen, seed=settings.seed, model=teacher)
+        evaluation = self.job.evaluation
+        seqlen = capped_seqlen(bench.model, evaluation.seqlen)
+        evaluated = [bench.eval_ids(s)[: (evaluation.max_windows or 10**9) * seqlen]
+                     for s in evaluation.sources()]
+        shared = shared_windows(data, evaluated)
+        if shared:
+            raise SnapPruneError(
+                f"{shared} of the {windows} training windows from {source} share text with the "
+                "evaluation windows: train on text the evaluation never sees")
+        heldout = bench.eval_ids(evaluation.sources()[0]) if evaluation.sources() else None
+        fingerprint = replace(self.job, steps=(settings,)).to_dict()
+        with placed(bench.model, bench.device):
+            run = recover(bench.model, teacher, data, settings, device=bench.device,
+                          heldout=heldout, heldout_seqlen=seqlen,
+                          checkpoint_dir=self.directory, resume=self.resume,
+                          fingerprint=fingerprint, progress=progress, log=self.log,
+                          teacher_name=name)
+        run.data_source = source
+        if teacher is not None:
+            teacher.to("cpu")
+        return run
+
+    def finished(self) -> None:
+        if self.settings is not None and self.directory is not None:
+            from .recovery import discard_checkpoint
+
+            discard_checkpoint(self.directory)
 
 
 def stages(steps) -> list[tuple]:
@@ -401,12 +501,19 @@ def stages(steps) -> list[tuple]:
     return out
 
 
-AFTER = {PruneSettings: "pruned", WidthSettings: "shrunk", QuantizeSettings: "quantised"}
+AFTER = {PruneSettings: "pruned", WidthSettings: "shrunk", QuantizeSettings: "quantised",
+         RecoverSettings: "recovered"}
 
 
 def after_label(job: Job) -> str:
     """How the model after the job's steps is called (``pruned``, ``shrunk``, ...)."""
     return AFTER.get(type(job.steps[-1]), "after") if job.steps else ""
+
+
+def before_label(job: Job) -> str:
+    """How the model before them is called: ``dense`` when the job prunes or shrinks it."""
+    return "dense" if any(isinstance(s, (PruneSettings, WidthSettings)) for s in job.steps) \
+        else "before"
 
 
 def _rank_device(device: str) -> str:
@@ -442,6 +549,11 @@ def _save(outcome: Outcome, out: Path, *, overwrite: bool) -> Path:
 
     def fill(tmp: Path) -> None:
         files = get_format(outcome.job.output.format).write(outcome, tmp)
+        from .recovery import RecoverRun, plot_curves
+
+        for run in outcome.runs:
+            if isinstance(run, RecoverRun) and plot_curves(run, tmp / "recovery.png"):
+                files.append("recovery.png")
         outcome.report["files"] = {name: (tmp / name).stat().st_size for name in files}
         outcome.report["notes"] = list(outcome.notes)
         write_json_atomic(tmp / REPORT_NAME, outcome.report)

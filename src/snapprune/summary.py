@@ -8,9 +8,10 @@ from pathlib import Path
 from .estimate import duration
 from .models.pipeline import PruneRun
 from .models.quantize import QuantizeRun
-from .models.settings import WidthSettings
+from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
 from .models.width import ShrinkRun
-from .run import after_label
+from .recovery import RecoverRun
+from .run import after_label, before_label
 
 
 def verdict(ratio: float) -> str:
@@ -42,6 +43,12 @@ def _what(run) -> str:
                 f"{len(run.layers)} pruned layers' weights")
     if isinstance(run, QuantizeRun):
         return _quantized(run)
+    if isinstance(run, RecoverRun):
+        kept = "structure kept exactly" if run.structure_kept else "STRUCTURE CHANGED"
+        first, last = run.curve[0]["loss"], run.curve[-1]["loss"]
+        return (f"recover {run.settings.loss}: {run.tokens_seen:,} tokens in "
+                f"{duration(run.total_seconds)} ({run.tokens_per_second:.0f} tokens/s), loss "
+                f"{first:.3f} → {last:.3f}, {run.frozen_zeros:,} zeros held, {kept}")
     return type(run).__name__
 
 
@@ -79,7 +86,8 @@ def summary_lines(outcome) -> list[str]:
         if source in before:
             dense = before[source]["perplexity"]
             ratio = result["perplexity"] / dense
-            lines.append(f"  perplexity  {name} ({windows}): dense {dense:.2f} → {label} "
+            lines.append(f"  perplexity  {name} ({windows}): {before_label(job)} {dense:.2f} → "
+                         f"{label} "
                          f"{result['perplexity']:.2f} ({ratio:.2f}×: {verdict(ratio)})")
         else:
             lines.append(f"  perplexity  {name} ({windows}): {label} "
@@ -116,12 +124,24 @@ def _next_steps(job, saved: Path) -> list[str]:
         where = saved.relative_to(Path.cwd())
     except ValueError:
         where = saved
+    compare = job.model
+    recovery = next((s for s in job.steps if isinstance(s, RecoverSettings)), None)
+    if recovery is not None and not any(isinstance(s, (PruneSettings, WidthSettings))
+                                        for s in job.steps):
+        compare = recovery.teacher or compare
     lines = ["next:",
-             f"  snapprune generate --model {where} --compare {job.model}"
+             f"  snapprune generate --model {where} --compare {compare}"
              "      # does it still talk?",
              f"  snapprune eval --model {where} --max-windows all"
              "      # the whole WikiText-2 test split"]
-    if not any(isinstance(s, WidthSettings) for s in job.steps):
+    kinds = {type(s) for s in job.steps}
+    if kinds & {PruneSettings, WidthSettings} and RecoverSettings not in kinds:
+        lines.append(f"  snapprune recover --model {where} --out {where}-recovered"
+                     "      # win back quality, structure kept")
+    if QuantizeSettings not in kinds:
+        lines.append(f"  snapprune quantize --model {where} --scheme q4_0 --format gguf --out "
+                     f"{where}-q4_0      # 4-bit, for llama.cpp")
+    if not kinds & {WidthSettings, RecoverSettings, QuantizeSettings}:
         lines.append(f"  snapprune shrink --model {job.model} --method thanos --mlp 0.3 --out "
                      f"{where}-mlp30      # smaller and faster in every runtime")
     lines.append(f"  snapprune run {where}/snapprune_recipe.yaml --out {where}-again"

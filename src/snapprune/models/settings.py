@@ -175,5 +175,94 @@ class QuantizeSettings:
                                  "order (drop act_order or use method gptq)")
 
 
+RECOVER_LOSSES = ("kd", "lm")
+
+
+@dataclass(frozen=True)
+class RecoverSettings:
+    """Recovery training of a pruned or shrunk model, its structure kept exactly.
+
+    ``loss``: ``kd`` (KL divergence to the teacher's next-token distribution at
+    ``temperature``, plus ``hidden_weight`` × the normalised MSE of every block's output, as
+    SquareHead) or ``lm`` (next-token cross-entropy, the ablation). ``teacher``: the dense
+    model (``None``: the model the job pruned, or the source a snapprune output's report
+    names). ``data``: a calibration source (``auto``: the bundled C4 sample without the Hub);
+    ``tokens`` are drawn as ``tokens / seqlen`` windows. AdamW with linear warm-up over
+    ``warmup`` of the steps then cosine decay, gradients clipped at ``max_grad_norm``,
+    ``accumulate`` micro-batches of ``batch_size`` windows per step."""
+
+    tokens: int = 262_144
+    teacher: str | None = None
+    data: str = "auto"
+    seqlen: int = 512
+    batch_size: int = 8
+    accumulate: int = 1
+    lr: float = 1e-4
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    loss: str = "kd"
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    eval_every: int = 0
+    """Held-out perplexity every this many steps (0: before and after only)."""
+    eval_windows: int = 4
+    checkpoint_every: int = 0
+    """A resumable checkpoint every this many steps (0: 1 in 10 of the steps)."""
+    seed: int = 0
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+    @property
+    def window_tokens(self) -> int:
+        """Tokens one optimiser step sees (one process)."""
+        return self.batch_size * self.accumulate * self.seqlen
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.window_tokens)
+
+    def resolved(self) -> RecoverSettings:
+        self.check()
+        return self
+
+    def check(self) -> None:
+        if self.loss not in RECOVER_LOSSES:
+            raise SnapPruneError(f"unknown recovery loss {self.loss!r}; choose kd "
+                                 "(distillation from the dense model) or lm")
+        for name in ("tokens", "seqlen", "batch_size", "accumulate", "eval_windows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SnapPruneError(f"recover {name} must be a positive integer, got {value!r}")
+        for name in ("eval_every", "checkpoint_every", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise SnapPruneError(f"recover {name} must be an integer >= 0")
+        if self.tokens < self.window_tokens:
+            raise SnapPruneError(
+                f"tokens {self.tokens:,} are less than one optimiser step "
+                f"({self.batch_size} × {self.accumulate} windows of {self.seqlen} = "
+                f"{self.window_tokens:,} tokens); raise tokens or lower batch_size / seqlen")
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise SnapPruneError(f"recover {name} must be a positive number, got {value!r}")
+        for name in ("warmup", "weight_decay", "hidden_weight", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise SnapPruneError(f"recover {name} must be a number >= 0, got {value!r}")
+        if self.warmup >= 1:
+            raise SnapPruneError("recover warmup is a fraction of the steps, in [0, 1)")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise SnapPruneError(f"recover dtype {self.dtype!r}: float32, or bfloat16 "
+                                 "(autocast, float32 master weights)")
+        if self.loss == "lm" and self.hidden_weight:
+            raise SnapPruneError("hidden_weight distils block outputs from the teacher; the lm "
+                                 "loss has no teacher")
+
+
 def field_names(cls) -> tuple[str, ...]:
     return tuple(f.name for f in fields(cls))
