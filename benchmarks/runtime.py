@@ -1,0 +1,204 @@
+"""GGUF files in llama.cpp itself (llama-cpp-python): size, prefill and decode speed, and
+perplexity, beside this machine's memory bandwidth.
+
+    python benchmarks/runtime.py --quant runs/quant --out docs/measurements/runtime
+        [--threads 2] [--rounds 3] [--windows 40]
+
+Models: the shipped SmolLM2 Q4_1 file; dense float16 written by snapprune; llama.cpp's own
+``q4_0`` of it (``llama_model_quantize``, llama.cpp's round-to-nearest); every GGUF file the
+quantisation table (``benchmarks/quantize_table.py``) wrote; the shrunk model in float16 and
+llama.cpp's own ``q4_0`` of it.
+
+- Speed: a 512-token prompt's prefill and 128 greedy decode tokens, ``--threads`` threads,
+  ``--rounds`` rounds with the models timed in turn; the best round and the median.
+- Perplexity in llama.cpp: the same WikiText-2 token ids and windows snapprune's evaluation
+  uses (its tokenizer, ``--windows`` × 1,024 tokens), each window from a fresh context, from
+  llama.cpp's logits. Beside it, llama.cpp's perplexity with its own tokenizer.
+- Bytes read per decoded token: every tensor once (the token embedding is the tied output
+  matrix, read whole for the logits). Decode tokens/s × bytes per token against the measured
+  bandwidth says how close decoding runs to the memory limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SEQLEN = 1024
+
+
+def bandwidth(seconds: float = 3.0) -> dict:
+    """Read bandwidth (a 1 GiB float32 sum) and copy bandwidth (1 GiB to 1 GiB), best of a
+    few rounds, with torch on this process's threads."""
+    data = torch.ones(2**28)
+    target = torch.empty_like(data)
+    reads, copies = [], []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(reads) < 3:
+        t = time.perf_counter()
+        data.sum()
+        reads.append(data.nbytes / (time.perf_counter() - t))
+        t = time.perf_counter()
+        target.copy_(data)
+        copies.append(2 * data.nbytes / (time.perf_counter() - t))
+    return {"read_gb_s": max(reads) / 1e9, "copy_gb_s": max(copies) / 1e9,
+            "threads": torch.get_num_threads()}
+
+
+def tensor_bytes(path: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
+
+
+def llama_quantize(source: Path, target: Path, threads: int) -> Path:
+    """llama.cpp's own q4_0 of a float16 GGUF file."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.nthread = threads
+    target.parent.mkdir(parents=True, exist_ok=True)
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if code != 0:
+        raise SystemExit(f"llama_model_quantize failed ({code}) on {source}")
+    return target
+
+
+def open_model(path: Path, threads: int, *, logits_all: bool):
+    from llama_cpp import Llama
+
+    return Llama(str(path), n_ctx=SEQLEN, n_batch=512, n_threads=threads,
+                 n_threads_batch=threads, logits_all=logits_all, verbose=False)
+
+
+def llama_perplexity(path: Path, windows: list[list[int]], threads: int) -> float:
+    """exp(mean next-token NLL) from llama.cpp's logits, every window a fresh context."""
+    llm = open_model(path, threads, logits_all=True)
+    nll, count = 0.0, 0
+    try:
+        for window in windows:
+            llm.reset()
+            llm.eval(window)
+            logits = torch.from_numpy(np.array(llm.scores[: len(window) - 1], dtype=np.float32))
+            nll += torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]),
+                                                     reduction="sum").item()
+            count += len(window) - 1
+    finally:
+        llm.close()
+    return math.exp(nll / count)
+
+
+def speed_round(path: Path, prompt: list[int], new_tokens: int, threads: int) -> dict:
+    llm = open_model(path, threads, logits_all=False)
+    try:
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        prefill = time.perf_counter() - t
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t = time.perf_counter()
+        for _ in range(new_tokens):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        decode = time.perf_counter() - t
+    finally:
+        llm.close()
+    return {"prefill_tok_s": len(prompt) / prefill, "decode_tok_s": new_tokens / decode}
+
+
+def models(quant: Path, work: Path, threads: int) -> dict[str, Path]:
+    """Every file to measure, by name (llama.cpp's own q4_0 files made on the way)."""
+    from snapprune.jobs import EvaluationSpec, Job, OutputSpec
+    from snapprune.models.loading import smollm2_path
+    from snapprune.run import execute
+
+    found = {"shipped Q4_1": smollm2_path()}
+    dense = work / "dense-f16"
+    if not (dense / "model.gguf").is_file():
+        execute(Job(model="smollm2-135m", evaluation=EvaluationSpec(ppl=()),
+                    output=OutputSpec(format="gguf", samples=False)), dense, overwrite=True,
+                progress=False)
+    found["dense f16"] = dense / "model.gguf"
+    found["dense, llama.cpp q4_0"] = llama_quantize(dense / "model.gguf",
+                                                    work / "dense-llama-q4_0.gguf", threads)
+    files = quant / "files"
+    for directory in sorted(files.iterdir()) if files.is_dir() else []:
+        if (directory / "model.gguf").is_file() and "-s" not in directory.name[-3:]:
+            found[directory.name] = directory / "model.gguf"
+    if "shrink" in found:
+        found["shrink, llama.cpp q4_0"] = llama_quantize(found["shrink"],
+                                                         work / "shrink-llama-q4_0.gguf",
+                                                         threads)
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quant", type=Path, default=Path("runs/quant"))
+    parser.add_argument("--out", type=Path, default=Path("runs/runtime"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    from snapprune.data import evaluation_ids, read_documents, sample_path, wikitext_join
+    from snapprune.models.loading import smollm2_path
+
+    gguf = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ids = evaluation_ids("wikitext2-test", tokenizer)
+    windows = [ids[i * SEQLEN : (i + 1) * SEQLEN].tolist() for i in range(args.windows)]
+    found = models(args.quant, args.out / "files", args.threads)
+    if args.only:
+        found = {k: v for k, v in found.items() if k in args.only}
+    rows = {name: {"model": name, "file": str(path), "file_bytes": path.stat().st_size,
+                   "tensor_bytes": tensor_bytes(path)} for name, path in found.items()}
+    print(f"{len(rows)} models: {', '.join(rows)}", flush=True)
+    rows_bw = bandwidth()
+    print(json.dumps(rows_bw), flush=True)
+    prompt = ids[: 512].tolist()
+    rounds: dict[str, list[dict]] = {name: [] for name in rows}
+    for number in range(args.rounds):
+        for name, path in found.items():
+            rounds[name].append(speed_round(path, prompt, args.new_tokens, args.threads))
+        print(f"speed round {number + 1}/{args.rounds} done", flush=True)
+    for name, samples in rounds.items():
+        for key in ("prefill_tok_s", "decode_tok_s"):
+            values = [s[key] for s in samples]
+            rows[name][f"{key}_best"] = max(values)
+            rows[name][f"{key}_median"] = statistics.median(values)
+        rows[name]["decode_gb_s"] = rows[name]["decode_tok_s_best"] * \
+            rows[name]["tensor_bytes"] / 1e9
+    text = wikitext_join(read_documents(sample_path("wikitext-2-test.raw.gz"))[0])
+    for name, path in found.items():
+        t = time.perf_counter()
+        rows[name]["llama_ppl_snapprune_tokens"] = llama_perplexity(path, windows, args.threads)
+        llm = open_model(path, args.threads, logits_all=False)
+        own = llm.tokenize(text.encode(), add_bos=False, special=False)
+        llm.close()
+        own_windows = [own[i * SEQLEN : (i + 1) * SEQLEN] for i in range(args.windows)]
+        rows[name]["llama_ppl_own_tokens"] = llama_perplexity(path, own_windows, args.threads)
+        rows[name]["ppl_seconds"] = time.perf_counter() - t
+        print(json.dumps(rows[name]), flush=True)
+    result = {"bandwidth": rows_bw, "threads": args.threads, "rounds": args.rounds,
+              "windows": args.windows, "seqlen": SEQLEN, "new_tokens": args.new_tokens,
+              "rows": list(rows.values())}
+    (args.out / "runtime.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
