@@ -276,7 +276,7 @@ def test_the_estimate_never_moves_the_whole_model(tiny_dir, monkeypatch):
 
 
 def test_a_model_too_large_for_the_device_is_dispatched(monkeypatch):
-    from snapprune import run
+    from snapprune import placement
 
     model = tiny_model("llama")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10**9))
@@ -292,15 +292,15 @@ def test_a_model_too_large_for_the_device_is_dispatched(monkeypatch):
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(run, "_dispatched", Fake)
-    with run.placed(model, "cuda"):
+    monkeypatch.setattr(placement, "_dispatched", Fake)
+    with placement.placed(model, "cuda"):
         pass
     assert used and used[0][0] is model  # dispatched, never moved whole
-    assert run.fits_whole(900, 1000) and not run.fits_whole(950, 1000)
+    assert placement.fits_whole(900, 1000) and not placement.fits_whole(950, 1000)
 
 
 def test_a_failed_move_puts_the_model_back(monkeypatch):
-    from snapprune import run
+    from snapprune import placement
 
     model = tiny_model("llama")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**12, 10**12))
@@ -314,7 +314,7 @@ def test_a_failed_move_puts_the_model_back(monkeypatch):
         return original(self, device, *args, **kwargs)
 
     monkeypatch.setattr(type(model), "to", to)
-    with pytest.raises(SnapPruneError, match="does not fit"), run.placed(model, "cuda"):
+    with pytest.raises(SnapPruneError, match="does not fit"), placement.placed(model, "cuda"):
         pass
     assert calls == [torch.device("cuda"), torch.device("cpu")]
 

@@ -836,8 +836,8 @@ def run_generate(args, argv) -> int:
     from .generate import greedy_completions
     from .models.loading import load_model
     from .outputs import write_json_atomic
+    from .placement import placed
     from .progress import library_bars
-    from .run import placed
 
     device = getattr(args, "device", default_of(Execution, "device"))
     Execution(device=device).check()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,8 +23,9 @@ from .models.adapters import adapter_for
 from .models.blockloop import gather_layer_stats, propagate
 from .models.capture import capture_block_inputs
 from .models.layout import linear_weight
-from .models.settings import PruneSettings, QuantizeSettings, WidthSettings
+from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
 from .models.targets import target_layers
+from .placement import placed
 
 
 @dataclass
@@ -32,20 +33,25 @@ class Estimate:
     calibration_seconds: float = 0.0
     solver_seconds: float = 0.0
     evaluation_seconds: float = 0.0
+    training_seconds: float = 0.0
     tokens: int = 0
     windows: int = 0
     device: str = "cpu"
 
     @property
     def total_seconds(self) -> float:
-        return self.calibration_seconds + self.solver_seconds + self.evaluation_seconds
+        return (self.calibration_seconds + self.solver_seconds + self.evaluation_seconds
+                + self.training_seconds)
 
     def describe(self) -> str:
         parts = []
         if self.tokens:
             parts.append(f"calibration passes over {self.windows} windows = {self.tokens:,} "
                          f"tokens ~{duration(self.calibration_seconds)}")
-        parts.append(f"solver ~{duration(self.solver_seconds)}")
+        if self.solver_seconds or not self.training_seconds:
+            parts.append(f"solver ~{duration(self.solver_seconds)}")
+        if self.training_seconds:
+            parts.append(f"recovery training ~{duration(self.training_seconds)}")
         if self.evaluation_seconds:
             parts.append(f"evaluation ~{duration(self.evaluation_seconds)}")
         return (f"estimate on {self.device}: " + ", ".join(parts)
@@ -73,6 +79,27 @@ def _weight_step(job: Job):
 
 def _quantize_step(job: Job):
     return next((s for s in job.steps if isinstance(s, QuantizeSettings)), None)
+
+
+def training_seconds(model, settings: RecoverSettings, device: torch.device) -> float:
+    """Recovery: one window's forward and backward through the whole model, plus one forward
+    (the teacher's, of the same order), times every window of the run."""
+    from .recovery import loss_of
+
+    window = torch.randint(0, model.config.vocab_size, (1, settings.seqlen),
+                           generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = model.training
+    model.train()
+    with torch.enable_grad():
+        t = time.perf_counter()
+        loss_of(model, None, window, replace(settings, loss="lm", hidden_weight=0.0)).backward()
+        with torch.no_grad():
+            model(window, use_cache=False)
+        seconds = time.perf_counter() - t
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    windows = settings.steps * settings.accumulate * settings.batch_size
+    return seconds * windows
 
 
 @torch.no_grad()
@@ -145,6 +172,10 @@ def estimate_job(bench, job: Job) -> Estimate:
                              metric=step.metric, error=job.execution.layer_errors)
             solve += time.perf_counter() - t
         out.solver_seconds = count * solve
+    recover = next((s for s in job.steps if isinstance(s, RecoverSettings)), None)
+    if recover is not None:
+        with placed(model, device):
+            out.training_seconds = training_seconds(model, recover, device)
     evaluation = job.evaluation
     sources = evaluation.sources()
     if sources:

@@ -15,7 +15,7 @@ DEFAULT_PROMPTS = (
 def greedy_completions(model, tokenizer, prompts: tuple[str, ...] | list[str], *,
                        max_new_tokens: int = 32, device: str = "cpu") -> list[str]:
     """Each prompt continued greedily (no sampling: the same model gives the same text), the
-    model already on ``device`` (``run.placed``)."""
+    model already on ``device`` (``placement.placed``)."""
     texts = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
