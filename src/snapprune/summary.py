@@ -21,8 +21,9 @@ def verdict(ratio: float) -> str:
     if ratio < 1.5:
         return "a moderate loss"
     if ratio < 3:
-        return "a large loss; recovery by fine-tuning wins much of it back"
-    return "a severe loss: try a lower sparsity, another pattern, or shrink instead"
+        return "a large loss; recovery (snapprune recover) wins much of it back"
+    return ("a severe loss: recover it (snapprune recover), or try a lower sparsity or "
+            "shrink instead")
 
 
 def _what(run) -> str:
