@@ -37,7 +37,8 @@ from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
 from snapprune.models.loading import load_model
 from snapprune.models.settings import PruneSettings, WidthSettings
 from snapprune.outputs import REPORT_NAME, save_directory, write_json_atomic
-from snapprune.run import Workbench, execute
+from snapprune.run import execute
+from snapprune.workbench import Workbench
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 METHODS = ("magnitude", "wanda", "sparsegpt", "thanos")

@@ -21,7 +21,8 @@ import torch
 from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
 from snapprune.models.loading import load_model
 from snapprune.models.settings import PruneSettings
-from snapprune.run import Workbench, execute
+from snapprune.run import execute
+from snapprune.workbench import Workbench
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CELLS = [

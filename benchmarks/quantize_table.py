@@ -28,7 +28,8 @@ from pathlib import Path
 from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
 from snapprune.models.loading import load_model
 from snapprune.models.settings import PruneSettings, QuantizeSettings, WidthSettings
-from snapprune.run import Workbench, execute
+from snapprune.run import execute
+from snapprune.workbench import Workbench
 
 EVALUATION = EvaluationSpec(ppl=("wikitext2-test", "c4-sample-eval"), seqlen=1024,
                             max_windows=40, dense=False)

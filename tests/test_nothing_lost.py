@@ -253,7 +253,7 @@ def test_the_estimate_never_moves_the_whole_model(tiny_dir, monkeypatch):
     from snapprune.estimate import estimate_job
     from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job
     from snapprune.models.settings import PruneSettings
-    from snapprune.run import Workbench
+    from snapprune.workbench import Workbench
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
@@ -325,7 +325,8 @@ def test_the_ranks_leave_before_the_main_rank_evaluates(tiny_dir, tmp_path, monk
     from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
     from snapprune.models import collectives
     from snapprune.models.settings import PruneSettings
-    from snapprune.run import Workbench, execute
+    from snapprune.run import execute
+    from snapprune.workbench import Workbench
 
     events = []
 

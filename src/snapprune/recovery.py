@@ -20,6 +20,7 @@ its share of each batch, and DDP averages the gradients.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,15 +37,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import calibration_windows, resolve_calibration_source
 from .errors import SnapPruneError
-from .eval.perplexity import perplexity
+from .eval.perplexity import capped_seqlen, perplexity
+from .jobs import Job
 from .memory import peak_bytes
 from .models import collectives
 from .models.adapters import adapter_for
+from .models.loading import load_model
 from .models.records import RunRecord
 from .models.settings import RecoverSettings
 from .models.targets import target_layers
+from .models.teacher import teacher_source
 from .outputs import json_text
+from .placement import placed
+from .workbench import Workbench
 
 CHECKPOINT_STATE = "recover_state.json"
 CHECKPOINT_MODEL = "recover_model.safetensors"
@@ -413,3 +420,80 @@ def plot_curves(run: RecoverRun, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+class RecoveryStep:
+    """A job's recovery step: its teacher (a copy of the model before the job's weight step,
+    or the dense model the student's report names), its training windows (checked against
+    the evaluated text), its checkpoints beside the output."""
+
+    def __init__(self, job: Job, bench: Workbench, out: Path | None, *, resume: bool,
+                 restart: bool, log) -> None:
+        self.job, self.bench, self.log = job, bench, log
+        self.settings = next((s for s in job.steps if isinstance(s, RecoverSettings)), None)
+        self.teacher = None
+        self.resume = resume
+        self.directory = checkpoint_dir_for(out) if out is not None else None
+        if self.settings is None or self.directory is None:
+            return
+        stopped = saved_step(self.directory)
+        if resume and stopped is None:
+            raise SnapPruneError(f"nothing to resume: {self.directory} holds no recovery "
+                                 "checkpoint; run without --resume")
+        if stopped is not None and not resume:
+            if not restart:
+                raise SnapPruneError(
+                    f"{self.directory} holds a recovery stopped at step {stopped}: --resume to "
+                    "continue it, or --restart to discard it and start over")
+            discard_checkpoint(self.directory)
+
+    def keep_teacher(self) -> None:
+        """Before a weight step: the model as it is now is the dense teacher."""
+        if self.settings is not None and self.settings.loss == "kd" \
+                and self.settings.teacher is None and self.teacher is None:
+            self.teacher = copy.deepcopy(self.bench.model)
+
+    def _teacher(self):
+        if self.settings.loss != "kd":
+            return None, ""
+        if self.teacher is not None:
+            return self.teacher, self.job.model
+        spec = self.settings.teacher or teacher_source(self.job.model)
+        model, _, _ = load_model(spec, dtype=self.job.dtype, progress=False)
+        return model, spec
+
+    def run(self, settings: RecoverSettings, *, progress: bool) -> RecoverRun:
+        """Train the workbench's model as ``settings`` say; refusals come before training."""
+        teacher, name = self._teacher()
+        bench = self.bench
+        source, note = resolve_calibration_source(settings.data)
+        if note:
+            self.log(note.replace("calibration:", "recovery data:"))
+        windows = settings.steps * settings.accumulate * settings.batch_size
+        data = calibration_windows(source, bench.tokenizer, nsamples=windows,
+                                   seqlen=settings.seqlen, seed=settings.seed, model=teacher)
+        evaluation = self.job.evaluation
+        seqlen = capped_seqlen(bench.model, evaluation.seqlen)
+        evaluated = [bench.eval_ids(s)[: (evaluation.max_windows or 10**9) * seqlen]
+                     for s in evaluation.sources()]
+        shared = shared_windows(data, evaluated)
+        if shared:
+            raise SnapPruneError(
+                f"{shared} of the {windows} training windows from {source} share text with the "
+                "evaluation windows: train on text the evaluation never sees")
+        heldout = bench.eval_ids(evaluation.sources()[0]) if evaluation.sources() else None
+        fingerprint = replace(self.job, steps=(settings,)).to_dict()
+        with placed(bench.model, bench.device):
+            run = recover(bench.model, teacher, data, settings, device=bench.device,
+                          heldout=heldout, heldout_seqlen=seqlen,
+                          checkpoint_dir=self.directory, resume=self.resume,
+                          fingerprint=fingerprint, progress=progress, log=self.log,
+                          teacher_name=name)
+        run.data_source = source
+        if teacher is not None:
+            teacher.to("cpu")
+        return run
+
+    def finished(self) -> None:
+        if self.settings is not None and self.directory is not None:
+            discard_checkpoint(self.directory)

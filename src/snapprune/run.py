@@ -20,157 +20,17 @@ import torch
 
 from .engine import determinism
 from .errors import SnapPruneError
-from .eval.perplexity import PerplexityResult, capped_seqlen, perplexity
-from .generate import DEFAULT_PROMPTS, greedy_completions
-from .jobs import CalibrationSpec, EvaluationSpec, Job, recipe_text
+from .eval.perplexity import capped_seqlen
+from .generate import DEFAULT_PROMPTS
+from .jobs import Job, recipe_text
 from .models import collectives
-from .models.adapters import adapter_for
-from .models.capture import BlockInputs, capture_block_inputs
-from .models.pipeline import PruneRun, check_model_for_pruning, prune_model
-from .models.quantize import QuantizeRun, check_quantizable, quantize_model
+from .models.pipeline import PruneRun
+from .models.quantize import QuantizeRun
 from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
-from .models.targets import target_layers
-from .models.width import ShrinkRun, plan_width, shrink_model
+from .models.width import ShrinkRun
 from .outputs import REPORT_NAME, check_output_dir, save_directory, write_json_atomic
-from .placement import placed
-
-
-@dataclass
-class Evaluated:
-    perplexity: dict[str, PerplexityResult] = field(default_factory=dict)
-    zeroshot: dict[str, dict[str, float]] | None = None
-
-
-class Workbench:
-    """One loaded model and what jobs on it share. Calibration sets are tokenised (or, for
-    ``self``, generated from the model as it is then) on first use and kept; the first block's
-    inputs are kept for the last calibration set used."""
-
-    def __init__(self, model, tokenizer, *, device: str = "cpu", progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = device
-        self.progress = progress
-        self.log = log or (lambda _message: None)
-        self._calibration: dict[tuple, tuple[torch.Tensor, float]] = {}
-        self._inputs: tuple[tuple, BlockInputs] | None = None
-        self._eval_ids: dict[str, torch.Tensor] = {}
-
-    def _calibration_key(self, spec: CalibrationSpec) -> tuple:
-        return (spec.source, spec.nsamples, capped_seqlen(self.model, spec.seqlen), spec.seed)
-
-    def calibration_ids(self, spec: CalibrationSpec) -> tuple[torch.Tensor, float]:
-        """Token ids for a resolved ``spec`` and the seconds they took to make the first
-        time."""
-        from .data import calibration_windows
-
-        key = self._calibration_key(spec)
-        if key not in self._calibration:
-            t = time.perf_counter()
-            with placed(self.model, self.device if spec.source == "self" else "cpu"):
-                ids = calibration_windows(spec.source, self.tokenizer, nsamples=spec.nsamples,
-                                          seqlen=key[2], seed=spec.seed, model=self.model)
-            self._calibration[key] = (ids, time.perf_counter() - t)
-        return self._calibration[key]
-
-    def block_inputs(self, spec: CalibrationSpec, batch_size: int) -> BlockInputs:
-        key = (*self._calibration_key(spec), batch_size)
-        if self._inputs is None or self._inputs[0] != key:
-            ids, _ = self.calibration_ids(spec)
-            blocks = adapter_for(self.model).decoder_blocks(self.model)
-            inputs = capture_block_inputs(self.model, blocks, ids, torch.device(self.device),
-                                          batch_size)
-            self._inputs = (key, inputs)
-        return self._inputs[1]
-
-    def eval_ids(self, source: str) -> torch.Tensor:
-        from .data import evaluation_ids
-
-        if source not in self._eval_ids:
-            self._eval_ids[source] = evaluation_ids(source, self.tokenizer)
-        return self._eval_ids[source]
-
-    def evaluate(self, evaluation: EvaluationSpec, *, label: str = "",
-                 streamed: bool = False) -> Evaluated:
-        """Perplexity on each source and zero-shot accuracy, with the model on the device."""
-        result = Evaluated()
-        if evaluation.empty(streamed):
-            return result
-        with placed(self.model, self.device):
-            for source in evaluation.sources(streamed):
-                res = perplexity(self.model, self.eval_ids(source), seqlen=evaluation.seqlen,
-                                 max_windows=evaluation.max_windows, device=self.device,
-                                 source=Path(source).name, label=label,
-                                 progress=self.progress)
-                result.perplexity[source] = res
-            if evaluation.zeroshot:
-                from .eval.zeroshot import evaluate_zeroshot
-
-                result.zeroshot = evaluate_zeroshot(
-                    self.model, self.tokenizer, list(evaluation.zeroshot),
-                    limit=evaluation.limit, device=self.device, progress=self.progress)
-        return result
-
-    def samples(self, max_new_tokens: int = 24) -> list[str]:
-        """Greedy completions of the default prompts (the model on the device meanwhile)."""
-        with placed(self.model, self.device):
-            return greedy_completions(self.model, self.tokenizer, DEFAULT_PROMPTS,
-                                      max_new_tokens=max_new_tokens, device=self.device)
-
-    def check(self, job: Job) -> None:
-        """Refusals that need the model (layer widths, finite weights, width plans); block
-        parameters that no adapter rule covers are named (they are left as they are)."""
-        adapter = adapter_for(self.model)
-        _, uncovered = adapter.coverage(adapter.decoder_blocks(self.model)[0])
-        if uncovered:
-            self.log(f"note: {len(uncovered)} parameter(s) of each block match no rule of the "
-                     f"{adapter.family} adapter and stay as they are: "
-                     f"{', '.join(uncovered[:4])}{', …' if len(uncovered) > 4 else ''}")
-        for step in job.steps:
-            if isinstance(step, WidthSettings):
-                plan_width(self.model, step)
-            elif isinstance(step, PruneSettings):
-                check_model_for_pruning(target_layers(self.model, step.include, step.exclude),
-                                        step)
-            elif isinstance(step, QuantizeSettings) and not any(
-                    isinstance(s, WidthSettings) for s in job.steps):
-                check_quantizable(target_layers(self.model, step.include, step.exclude), step)
-        from .export import get_format
-
-        get_format(job.output.format).check_model(self.model, job)
-
-    def apply(self, step, job: Job, *, verbose: bool = False,
-              quantize: QuantizeSettings | None = None) -> PruneRun | ShrinkRun | QuantizeRun:
-        """Apply one step to the model (in place, or replacing it by a smaller one) and return
-        what it did; ``quantize``: quantise in the same pass (joint). Calibration data and the
-        first block's inputs come from the workbench's caches."""
-        inputs, data_seconds, capture_seconds = None, 0.0, 0.0
-        if step.needs_calibration or (quantize is not None and quantize.needs_calibration):
-            _, data_seconds = self.calibration_ids(job.calibration)
-            t = time.perf_counter()
-            inputs = self.block_inputs(job.calibration, job.execution.batch_size)
-            capture_seconds = time.perf_counter() - t
-        log = self.log if verbose else None
-        execution = job.execution
-        common = dict(device=self.device, batch_size=execution.batch_size,
-                      progress=self.progress, log=log, block_inputs=inputs,
-                      activations=execution.activations)
-        if isinstance(step, WidthSettings):
-            # The smaller model replaces the loaded one; cached first-block inputs (embeddings
-            # and block arguments) stay valid, since shrinking never touches them.
-            self.model, run = shrink_model(self.model, None, step, quantize=quantize, **common)
-        elif isinstance(step, QuantizeSettings):
-            run = quantize_model(self.model, None, step, layer_errors=execution.layer_errors,
-                                 **common)
-        else:
-            run = prune_model(self.model, None, step, layer_errors=execution.layer_errors,
-                              quantize=quantize, **common)
-        # The first block's inputs are part of the calibration passes when this job made them.
-        run.calibration_seconds += capture_seconds
-        run.total_seconds += capture_seconds
-        run.data_seconds = data_seconds
-        return run
+from .recovery import RecoveryStep
+from .workbench import Evaluated, Workbench
 
 
 @dataclass
@@ -289,7 +149,7 @@ def execute(
             outcome.dense = bench.evaluate(job.evaluation, label=before_label(job))
             seconds["dense_evaluation_seconds"] = time.perf_counter() - t
         before = bench.samples() if main and job.steps and job.output.samples else None
-        recovery = _Recovery(job, bench, out, resume=resume, restart=restart, log=log)
+        recovery = RecoveryStep(job, bench, out, resume=resume, restart=restart, log=log)
         for step, quantize in stages(job.steps):
             if isinstance(step, RecoverSettings):
                 outcome.runs.append(recovery.run(step, progress=progress and main))
@@ -324,96 +184,6 @@ def execute(
         if json_path is not None:
             write_json_atomic(json_path, outcome.report)
     return outcome
-
-
-class _Recovery:
-    """A job's recovery step: its teacher (a copy of the model before the job's weight step,
-    or the dense model the student's report names), its training windows (checked against
-    the evaluated text), its checkpoints beside the output."""
-
-    def __init__(self, job: Job, bench: Workbench, out: Path | None, *, resume: bool,
-                 restart: bool, log) -> None:
-        from .recovery import checkpoint_dir_for, saved_step
-
-        self.job, self.bench, self.log = job, bench, log
-        self.settings = next((s for s in job.steps if isinstance(s, RecoverSettings)), None)
-        self.teacher = None
-        self.resume = resume
-        self.directory = checkpoint_dir_for(out) if out is not None else None
-        if self.settings is None or self.directory is None:
-            return
-        stopped = saved_step(self.directory)
-        if resume and stopped is None:
-            raise SnapPruneError(f"nothing to resume: {self.directory} holds no recovery "
-                                 "checkpoint; run without --resume")
-        if stopped is not None and not resume:
-            if not restart:
-                raise SnapPruneError(
-                    f"{self.directory} holds a recovery stopped at step {stopped}: --resume to "
-                    "continue it, or --restart to discard it and start over")
-            from .recovery import discard_checkpoint
-
-            discard_checkpoint(self.directory)
-
-    def keep_teacher(self) -> None:
-        """Before a weight step: the model as it is now is the dense teacher."""
-        if self.settings is not None and self.settings.loss == "kd" \
-                and self.settings.teacher is None and self.teacher is None:
-            import copy
-
-            self.teacher = copy.deepcopy(self.bench.model)
-
-    def _teacher(self):
-        if self.settings.loss != "kd":
-            return None, ""
-        if self.teacher is not None:
-            return self.teacher, self.job.model
-        from .models.loading import load_model
-        from .models.teacher import teacher_source
-
-        spec = self.settings.teacher or teacher_source(self.job.model)
-        model, _, _ = load_model(spec, dtype=self.job.dtype, progress=False)
-        return model, spec
-
-    def run(self, settings: RecoverSettings, *, progress: bool):
-        from .data import calibration_windows, resolve_calibration_source
-        from .recovery import recover, shared_windows
-
-        teacher, name = self._teacher()
-        bench = self.bench
-        source, note = resolve_calibration_source(settings.data)
-        if note:
-            self.log(note.replace("calibration:", "recovery data:"))
-        windows = settings.steps * settings.accumulate * settings.batch_size
-        data = calibration_windows(source, bench.tokenizer, nsamples=windows,
-                                   seqlen=settings.seqlen, seed=settings.seed, model=teacher)
-        evaluation = self.job.evaluation
-        seqlen = capped_seqlen(bench.model, evaluation.seqlen)
-        evaluated = [bench.eval_ids(s)[: (evaluation.max_windows or 10**9) * seqlen]
-                     for s in evaluation.sources()]
-        shared = shared_windows(data, evaluated)
-        if shared:
-            raise SnapPruneError(
-                f"{shared} of the {windows} training windows from {source} share text with the "
-                "evaluation windows: train on text the evaluation never sees")
-        heldout = bench.eval_ids(evaluation.sources()[0]) if evaluation.sources() else None
-        fingerprint = replace(self.job, steps=(settings,)).to_dict()
-        with placed(bench.model, bench.device):
-            run = recover(bench.model, teacher, data, settings, device=bench.device,
-                          heldout=heldout, heldout_seqlen=seqlen,
-                          checkpoint_dir=self.directory, resume=self.resume,
-                          fingerprint=fingerprint, progress=progress, log=self.log,
-                          teacher_name=name)
-        run.data_source = source
-        if teacher is not None:
-            teacher.to("cpu")
-        return run
-
-    def finished(self) -> None:
-        if self.settings is not None and self.directory is not None:
-            from .recovery import discard_checkpoint
-
-            discard_checkpoint(self.directory)
 
 
 def stages(steps) -> list[tuple]:

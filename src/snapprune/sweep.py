@@ -26,7 +26,8 @@ from .errors import SnapPruneError
 from .jobs import CalibrationSpec, EvaluationSpec, Execution, Job, OutputSpec, section
 from .models.settings import PruneSettings, check_percdamp
 from .outputs import json_safe
-from .run import Workbench, execute
+from .run import execute
+from .workbench import Workbench
 
 CELLS_FILE = "cells.jsonl"
 DENSE = "dense"
