@@ -228,6 +228,12 @@ def test_the_tokenizer_comes_from_the_source_gguf(joint_gguf, tiny_dir):
     assert tokens[:10] == vocab
     assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert reader.fields["llama.attention.key_length"].contents() == 16
+    from snapprune.export.gguf import rope_theta
+
+    config = AutoModelForCausalLM.from_pretrained(tiny_dir).config
+    assert reader.fields["llama.rope.freq_base"].contents() == rope_theta(config)
+    assert reader.fields["llama.attention.layer_norm_rms_epsilon"].contents() == \
+        pytest.approx(config.rms_norm_eps)
 
 
 def test_help_lists_the_schemes_and_formats(capsys):
@@ -239,3 +245,24 @@ def test_help_lists_the_schemes_and_formats(capsys):
     for word in ("q4_0", "q4_1", "q8_0", "w4g128", "hf (safetensors)", "gguf (llama.cpp)",
                  "compressed-tensors (vLLM)"):
         assert word in text, word
+
+
+def test_the_gguf_header_carries_the_configs_rope_base_and_eps(tokenizer, tmp_path):
+    """transformers 5 keeps the rotary base in ``rope_parameters``: a writer reading only
+    ``rope_theta`` would give llama.cpp its default (10,000) and shift every position."""
+    from gguf import GGUFReader
+
+    model = tiny_model("llama", vocab=len(tokenizer))
+    model.config.rope_parameters = {"rope_theta": 50000.0, "rope_type": "default"}
+    model.config.rms_norm_eps = 1e-5
+    source = tmp_path / "src"
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = tmp_path / "out"
+    execute(Job(model=str(source), steps=(QuantizeSettings("q8_0", method="rtn"),),
+                evaluation=EvaluationSpec(ppl=(), dense=False),
+                output=OutputSpec(format="gguf", samples=False)), out, progress=False)
+    reader = GGUFReader(str(out / "model.gguf"))
+    assert reader.fields["llama.rope.freq_base"].contents() == 50000.0
+    assert reader.fields["llama.attention.layer_norm_rms_epsilon"].contents() == \
+        pytest.approx(1e-5)

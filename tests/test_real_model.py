@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -123,3 +124,62 @@ def test_streamed_smollm2_equals_in_memory(smollm2, tmp_path):
     for path in (tmp_path / "streamed").glob("*.safetensors"):
         got.update(load_file(path))
     assert len(got) == 272 and all(torch.equal(t, state[n]) for n, t in got.items())
+
+
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+def _llama_perplexity(path, windows) -> float:
+    import math
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    nll, count = 0.0, 0
+    try:
+        for window in windows:
+            llm.reset()
+            llm.eval(window)
+            logits = torch.from_numpy(np.array(llm.scores[: len(window) - 1], dtype=np.float32))
+            nll += torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]),
+                                                     reduction="sum").item()
+            count += len(window) - 1
+    finally:
+        llm.close()
+    return math.exp(nll / count)
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="needs llama-cpp-python (pip install "
+                    "'snapprune[llama]', which builds llama.cpp)")
+@pytest.mark.parametrize("steps", ["quantize", "shrink+quantize"])
+def test_smollm2_gguf_runs_in_llama_cpp_at_snapprunes_perplexity(steps, tmp_path):
+    """The GGUF file of SmolLM2 (dense, or shrunk: MLP 30%, heads 9 → 6) at q4_0, in
+    llama.cpp, on the same token windows: perplexity within 1% of snapprune's evaluation of
+    the same weights (llama.cpp rounds activations to 8 bits in its q4_0 products), and in
+    transformers' GGUF loader with the very same weights."""
+    from transformers import AutoModelForCausalLM
+
+    from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
+    from snapprune.models.settings import QuantizeSettings, WidthSettings
+    from snapprune.run import execute
+
+    chosen = (QuantizeSettings("q4_0", method="rtn"),)
+    if steps == "shrink+quantize":
+        chosen = (WidthSettings("thanos", mlp=0.3, heads=0.34), *chosen)
+    out = tmp_path / "model"
+    outcome = execute(Job(model="smollm2-135m", steps=chosen,
+                          calibration=CalibrationSpec(str(C4_FILE), 4, 128),
+                          evaluation=EvaluationSpec(ppl=(WIKI_TEST,), seqlen=256, max_windows=4,
+                                                    dense=False),
+                          output=OutputSpec(format="gguf", samples=False)), out,
+                      progress=False, announce=False)
+    ours = outcome.evaluated.perplexity[WIKI_TEST].perplexity
+    ids = evaluation_ids(WIKI_TEST, outcome.tokenizer)
+    windows = [ids[i * 256 : (i + 1) * 256].tolist() for i in range(4)]
+    theirs = _llama_perplexity(out / "model.gguf", windows)
+    assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
+    loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")
+    state = outcome.model.state_dict()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, state[name]), name

@@ -64,6 +64,15 @@ def check_model(model, job) -> None:
             raise SnapPruneError(f"{flag} is not in llama.cpp's llama architecture; write hf")
 
 
+def rope_theta(config) -> float:
+    """The rotary base: transformers 5 keeps it in ``rope_parameters``, older configs in
+    ``rope_theta``."""
+    for holder in (getattr(config, "rope_parameters", None), getattr(config, "rope_scaling", None)):
+        if isinstance(holder, dict) and "rope_theta" in holder:
+            return float(holder["rope_theta"])
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
 def _permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's LLaMA rope pairs adjacent dimensions, transformers' pairs halves: the rows
     of q (and k) are reordered within each head, as llama.cpp's converter reorders them."""
@@ -200,7 +209,7 @@ def write(outcome, directory: Path) -> list[str]:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", 10000.0)))
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     file_type = {"q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
