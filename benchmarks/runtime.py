@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from snapprune.eval.llama import llama_cpp_perplexity
 
 SEQLEN = 1024
 
@@ -77,23 +78,6 @@ def open_model(path: Path, threads: int, *, logits_all: bool):
 
     return Llama(str(path), n_ctx=SEQLEN, n_batch=512, n_threads=threads,
                  n_threads_batch=threads, logits_all=logits_all, verbose=False)
-
-
-def llama_perplexity(path: Path, windows: list[list[int]], threads: int) -> float:
-    """exp(mean next-token NLL) from llama.cpp's logits, every window a fresh context."""
-    llm = open_model(path, threads, logits_all=True)
-    nll, count = 0.0, 0
-    try:
-        for window in windows:
-            llm.reset()
-            llm.eval(window)
-            logits = torch.from_numpy(np.array(llm.scores[: len(window) - 1], dtype=np.float32))
-            nll += torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]),
-                                                     reduction="sum").item()
-            count += len(window) - 1
-    finally:
-        llm.close()
-    return math.exp(nll / count)
 
 
 def speed_round(path: Path, prompt: list[int], new_tokens: int, threads: int) -> dict:
@@ -185,12 +169,15 @@ def main() -> int:
     text = wikitext_join(read_documents(sample_path("wikitext-2-test.raw.gz"))[0])
     for name, path in found.items():
         t = time.perf_counter()
-        rows[name]["llama_ppl_snapprune_tokens"] = llama_perplexity(path, windows, args.threads)
+        row = rows[name]
+        row["llama_ppl_snapprune_tokens"] = llama_cpp_perplexity(path, windows,
+                                                                 threads=args.threads)
         llm = open_model(path, args.threads, logits_all=False)
         own = llm.tokenize(text.encode(), add_bos=False, special=False)
         llm.close()
         own_windows = [own[i * SEQLEN : (i + 1) * SEQLEN] for i in range(args.windows)]
-        rows[name]["llama_ppl_own_tokens"] = llama_perplexity(path, own_windows, args.threads)
+        row["llama_ppl_own_tokens"] = llama_cpp_perplexity(path, own_windows,
+                                                           threads=args.threads)
         rows[name]["ppl_seconds"] = time.perf_counter() - t
         print(json.dumps(rows[name]), flush=True)
     result = {"bandwidth": rows_bw, "threads": args.threads, "rounds": args.rounds,

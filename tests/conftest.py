@@ -105,3 +105,15 @@ def tiny_dir(tmp_path_factory, tokenizer_dir):
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs on one torch thread, as a subprocess run with OMP_NUM_THREADS=1 is:
+    without deterministic mode, results are bit-identical only for equal thread counts."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from snapprune.cli import main
 from snapprune.data import calibration_windows, evaluation_ids
+from snapprune.eval.llama import llama_cpp_perplexity
 from snapprune.eval.perplexity import perplexity
 from snapprune.models.loading import load_model
 from snapprune.models.pipeline import prune_model
@@ -129,27 +130,6 @@ def test_streamed_smollm2_equals_in_memory(smollm2, tmp_path):
 LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
-def _llama_perplexity(path, windows) -> float:
-    import math
-
-    import numpy as np
-    from llama_cpp import Llama
-
-    llm = Llama(str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
-    nll, count = 0.0, 0
-    try:
-        for window in windows:
-            llm.reset()
-            llm.eval(window)
-            logits = torch.from_numpy(np.array(llm.scores[: len(window) - 1], dtype=np.float32))
-            nll += torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]),
-                                                     reduction="sum").item()
-            count += len(window) - 1
-    finally:
-        llm.close()
-    return math.exp(nll / count)
-
-
 @pytest.mark.skipif(not LLAMA_CPP, reason="needs llama-cpp-python (pip install "
                     "'snapprune[llama]', which builds llama.cpp)")
 @pytest.mark.parametrize("steps", ["quantize", "shrink+quantize"])
@@ -177,7 +157,7 @@ def test_smollm2_gguf_runs_in_llama_cpp_at_snapprunes_perplexity(steps, tmp_path
     ours = outcome.evaluated.perplexity[WIKI_TEST].perplexity
     ids = evaluation_ids(WIKI_TEST, outcome.tokenizer)
     windows = [ids[i * 256 : (i + 1) * 256].tolist() for i in range(4)]
-    theirs = _llama_perplexity(out / "model.gguf", windows)
+    theirs = llama_cpp_perplexity(out / "model.gguf", windows)
     assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")
     state = outcome.model.state_dict()

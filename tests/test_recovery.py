@@ -141,14 +141,6 @@ def _tensors(directory):
     return load_file(directory / "model.safetensors")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_recover_command_report_and_a_killed_run_resumes_exactly(pruned_dir, tmp_path, capsys,
                                                                  one_thread):
     whole = tmp_path / "whole"

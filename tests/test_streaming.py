@@ -70,15 +70,6 @@ def _cli(model: Path, out: Path, *extra: str, env: dict | None = None):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs on one thread, as the killed subprocess (OMP_NUM_THREADS=1) runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_killed_run_resumes_to_byte_identical_output(sharded_dir, tmp_path, capsys,
                                                      one_thread):
     whole = tmp_path / "whole"
