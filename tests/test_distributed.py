@@ -59,6 +59,7 @@ ARGS = ("--method", "thanos", "--pattern", "unstructured", "--sparsity", 0.5, "-
         C4_FILE, "--nsamples", 6, "--seqlen", 64, "--batch-size", 2, "--no-samples", "--quiet")
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tiny_dir, tmp_path, capsys):
     one, two = tmp_path / "one", tmp_path / "two"
     evaluation = ("--eval", WIKI_TEST, "--eval-seqlen", 64, "--max-windows", 4)
@@ -79,6 +80,7 @@ def test_two_processes_equal_one(tiny_dir, tmp_path, capsys):
     assert "ranks" not in report_one
 
 
+@pytest.mark.slow
 def test_two_processes_stream_and_resume(tiny_dir, tmp_path, capsys):
     """Streamed under torchrun (rank 0 writes the shards), killed after a block, resumed."""
     source = tmp_path / "source"

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_wheel):
     model, tokenizer, _ = load_model("smollm2-135m", progress=False)
     return model, tokenizer
 
@@ -55,7 +55,7 @@ def test_pruning_costs_perplexity_and_thanos_beats_magnitude(smollm2):
     assert dense < results["thanos"] < results["magnitude"]
 
 
-def test_cli_prunes_and_saves_smollm2(tmp_path, capsys):
+def test_cli_prunes_and_saves_smollm2(tmp_path, capsys, smollm2_wheel):
     out = tmp_path / "wanda"
     code = main(["prune", "--model", "smollm2-135m", "--method", "wanda", "--sparsity", "0.5",
                  "--calib", str(C4_FILE), "--nsamples", "2", "--seqlen", "64", "--eval",
@@ -94,7 +94,7 @@ def test_shrink_smollm2_equals_the_zeroed_model(smollm2):
     torch.testing.assert_close(smaller(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_quiet_means_quiet_and_generate_works_on_the_alias(capsys):
+def test_quiet_means_quiet_and_generate_works_on_the_alias(capsys, smollm2_wheel):
     code = main(["generate", "--model", "smollm2-135m", "--prompt", "The capital of France is",
                  "--max-new-tokens", "4", "--quiet"])
     captured = capsys.readouterr()
@@ -133,7 +133,8 @@ LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 @pytest.mark.skipif(not LLAMA_CPP, reason="needs llama-cpp-python (pip install "
                     "'snapprune[llama]', which builds llama.cpp)")
 @pytest.mark.parametrize("steps", ["quantize", "shrink+quantize"])
-def test_smollm2_gguf_runs_in_llama_cpp_at_snapprunes_perplexity(steps, tmp_path):
+def test_smollm2_gguf_runs_in_llama_cpp_at_snapprunes_perplexity(steps, tmp_path,
+                                                                 smollm2_wheel):
     """The GGUF file of SmolLM2 (dense, or shrunk: MLP 30%, heads 9 → 6) at q4_0, in
     llama.cpp, on the same token windows: perplexity within 1% of snapprune's evaluation of
     the same weights (llama.cpp rounds activations to 8 bits in its q4_0 products), and in

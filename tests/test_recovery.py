@@ -199,6 +199,7 @@ def test_recover_refusals_write_nothing(pruned_dir, tiny_dir, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one(pruned_dir, tmp_path):
     """torchrun, gloo, 2 processes × 2 windows against 1 process × 4 windows: the same loss
     curve to float round-off (DDP averages the gradients)."""
