@@ -22,6 +22,7 @@ from pathlib import Path
 
 from snapprune.jobs import EvaluationSpec, Job, OutputSpec
 from snapprune.models.settings import RecoverSettings
+from snapprune.recovery import checkpoint_dir_for, saved_step
 from snapprune.run import execute
 
 RUNS = {
@@ -66,7 +67,10 @@ def main() -> int:
                                             zeroshot=tasks if zeroshot else (),
                                             limit=args.limit),
                   output=OutputSpec(samples=True))
-        outcome = execute(job, args.out / name, overwrite=True, progress=False, log=print)
+        out = args.out / name
+        stopped = saved_step(checkpoint_dir_for(out.resolve()))  # a killed run continues
+        outcome = execute(job, out, overwrite=True, resume=stopped is not None, progress=False,
+                          log=print)
         report = outcome.report
         record = {"name": name, "student": student, "tokens": tokens, "loss": loss, "lr": lr,
                   "before": {k: v["perplexity"] for k, v in report["dense_perplexity"].items()},
