@@ -1,7 +1,8 @@
 """SmolLM2-135M quantised: GPTQ against round-to-nearest on several grids, joint with pruning
 and shrinking, evaluated in transformers (de-quantised weights) on WikiText-2 and the C4 tail.
 
-    python benchmarks/quantize_table.py --out runs/quant [--seeds 0,1,2] [--only NAME ...]
+    python benchmarks/quantize_table.py --out runs/quant [--seeds 0,1,2] [--windows 40]
+        [--only NAME ...]
 
 Every row runs through the one run path (``run.execute``) on one loaded model, its dense
 weights restored before each row; rows written as GGUF keep their file (``OUT/files/NAME``)
@@ -31,8 +32,10 @@ from snapprune.models.settings import PruneSettings, QuantizeSettings, WidthSett
 from snapprune.run import execute
 from snapprune.workbench import Workbench
 
-EVALUATION = EvaluationSpec(ppl=("wikitext2-test", "c4-sample-eval"), seqlen=1024,
-                            max_windows=40, dense=False)
+
+def evaluation(windows: int) -> EvaluationSpec:
+    return EvaluationSpec(ppl=("wikitext2-test", "c4-sample-eval"), seqlen=1024,
+                          max_windows=windows, dense=False)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=40,
+                        help="evaluation windows of 1,024 tokens per text")
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--render", action="store_true")
     args = parser.parse_args()
@@ -108,7 +113,7 @@ def main() -> int:
             bench = Workbench(copy.deepcopy(dense), tokenizer, progress=False)
             job = Job(model="smollm2-135m", steps=row.steps,
                       calibration=CalibrationSpec("c4-sample", args.nsamples, args.seqlen, seed),
-                      evaluation=EVALUATION,
+                      evaluation=evaluation(args.windows),
                       output=OutputSpec(format=row.format, samples=False))
             out = args.out / "files" / (row.name if seed == seeds[0] else f"{row.name}-s{seed}")
             t = time.perf_counter()
