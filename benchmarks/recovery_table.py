@@ -33,6 +33,10 @@ RUNS = {
     "p24-kd-65k": ("p24", 65_536, "kd", 3e-4, False),
     "p24-lm-65k": ("p24", 65_536, "lm", 3e-4, False),
     "p50-kd-131k": ("p50", 131_072, "kd", 3e-4, True),
+    # the budgets this machine's session could afford beside the rest (see docs/recovery.md)
+    "s30-kd-131k": ("s30", 131_072, "kd", 3e-4, False),
+    "p24-kd-32k": ("p24", 32_768, "kd", 3e-4, False),
+    "p24-lm-32k": ("p24", 32_768, "lm", 3e-4, False),
 }
 
 
@@ -46,6 +50,9 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=16)
+    parser.add_argument("--no-before", action="store_true",
+                        help="skip evaluating the student before training (its own report "
+                             "has it)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cells = args.out / "cells.jsonl"
@@ -65,6 +72,7 @@ def main() -> int:
                   evaluation=EvaluationSpec(ppl=("wikitext2-test", "c4-sample-eval"),
                                             seqlen=1024, max_windows=args.windows,
                                             zeroshot=tasks if zeroshot else (),
+                                            dense=not args.no_before,
                                             limit=args.limit),
                   output=OutputSpec(samples=True))
         out = args.out / name
@@ -73,7 +81,8 @@ def main() -> int:
                           log=print)
         report = outcome.report
         record = {"name": name, "student": student, "tokens": tokens, "loss": loss, "lr": lr,
-                  "before": {k: v["perplexity"] for k, v in report["dense_perplexity"].items()},
+                  "before": {k: v["perplexity"]
+                             for k, v in (report.get("dense_perplexity") or {}).items()},
                   "after": {k: v["perplexity"] for k, v in report["perplexity"].items()},
                   "zeroshot": report.get("zeroshot"),
                   "recovery": {k: report["recovery"][k]
