@@ -360,3 +360,14 @@ def test_the_ranks_leave_before_the_main_rank_evaluates(tiny_dir, tmp_path, monk
         collectives.install(collectives.Local())
     assert events.index("leave") < events.index("evaluate")
     assert "gather" not in events[events.index("leave"):]
+
+
+def test_missing_parents_of_out_are_made_and_a_file_in_the_way_is_refused(tmp_path) -> None:
+    from snapprune.outputs import check_output_dir
+
+    out = check_output_dir(tmp_path / "runs" / "deep" / "pruned", overwrite=False)
+    assert out.parent.is_dir() and not out.exists()
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(SnapPruneError, match="is a file"):
+        check_output_dir(tmp_path / "afile" / "x" / "pruned", overwrite=False)
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -32,6 +32,7 @@ from .jobs import (
 )
 from .models.capture import ACTIVATION_PLACES
 from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
+from .outputs import check_output_dir
 
 SUPPRESS = argparse.SUPPRESS
 
@@ -949,7 +950,7 @@ def run_sweep_command(args, argv) -> int:
     if out.exists() and not out.is_dir():
         raise SnapPruneError(f"--out {out} is a file; give a directory")
     if not out.parent.is_dir():
-        raise SnapPruneError(f"parent directory {out.parent} of --out does not exist")
+        check_output_dir(out, overwrite=False)  # makes the missing parents, or refuses
     records = run_sweep(plan, out, progress=_progress(args), log=_log,
                         after_cell=lambda done: render(out, done, plan, plots=False))
     for path in render(out, records, plan):

@@ -33,7 +33,8 @@ def written_by_snapprune(path: Path) -> bool:
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     """The resolved output path, or a one-line refusal: an existing ``out`` without
-    ``overwrite``, or one snapprune did not write; a missing or read-only parent."""
+    ``overwrite``, or one snapprune did not write; a read-only parent. Missing parents are
+    made."""
     out = Path(out).expanduser().resolve()
     if out.exists() or out.is_symlink():
         if not overwrite:
@@ -46,7 +47,14 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
                 "choose another --out")
     parent = out.parent
     if not parent.is_dir():
-        raise SnapPruneError(f"parent directory {parent} of --out does not exist; create it first")
+        # Missing parents are made (as ``mkdir -p``): nothing of the user's is touched.
+        existing = next(p for p in parent.parents if p.exists() or p.is_symlink())
+        if not existing.is_dir():
+            raise SnapPruneError(f"{existing} is a file, so --out {out} cannot be made; "
+                                 "choose another --out")
+        if not os.access(existing, os.W_OK):
+            raise SnapPruneError(f"cannot write to {existing}; choose another --out")
+        parent.mkdir(parents=True, exist_ok=True)
     if not os.access(parent, os.W_OK):
         raise SnapPruneError(f"cannot write to {parent}; choose another --out")
     return out
