@@ -50,12 +50,17 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=16)
+    parser.add_argument("--render", action="store_true",
+                        help="only print the Markdown table of OUT/cells.jsonl")
     parser.add_argument("--no-before", action="store_true",
                         help="skip evaluating the student before training (its own report "
                              "has it)")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     cells = args.out / "cells.jsonl"
+    if args.render:
+        print(render(cells, args.students))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["name"] for line in cells.read_text().splitlines()} \
         if cells.is_file() else set()
     from snapprune.eval.zeroshot import expand_tasks
@@ -94,6 +99,40 @@ def main() -> int:
             handle.write(json.dumps(record) + "\n")
         print(json.dumps({k: record[k] for k in ("name", "before", "after")}), flush=True)
     return 0
+
+
+def _perplexities(report: dict, key: str) -> dict[str, float]:
+    return {k: v["perplexity"] for k, v in (report.get(key) or {}).items()}
+
+
+def render(cells: Path, students: Path) -> str:
+    """One row per run: perplexity before → after on each text, the share of the gap to dense
+    that recovery closed, and the training throughput. "Before" and dense come from the
+    students' own reports (same windows) where a run did not measure them."""
+    records = [json.loads(line) for line in cells.read_text().splitlines() if line.strip()]
+    reports = {}
+    for record in records:
+        path = students / record["student"] / "snapprune_report.json"
+        if record["student"] not in reports and path.is_file():
+            reports[record["student"]] = json.loads(path.read_text())
+    dense = next((_perplexities(r, "dense_perplexity") for r in reports.values()
+                  if r.get("dense_perplexity")), {})
+    texts = ("wikitext2-test", "c4-sample-eval")
+    lines = ["| run | loss | tokens | " + " | ".join(
+        f"{t}: before → after (gap closed)" for t in texts) + " | tokens/s | minutes |",
+             "|---|---|--:|" + "---|" * len(texts) + "--:|--:|"]
+    for r in records:
+        before = r["before"] or _perplexities(reports.get(r["student"], {}), "perplexity")
+        cells_ = []
+        for text in texts:
+            b, a, d = before.get(text), r["after"].get(text), dense.get(text)
+            closed = f" ({(b - a) / (b - d):.0%})" if None not in (b, a, d) else ""
+            cells_.append(f"{b:.2f} → **{a:.2f}**{closed}" if b is not None else f"{a:.2f}")
+        rec = r["recovery"]
+        lines.append(f"| {r['name']} | {r['loss']} | {r['tokens']:,} | " + " | ".join(cells_)
+                     + f" | {rec['tokens_per_second']:.0f} | {rec['seconds'] / 60:.1f} |")
+    dense_cells = " | ".join(f"{dense[t]:.2f}" for t in texts if t in dense)
+    return "\n".join(lines) + (f"\n\ndense: {dense_cells}" if dense else "")
 
 
 if __name__ == "__main__":
