@@ -35,7 +35,7 @@ RUNS = {
     "p50-kd-131k": ("p50", 131_072, "kd", 3e-4, True),
     # the budgets this machine's session could afford beside the rest (see docs/recovery.md)
     "s30-kd-131k": ("s30", 131_072, "kd", 3e-4, False),
-    "p24-kd-32k": ("p24", 32_768, "kd", 3e-4, False),
+    "p24-kd-32k": ("p24", 32_768, "kd", 3e-4, False),  # KD against LM, equal tokens
     "p24-lm-32k": ("p24", 32_768, "lm", 3e-4, False),
 }
 
@@ -86,6 +86,7 @@ def main() -> int:
                           log=print)
         report = outcome.report
         record = {"name": name, "student": student, "tokens": tokens, "loss": loss, "lr": lr,
+                  "windows": args.windows,
                   "before": {k: v["perplexity"]
                              for k, v in (report.get("dense_perplexity") or {}).items()},
                   "after": {k: v["perplexity"] for k, v in report["perplexity"].items()},
@@ -99,6 +100,10 @@ def main() -> int:
             handle.write(json.dumps(record) + "\n")
         print(json.dumps({k: record[k] for k in ("name", "before", "after")}), flush=True)
     return 0
+
+
+STUDENT_WINDOWS = 40
+"""Windows of 1,024 tokens the students and the dense model were evaluated on."""
 
 
 def _perplexities(report: dict, key: str) -> dict[str, float]:
@@ -126,7 +131,8 @@ def render(cells: Path, students: Path) -> str:
         cells_ = []
         for text in texts:
             b, a, d = before.get(text), r["after"].get(text), dense.get(text)
-            closed = f" ({(b - a) / (b - d):.0%})" if None not in (b, a, d) else ""
+            same = r.get("windows", STUDENT_WINDOWS) == STUDENT_WINDOWS  # dense's windows
+            closed = f" ({(b - a) / (b - d):.0%})" if same and None not in (b, a, d) else ""
             cells_.append(f"{b:.2f} → **{a:.2f}**{closed}" if b is not None else f"{a:.2f}")
         rec = r["recovery"]
         lines.append(f"| {r['name']} | {r['loss']} | {r['tokens']:,} | " + " | ".join(cells_)
