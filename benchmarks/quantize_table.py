@@ -48,8 +48,8 @@ class Row:
     """Whether calibration enters the result (repeated over the seeds)."""
 
 
-def _q(scheme: str, method: str = "gptq") -> QuantizeSettings:
-    return QuantizeSettings(scheme=scheme, method=method)
+def _q(scheme: str, method: str = "gptq", act_order: bool = False) -> QuantizeSettings:
+    return QuantizeSettings(scheme=scheme, method=method, act_order=act_order)
 
 
 SHRINK = WidthSettings("thanos", mlp=0.3, heads=0.34)
@@ -57,8 +57,10 @@ ROWS = (
     Row("dense", "dense (float32, the Q4_1 file de-quantised)", (), seeded=False),
     Row("rtn-q4_0", "RTN q4_0", (_q("q4_0", "rtn"),), "gguf", seeded=False),
     Row("gptq-q4_0", "GPTQ q4_0", (_q("q4_0"),), "gguf"),
+    Row("gptq-q4_0-act", "GPTQ q4_0, act order", (_q("q4_0", act_order=True),), "gguf"),
     Row("rtn-w4g128", "RTN w4g128", (_q("w4g128", "rtn"),), seeded=False),
     Row("gptq-w4g128", "GPTQ w4g128", (_q("w4g128"),)),
+    Row("gptq-w4g128-act", "GPTQ w4g128, act order", (_q("w4g128", act_order=True),)),
     Row("rtn-w3g128", "RTN w3g128", (_q("w3g128", "rtn"),), seeded=False),
     Row("gptq-w3g128", "GPTQ w3g128", (_q("w3g128"),)),
     Row("rtn-q8_0", "RTN q8_0", (_q("q8_0", "rtn"),), "gguf", seeded=False),
