@@ -147,7 +147,7 @@ def render(cells: Path) -> str:
         by_name.setdefault(r["name"], []).append(r)
     texts = list(rows[0]["perplexity"])
     lines = ["| model | " + " | ".join(f"{t} ppl" for t in texts)
-             + " | bits per weight | mean layer error | seeds |",
+             + " | bits per weight | GPTQ's mean layer error | seeds |",
              "|---|" + "---|" * (len(texts) + 3)]
     for name in sorted(by_name, key=order.index):
         group = by_name[name]
@@ -159,8 +159,11 @@ def render(cells: Path) -> str:
         q = group[0]["quantization"] or {}
         bits = f"{q['bits_per_weight']:g}" if q else "–"
         error = q.get("mean_layer_error")
+        gptq = any(isinstance(step, QuantizeSettings) and step.method == "gptq"
+                   for row in ROWS if row.name == name for step in row.steps)
         errors = [r["quantization"]["mean_layer_error"] for r in group
-                  if r["quantization"] and r["quantization"]["mean_layer_error"] is not None]
+                  if gptq and r["quantization"]
+                  and r["quantization"]["mean_layer_error"] is not None]
         error = f"{statistics.mean(errors):.4f}" if errors else "–"
         lines.append(f"| {group[0]['label']} | " + " | ".join(cells_)
                      + f" | {bits} | {error} | {len(group)} |")
