@@ -130,7 +130,7 @@ def child(args: argparse.Namespace) -> None:
     """Prune ``args.source`` into ``args.dest``; print one JSON line."""
     from transformers import AutoModelForCausalLM
 
-    from snapprune.models.pipeline import PruneSettings, prune_model
+    from snapprune.models.prune import PruneSettings, prune_model
     from snapprune.models.streaming import stream_prune
 
     torch.set_num_threads(args.threads)
@@ -270,7 +270,7 @@ def run_gpu(args: argparse.Namespace) -> list[dict]:
     """In memory on the GPU; weights built from the config (random, in the model's dtype)."""
     from transformers import AutoModelForCausalLM
 
-    from snapprune.models.pipeline import PruneSettings, prune_model
+    from snapprune.models.prune import PruneSettings, prune_model
 
     blocks = args.blocks[0]
     config = llama_config(args.geometry, blocks, args.dtype)

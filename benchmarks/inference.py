@@ -35,7 +35,7 @@ import torch
 
 from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
 from snapprune.models.loading import load_model
-from snapprune.models.settings import PruneSettings, WidthSettings
+from snapprune.models.settings import PruneSettings, ShrinkSettings
 from snapprune.outputs import REPORT_NAME, save_directory, write_json_atomic
 from snapprune.run import execute
 from snapprune.workbench import Workbench
@@ -258,7 +258,7 @@ def main() -> int:
         for method in args.methods.split(","):
             model.load_state_dict(dense_state)
             bench.model = model
-            outcome = run(WidthSettings(method, mlp=width))
+            outcome = run(ShrinkSettings(method, mlp=width))
             record(f"{method}-mlp{round(width * 100)}", "shrunk", method, width, bench.model,
                    outcome.evaluated.perplexity[args.eval].perplexity, method == "thanos")
             bench.model = model

@@ -23,7 +23,7 @@ import torch
 from snapprune import LayerStats, prune_weight
 from snapprune.engine.factor import damped_hessian
 from snapprune.engine.masks import lowest_k_mask, target_count
-from snapprune.engine.thanos import padded_solve
+from snapprune.engine.thanos_update import padded_solve
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (2048, 2048), (1024, 4096)]
 METHODS = ["magnitude", "wanda", "sparsegpt", "thanos"]

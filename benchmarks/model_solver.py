@@ -22,7 +22,7 @@ import torch
 from snapprune.data import calibration_windows
 from snapprune.models.adapters import adapter_for
 from snapprune.models.loading import load_model
-from snapprune.models.pipeline import PruneSettings, capture_block_inputs, prune_model
+from snapprune.models.prune import PruneSettings, capture_block_inputs, prune_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATTERNS = {"unstructured": 0.5, "2:4": None, "4:8": None, "structured": 0.3}

@@ -98,7 +98,7 @@ MUTANTS = (
            (("diag += percdamp * diag.mean()", "diag += percdamp"),)),
     Mutant("thanos-update-frozen-columns-free",
            "the block update also reaches columns of earlier, frozen blocks",
-           "engine/thanos.py",
+           "engine/thanos_update.py",
            (("weight[:, i1:] -= (lam @ u_bb.T) @ upper[i1:i2, i1:]",
              "weight[:, i1:] -= (lam @ u_bb.T) @ upper[i1:i2, i1:]\n"
              "        weight[:, :i1] -= 1e-3 * lam.sum() / max(1, i1)"),)),
@@ -116,7 +116,7 @@ MUTANTS = (
     Mutant("segment-padded-to-smallest-count",
            "a batched-solve segment padded to its smallest row count, cutting off the removals "
            "of its other rows",
-           "engine/thanos.py",
+           "engine/thanos_update.py",
            (("segments.append((starts[j], ends[i - 1], values[i - 1]))",
              "segments.append((starts[j], ends[i - 1], values[j]))"),)),
     Mutant("deterministic-sums-in-float32",
@@ -195,7 +195,7 @@ MUTANTS = (
             ), QUANT_TESTS),
     Mutant("act-order-ascending",
            "activation order from the smallest Hessian diagonal up",
-           "engine/quantize.py",
+           "engine/quantizers.py",
            (("order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)",
              "order = torch.argsort(torch.diagonal(hessian), descending=False, stable=True)"),),
            QUANT_TESTS),

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
 from snapprune.models.loading import load_model
-from snapprune.models.settings import PruneSettings, QuantizeSettings, WidthSettings
+from snapprune.models.settings import PruneSettings, QuantizeSettings, ShrinkSettings
 from snapprune.run import execute
 from snapprune.workbench import Workbench
 
@@ -52,7 +52,7 @@ def _q(scheme: str, method: str = "gptq", act_order: bool = False) -> QuantizeSe
     return QuantizeSettings(scheme=scheme, method=method, act_order=act_order)
 
 
-SHRINK = WidthSettings("thanos", mlp=0.3, heads=0.34)
+SHRINK = ShrinkSettings("thanos", mlp=0.3, heads=0.34)
 ROWS = (
     Row("dense", "dense (float32, the Q4_1 file de-quantised)", (), seeded=False),
     Row("rtn-q4_0", "RTN q4_0", (_q("q4_0", "rtn"),), "gguf", seeded=False),

@@ -10,7 +10,7 @@ from tiny_models import tiny_model, token_batch
 from snapprune.errors import SnapPruneError
 from snapprune.models.adapters import adapter_for
 from snapprune.models.capture import AUTO_DEVICE_SHARE, activation_home, capture_block_inputs
-from snapprune.models.pipeline import prune_model
+from snapprune.models.prune import prune_model
 from snapprune.models.settings import PruneSettings
 
 CPU = torch.device("cpu")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from snapprune.cli import main
 from snapprune.data import calibration_windows
-from snapprune.models.pipeline import prune_model
+from snapprune.models.prune import prune_model
 
 
 def _run(capsys, *argv) -> tuple[int, str]:

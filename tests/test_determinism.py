@@ -15,7 +15,7 @@ from tiny_models import tiny_model, token_batch
 
 from snapprune.engine import LayerStats, determinism, prune_weight
 from snapprune.engine.factor import damped_hessian, inverse_cholesky_upper
-from snapprune.models.pipeline import prune_model
+from snapprune.models.prune import prune_model
 from snapprune.models.settings import PruneSettings
 
 

@@ -18,7 +18,7 @@ from test_cli import _run
 from tiny_models import tiny_model, token_batch
 
 from snapprune.models.distributed import assign_layers, local_share
-from snapprune.models.pipeline import layer_cost
+from snapprune.models.prune import layer_cost
 from snapprune.models.settings import PruneSettings
 
 

@@ -258,7 +258,7 @@ def test_rows_cholesky_rejects_are_solved_by_lu(monkeypatch):
 
 def _partition_costs(counts: list[int]):
     """Every split of the sorted positive counts into consecutive segments, with its cost."""
-    from snapprune.engine.thanos import segment_cost
+    from snapprune.engine.thanos_update import segment_cost
 
     values = [c for c in counts if c > 0]
     n = len(values)
@@ -269,7 +269,7 @@ def _partition_costs(counts: list[int]):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_segment_plan_is_exact_and_optimal(seed):
-    from snapprune.engine.thanos import plan_segments, segment_cost
+    from snapprune.engine.thanos_update import plan_segments, segment_cost
 
     gen = torch.Generator().manual_seed(seed)
     counts = sorted(torch.randint(0, 60, (11,), generator=gen).tolist())

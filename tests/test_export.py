@@ -15,7 +15,7 @@ from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
-from snapprune.models.settings import PruneSettings, QuantizeSettings, WidthSettings
+from snapprune.models.settings import PruneSettings, QuantizeSettings, ShrinkSettings
 from snapprune.run import execute
 
 LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
@@ -97,7 +97,7 @@ def test_gguf_runs_in_llama_cpp_like_the_model_in_memory(joint_gguf):
 
 def test_a_shrunk_quantised_gguf_has_the_cut_out_shapes(tiny_dir, tmp_path):
     out = tmp_path / "shrunk"
-    outcome = execute(_job(tiny_dir, WidthSettings("thanos", mlp=0.25, heads=0.5,
+    outcome = execute(_job(tiny_dir, ShrinkSettings("thanos", mlp=0.25, heads=0.5,
                                                    multiple_of=32), QuantizeSettings("q8_0")),
                       out, progress=False, announce=False)
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")

@@ -12,7 +12,7 @@ from snapprune import SnapPruneError, linear_weight
 from snapprune.models import adapter_for
 from snapprune.models.blockloop import block_output
 from snapprune.models.capture import capture_block_inputs
-from snapprune.models.pipeline import prune_model
+from snapprune.models.prune import prune_model
 from snapprune.models.targets import target_layers
 
 EXPECTED_FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt",

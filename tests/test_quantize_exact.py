@@ -12,7 +12,7 @@ from problems import make_problem
 
 from snapprune import SnapPruneError
 from snapprune.engine.factor import damped_hessian, inverse_cholesky_upper
-from snapprune.engine.quantize import quantize_weight
+from snapprune.engine.quantizers import quantize_weight
 from snapprune.engine.schemes import Scheme, parse_scheme
 
 PERCDAMP = 0.01

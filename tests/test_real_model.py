@@ -15,7 +15,7 @@ from snapprune.data import calibration_windows, evaluation_ids
 from snapprune.eval.llama import llama_cpp_perplexity
 from snapprune.eval.perplexity import perplexity
 from snapprune.models.loading import load_model
-from snapprune.models.pipeline import prune_model
+from snapprune.models.prune import prune_model
 
 pytestmark = pytest.mark.slow
 
@@ -76,13 +76,13 @@ def test_shrink_smollm2_equals_the_zeroed_model(smollm2):
     """MLP 30% and one query head of each of the 3 key/value groups, on the real model."""
     import copy
 
-    from snapprune.models.settings import WidthSettings
-    from snapprune.models.width import shrink_model
+    from snapprune.models.settings import ShrinkSettings
+    from snapprune.models.shrink import shrink_model
 
     model, tokenizer = smollm2
     model = copy.deepcopy(model)
     calib = calibration_windows(str(C4_FILE), tokenizer, nsamples=2, seqlen=64, seed=0)
-    smaller, run = shrink_model(model, calib, WidthSettings(method="thanos", mlp=0.3,
+    smaller, run = shrink_model(model, calib, ShrinkSettings(method="thanos", mlp=0.3,
                                                             heads=0.34), progress=False)
     assert smaller.config.intermediate_size == 1088  # 1536 · 0.7 = 1075.2 → multiple of 32
     assert smaller.config.num_attention_heads == 6 and smaller.config.num_key_value_heads == 3
@@ -142,12 +142,12 @@ def test_smollm2_gguf_runs_in_llama_cpp_at_snapprunes_perplexity(steps, tmp_path
     from transformers import AutoModelForCausalLM
 
     from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
-    from snapprune.models.settings import QuantizeSettings, WidthSettings
+    from snapprune.models.settings import QuantizeSettings, ShrinkSettings
     from snapprune.run import execute
 
     chosen = (QuantizeSettings("q4_0", method="rtn"),)
     if steps == "shrink+quantize":
-        chosen = (WidthSettings("thanos", mlp=0.3, heads=0.34), *chosen)
+        chosen = (ShrinkSettings("thanos", mlp=0.3, heads=0.34), *chosen)
     out = tmp_path / "model"
     outcome = execute(Job(model="smollm2-135m", steps=chosen,
                           calibration=CalibrationSpec(str(C4_FILE), 4, 128),

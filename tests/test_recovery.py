@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM
 
 from snapprune import SnapPruneError
 from snapprune.data import calibration_windows, read_documents, sample_path, wikitext_join
-from snapprune.models.pipeline import prune_model
-from snapprune.models.settings import RecoverSettings, WidthSettings
-from snapprune.models.width import shrink_model
+from snapprune.models.prune import prune_model
+from snapprune.models.settings import RecoverSettings, ShrinkSettings
+from snapprune.models.shrink import shrink_model
 from snapprune.recovery import CRASH_ENV, recover, shared_windows
 
 SMALL = dict(seqlen=32, batch_size=4, lr=3e-3, warmup=0.1)
@@ -60,7 +60,7 @@ def test_distillation_learns_and_keeps_every_pruned_weight_at_zero():
 def test_lm_loss_needs_no_teacher_and_shrunk_shapes_stay():
     teacher = tiny_model("llama")
     smaller, _ = shrink_model(copy.deepcopy(teacher), token_batch(4, 32),
-                              WidthSettings(mlp=0.25), progress=False)
+                              ShrinkSettings(mlp=0.25), progress=False)
     shapes = {n: p.shape for n, p in smaller.named_parameters()}
     run = recover(smaller, None, _data(8 * 4), RecoverSettings(tokens=8 * 4 * 32, loss="lm",
                                                                 **SMALL), progress=False)
@@ -222,7 +222,7 @@ def test_two_processes_train_as_one(pruned_dir, tmp_path):
 
 def test_recover_api_on_in_memory_models_then_quantise(tokenizer):
     """prune → recover → quantise in one script, nothing on disk."""
-    from snapprune.engine.quantize import quantize_weight
+    from snapprune.engine.quantizers import quantize_weight
 
     teacher = tiny_model("llama", vocab=len(tokenizer))
     student = copy.deepcopy(teacher)

@@ -23,7 +23,7 @@ from snapprune.jobs import (
     job_from_dict,
     read_recipe,
 )
-from snapprune.models.settings import PruneSettings, WidthSettings
+from snapprune.models.settings import PruneSettings, ShrinkSettings
 from snapprune.run import execute
 
 VOLATILE = ("timing", "created", "argv", "estimate", "versions", "peak_memory_bytes",
@@ -140,7 +140,7 @@ def test_flags_override_a_recipe_and_unknown_keys_are_refused(tiny_dir, tmp_path
 
 
 def test_recipes_round_trip():
-    job = Job(model="m", steps=(WidthSettings("wanda", mlp=0.3, heads=0.2),),
+    job = Job(model="m", steps=(ShrinkSettings("wanda", mlp=0.3, heads=0.2),),
               calibration=CalibrationSpec("c4-sample", 8, 128, 3),
               evaluation=EvaluationSpec(ppl=("a.txt", "wikitext2-test"), zeroshot=("x.jsonl",),
                                         max_windows=None),

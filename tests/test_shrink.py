@@ -14,9 +14,9 @@ from tiny_models import tiny_model, token_batch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from snapprune import SnapPruneError, prune_weight
-from snapprune.engine.width import lowest_units
-from snapprune.models.settings import WidthSettings
-from snapprune.models.width import plan_width, shrink_model
+from snapprune.engine.units import lowest_units
+from snapprune.models.settings import ShrinkSettings
+from snapprune.models.shrink import plan_width, shrink_model
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "thanos")
 
@@ -40,7 +40,7 @@ CASES = [("llama", 0.3, 0.5), ("qwen2", 0.3, 0.5), ("mistral", 0.5, 0.5), ("mha"
 def test_shrunk_model_equals_the_model_with_units_zeroed(family, mlp, heads, method):
     model = mha_llama() if family == "mha" else tiny_model(family)
     ids = token_batch(4, 32)
-    smaller, run = shrink_model(model, ids, WidthSettings(method=method, mlp=mlp, heads=heads),
+    smaller, run = shrink_model(model, ids, ShrinkSettings(method=method, mlp=mlp, heads=heads),
                                 progress=False)
     # ``model`` now holds the same network with the removed units zeroed in place.
     torch.testing.assert_close(smaller(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
@@ -73,9 +73,9 @@ def expected_parameters(model, plan) -> int:
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mha"])
 def test_config_widths_and_parameter_count(family):
     model = mha_llama() if family == "mha" else tiny_model(family)
-    plan = plan_width(model, WidthSettings(mlp=0.3, heads=0.5))
+    plan = plan_width(model, ShrinkSettings(mlp=0.3, heads=0.5))
     expected = expected_parameters(model, plan)
-    smaller, run = shrink_model(model, token_batch(2, 16), WidthSettings(mlp=0.3, heads=0.5),
+    smaller, run = shrink_model(model, token_batch(2, 16), ShrinkSettings(mlp=0.3, heads=0.5),
                                 progress=False)
     assert smaller.config.intermediate_size == 96  # 128 · 0.7 = 89.6 → multiple of 32
     assert smaller.config.num_attention_heads == 2 and smaller.config.head_dim == 16
@@ -114,7 +114,7 @@ def test_unit_choice_and_thanos_update_follow_their_definitions(groups, per_grou
 def test_every_method_shrinks(method):
     model = tiny_model("llama")
     smaller, run = shrink_model(model, token_batch(2, 16),
-                                WidthSettings(method=method, mlp=0.25, heads=0.5),
+                                ShrinkSettings(method=method, mlp=0.25, heads=0.5),
                                 progress=False)
     assert smaller.config.intermediate_size == 96
     errors = [r.error for r in run.layers]
@@ -129,7 +129,7 @@ def test_thanos_reconstructs_better_than_the_baselines():
     errors = {}
     for method in ("wanda", "sparsegpt", "thanos"):
         _, run = shrink_model(tiny_model("llama"), token_batch(4, 32),
-                              WidthSettings(method=method, mlp=0.3), progress=False)
+                              ShrinkSettings(method=method, mlp=0.3), progress=False)
         errors[method] = sum(r.error for r in run.layers)
     assert errors["thanos"] < errors["sparsegpt"] < errors["wanda"]
 
@@ -148,7 +148,7 @@ def test_thanos_reconstructs_better_than_the_baselines():
 def test_refusals(family, settings, fragment):
     model = tiny_model(family)
     with pytest.raises(SnapPruneError) as info:
-        plan_width(model, WidthSettings(**settings))
+        plan_width(model, ShrinkSettings(**settings))
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 

@@ -16,7 +16,7 @@ from tiny_models import tiny_model, token_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from snapprune.models import streaming
-from snapprune.models.pipeline import prune_model
+from snapprune.models.prune import prune_model
 from snapprune.models.settings import PruneSettings
 from snapprune.models.streaming import CRASH_ENV, partial_dir, should_stream, stream_prune
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from snapprune import SnapPruneError
 from snapprune.data import calibration_windows, evaluation_ids
 from snapprune.eval.perplexity import perplexity
-from snapprune.models.pipeline import prune_model
+from snapprune.models.prune import prune_model
 from snapprune.sweep import (
     CELLS_FILE,
     canonical_cell,

@@ -13,15 +13,15 @@ from .engine import (
     reconstruction_error,
     register_method,
 )
-from .engine.quantize import quantize_weight
+from .engine.quantizers import quantize_weight
 from .engine.schemes import parse_scheme
 from .errors import SnapPruneError
 from .jobs import CalibrationSpec, EvaluationSpec, Execution, Job, OutputSpec, read_recipe
 from .models.layout import linear_weight, set_linear_weight
-from .models.pipeline import PruneRun, prune_model
+from .models.prune import PruneRun, prune_model
 from .models.quantize import QuantizeRun, quantize_model
-from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
-from .models.width import ShrinkRun, shrink_model
+from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, ShrinkSettings
+from .models.shrink import ShrinkRun, shrink_model
 from .recovery import RecoverRun, recover
 from .run import Outcome, execute
 
@@ -56,8 +56,8 @@ __all__ = [
     "RecoverRun",
     "RecoverSettings",
     "ShrinkRun",
+    "ShrinkSettings",
     "SnapPruneError",
-    "WidthSettings",
     "execute",
     "get_method",
     "linear_weight",

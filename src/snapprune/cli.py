@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .data import AUTO, CALIBRATION_SOURCES, DEFAULT_EVALUATION, EVALUATION_SOURCES
 from .engine import METRICS, get_method, method_names
-from .engine.quantize import QUANT_METHODS
+from .engine.quantizers import QUANT_METHODS
 from .engine.schemes import SCHEME_NAMES
 from .errors import SnapPruneError
 from .export import FORMAT_NAMES
@@ -31,7 +31,7 @@ from .jobs import (
     step_kind,
 )
 from .models.capture import ACTIVATION_PLACES
-from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
+from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, ShrinkSettings
 from .outputs import check_output_dir
 
 SUPPRESS = argparse.SUPPRESS
@@ -407,21 +407,21 @@ def _add_shrink_parser(sub) -> None:
     what.add_argument("--method", default=SUPPRESS, metavar="NAME",
                       help="how units are chosen and the rest updated: " + ", ".join(
                           method_names()) + " (thanos: one exact shared solve)"
-                      + _d(WidthSettings, "method"))
+                      + _d(ShrinkSettings, "method"))
     what.add_argument("--mlp", type=_fraction, default=SUPPRESS, metavar="F",
                       help="fraction of MLP neurons removed per block, in [0, 1)"
-                           + _d(WidthSettings, "mlp"))
+                           + _d(ShrinkSettings, "mlp"))
     what.add_argument("--heads", type=_fraction, default=SUPPRESS, metavar="F",
                       help="fraction of query heads removed per block, in [0, 1)"
-                           + _d(WidthSettings, "heads"))
+                           + _d(ShrinkSettings, "heads"))
     what.add_argument("--multiple-of", type=_positive_int, default=SUPPRESS, metavar="K",
                       help="round the new MLP width to a multiple of K"
-                           + _d(WidthSettings, "multiple_of"))
+                           + _d(ShrinkSettings, "multiple_of"))
     what.add_argument("--metric", default=SUPPRESS, metavar="NAME",
                       help=f"unit saliency: {', '.join(METRICS)} (default: the method's own)")
     what.add_argument("--percdamp", type=_number, default=SUPPRESS, metavar="F",
                       help="Hessian damping, fraction of its mean diagonal"
-                           + _d(WidthSettings, "percdamp"))
+                           + _d(ShrinkSettings, "percdamp"))
     what.add_argument("--alpha", type=_number, default=SUPPRESS, metavar="A",
                       help="must be 0: outlier rows cannot be cut out (see prune --alpha)")
     _add_quantize_args(shrink)
@@ -695,7 +695,7 @@ def _zeroshot_tasks(text: str) -> tuple[str, ...]:
 QUANTIZE_FLAGS = {"quantize": "scheme", "scheme": "scheme", "quant_method": "method",
                   "act_order": "act_order", "quant_blocksize": "blocksize"}
 """Command-line destinations of the quantisation step's settings."""
-STEP_CLASSES = {"prune": PruneSettings, "shrink": WidthSettings, "quantize": QuantizeSettings,
+STEP_CLASSES = {"prune": PruneSettings, "shrink": ShrinkSettings, "quantize": QuantizeSettings,
                 "recover": RecoverSettings}
 
 

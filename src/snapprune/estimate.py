@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine.quantize import quantize_weight
+from .engine.quantizers import quantize_weight
 from .eval.perplexity import capped_seqlen
 from .jobs import Job
 from .models.adapters import adapter_for
 from .models.blockloop import gather_layer_stats, propagate
 from .models.capture import capture_block_inputs
 from .models.layout import linear_weight
-from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
+from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, ShrinkSettings
 from .models.targets import target_layers
 from .placement import placed
 
@@ -74,7 +74,7 @@ def _timed(fn) -> float:
 
 
 def _weight_step(job: Job):
-    return next((s for s in job.steps if isinstance(s, (PruneSettings, WidthSettings))), None)
+    return next((s for s in job.steps if isinstance(s, (PruneSettings, ShrinkSettings))), None)
 
 
 def _quantize_step(job: Job):
@@ -159,7 +159,7 @@ def estimate_job(bench, job: Job) -> Estimate:
                 solve += time.perf_counter() - t
                 continue
             fraction = _fraction(step, name)
-            if isinstance(step, WidthSettings):
+            if isinstance(step, ShrinkSettings):
                 prune_weight(linear_weight(module).clone(), stats and stats[name],
                              method=step.method, pattern="structured", sparsity=fraction,
                              metric=step.metric, percdamp=step.percdamp)
@@ -196,7 +196,7 @@ def _step_layers(model, step) -> list[str]:
     if isinstance(step, QuantizeSettings):
         prefix = f"{adapter.blocks}.0."
         return [n[len(prefix):] for n in target_layers(model, step.include, step.exclude)[0]]
-    if isinstance(step, WidthSettings):
+    if isinstance(step, ShrinkSettings):
         names = []
         if step.mlp:
             names.append(adapter.mlp.output)
@@ -208,7 +208,7 @@ def _step_layers(model, step) -> list[str]:
 
 
 def _fraction(step, name: str) -> float | None:
-    if isinstance(step, WidthSettings):
+    if isinstance(step, ShrinkSettings):
         return step.mlp if "mlp" in name or "fc" in name else step.heads
     return step.resolved_sparsity
 

@@ -22,7 +22,7 @@ from .engine.schemes import parse_scheme
 from .errors import SnapPruneError
 from .models.capture import ACTIVATION_PLACES
 from .models.loading import DTYPES
-from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
+from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, ShrinkSettings
 
 RECIPE_VERSION = 1
 DEFAULT_MAX_WINDOWS = 8
@@ -147,7 +147,7 @@ class OutputSpec:
         get_format(self.format)
 
 
-STEP_KINDS: dict[str, type] = {"prune": PruneSettings, "shrink": WidthSettings,
+STEP_KINDS: dict[str, type] = {"prune": PruneSettings, "shrink": ShrinkSettings,
                                "recover": RecoverSettings, "quantize": QuantizeSettings}
 """Every kind of step a job can hold, by the name recipes and the command line use."""
 WEIGHT_STEPS = ("prune", "shrink")

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from .export import quantization_of
-from .models.pipeline import PruneRun
+from .models.prune import PruneRun
 from .models.quantize import QuantizeRun
+from .models.shrink import ShrinkRun, width_report
 from .models.streaming import ids_digest
-from .models.width import ShrinkRun, width_report
 from .recovery import RecoverRun
 
 OPTIONAL_PACKAGES = ("lm_eval", "gguf", "compressed_tensors", "llama_cpp_python", "accelerate")

@@ -24,10 +24,10 @@ from .eval.perplexity import capped_seqlen
 from .generate import DEFAULT_PROMPTS
 from .jobs import Job, recipe_text
 from .models import collectives
-from .models.pipeline import PruneRun
+from .models.prune import PruneRun
 from .models.quantize import QuantizeRun
-from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
-from .models.width import ShrinkRun
+from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, ShrinkSettings
+from .models.shrink import ShrinkRun
 from .outputs import REPORT_NAME, check_output_dir, save_directory, write_json_atomic
 from .recovery import RecoveryStep
 from .workbench import Evaluated, Workbench
@@ -194,7 +194,7 @@ def stages(steps) -> list[tuple]:
     while index < len(steps):
         step = steps[index]
         following = steps[index + 1] if index + 1 < len(steps) else None
-        if isinstance(step, (PruneSettings, WidthSettings)) \
+        if isinstance(step, (PruneSettings, ShrinkSettings)) \
                 and isinstance(following, QuantizeSettings):
             out.append((step, following))
             index += 2
@@ -204,7 +204,7 @@ def stages(steps) -> list[tuple]:
     return out
 
 
-AFTER = {PruneSettings: "pruned", WidthSettings: "shrunk", QuantizeSettings: "quantised",
+AFTER = {PruneSettings: "pruned", ShrinkSettings: "shrunk", QuantizeSettings: "quantised",
          RecoverSettings: "recovered"}
 
 
@@ -215,7 +215,7 @@ def after_label(job: Job) -> str:
 
 def before_label(job: Job) -> str:
     """How the model before them is called: ``dense`` when the job prunes or shrinks it."""
-    return "dense" if any(isinstance(s, (PruneSettings, WidthSettings)) for s in job.steps) \
+    return "dense" if any(isinstance(s, (PruneSettings, ShrinkSettings)) for s in job.steps) \
         else "before"
 
 

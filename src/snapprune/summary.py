@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 
 from .estimate import duration
-from .models.pipeline import PruneRun
+from .models.prune import PruneRun
 from .models.quantize import QuantizeRun
-from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, WidthSettings
-from .models.width import ShrinkRun
+from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, ShrinkSettings
+from .models.shrink import ShrinkRun
 from .recovery import RecoverRun
 from .run import after_label, before_label
 
@@ -127,7 +127,7 @@ def _next_steps(job, saved: Path) -> list[str]:
         where = saved
     compare = job.model
     recovery = next((s for s in job.steps if isinstance(s, RecoverSettings)), None)
-    if recovery is not None and not any(isinstance(s, (PruneSettings, WidthSettings))
+    if recovery is not None and not any(isinstance(s, (PruneSettings, ShrinkSettings))
                                         for s in job.steps):
         compare = recovery.teacher or compare
     lines = ["next:",
@@ -136,13 +136,13 @@ def _next_steps(job, saved: Path) -> list[str]:
              f"  snapprune eval --model {where} --max-windows all"
              "      # the whole WikiText-2 test split"]
     kinds = {type(s) for s in job.steps}
-    if kinds & {PruneSettings, WidthSettings} and RecoverSettings not in kinds:
+    if kinds & {PruneSettings, ShrinkSettings} and RecoverSettings not in kinds:
         lines.append(f"  snapprune recover --model {where} --out {where}-recovered"
                      "      # win back quality, structure kept")
     if QuantizeSettings not in kinds:
         lines.append(f"  snapprune quantize --model {where} --scheme q4_0 --format gguf --out "
                      f"{where}-q4_0      # 4-bit, for llama.cpp")
-    if not kinds & {WidthSettings, RecoverSettings, QuantizeSettings}:
+    if not kinds & {ShrinkSettings, RecoverSettings, QuantizeSettings}:
         lines.append(f"  snapprune shrink --model {job.model} --method thanos --mlp 0.3 --out "
                      f"{where}-mlp30      # smaller and faster in every runtime")
     lines.append(f"  snapprune run {where}/snapprune_recipe.yaml --out {where}-again"

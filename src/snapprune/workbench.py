@@ -16,11 +16,11 @@ from .generate import DEFAULT_PROMPTS, greedy_completions
 from .jobs import CalibrationSpec, EvaluationSpec, Job
 from .models.adapters import adapter_for
 from .models.capture import BlockInputs, capture_block_inputs
-from .models.pipeline import PruneRun, check_model_for_pruning, prune_model
+from .models.prune import PruneRun, check_model_for_pruning, prune_model
 from .models.quantize import QuantizeRun, check_quantizable, quantize_model
-from .models.settings import PruneSettings, QuantizeSettings, WidthSettings
+from .models.settings import PruneSettings, QuantizeSettings, ShrinkSettings
+from .models.shrink import ShrinkRun, plan_width, shrink_model
 from .models.targets import target_layers
-from .models.width import ShrinkRun, plan_width, shrink_model
 from .placement import placed
 
 
@@ -117,13 +117,13 @@ class Workbench:
                      f"{adapter.family} adapter and stay as they are: "
                      f"{', '.join(uncovered[:4])}{', …' if len(uncovered) > 4 else ''}")
         for step in job.steps:
-            if isinstance(step, WidthSettings):
+            if isinstance(step, ShrinkSettings):
                 plan_width(self.model, step)
             elif isinstance(step, PruneSettings):
                 check_model_for_pruning(target_layers(self.model, step.include, step.exclude),
                                         step)
             elif isinstance(step, QuantizeSettings) and not any(
-                    isinstance(s, WidthSettings) for s in job.steps):
+                    isinstance(s, ShrinkSettings) for s in job.steps):
                 check_quantizable(target_layers(self.model, step.include, step.exclude), step)
         from .export import get_format
 
@@ -145,7 +145,7 @@ class Workbench:
         common = dict(device=self.device, batch_size=execution.batch_size,
                       progress=self.progress, log=log, block_inputs=inputs,
                       activations=execution.activations)
-        if isinstance(step, WidthSettings):
+        if isinstance(step, ShrinkSettings):
             # The smaller model replaces the loaded one; cached first-block inputs (embeddings
             # and block arguments) stay valid, since shrinking never touches them.
             self.model, run = shrink_model(self.model, None, step, quantize=quantize, **common)

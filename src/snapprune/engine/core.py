@@ -15,7 +15,7 @@ from .problem import LayerProblem
 from .registry import Method, get_method
 from .scores import METRICS
 from .stats import LayerStats
-from .thanos import DEFAULT_SOLVE_BYTES
+from .thanos_update import DEFAULT_SOLVE_BYTES
 
 
 @dataclass
@@ -160,7 +160,7 @@ def prune_weight(
     the score that picks the mask (wanda, magnitude, obs). Computes in float32 on the weight's
     device and returns the weight in its own dtype. The input tensor is not modified.
     ``choose_columns`` (structured only): ``scores -> bool[cols]``, the columns to remove,
-    chosen by the caller from the method's saliency (whole width units: ``engine.width``).
+    chosen by the caller from the method's saliency (whole width units: ``engine.units``).
     ``error=False`` skips the reconstruction error (NaN): it costs two ``rows × cols²`` products,
     on a CPU often more than the pruning itself.
     """

@@ -50,9 +50,9 @@ def check_model(model, job) -> None:
     """Whole groups in every quantised layer (the library refuses a partial last group, and
     vLLM's kernels need whole groups), at the widths the layers will have."""
     from ..models.layout import input_width
-    from ..models.settings import QuantizeSettings, WidthSettings
+    from ..models.settings import QuantizeSettings, ShrinkSettings
+    from ..models.shrink import plan_width
     from ..models.targets import target_layers
-    from ..models.width import plan_width
 
     quantize = next(s for s in job.steps if isinstance(s, QuantizeSettings))
     group = parse_scheme(quantize.scheme).group_size
@@ -61,7 +61,7 @@ def check_model(model, job) -> None:
     widths = {input_width(m) for named in target_layers(model, quantize.include,
                                                         quantize.exclude).values()
               for m in named.values()}
-    shrink = next((s for s in job.steps if isinstance(s, WidthSettings)), None)
+    shrink = next((s for s in job.steps if isinstance(s, ShrinkSettings)), None)
     if shrink is not None:
         plan = plan_width(model, shrink)
         widths |= {plan.mlp_new, plan.heads_new * plan.head_dim}

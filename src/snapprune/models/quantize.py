@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..engine import LayerStats
-from ..engine.quantize import quantize_weight
+from ..engine.quantizers import quantize_weight
 from ..engine.schemes import Scheme, parse_scheme
 from ..errors import SnapPruneError
 from ..memory import peak_bytes

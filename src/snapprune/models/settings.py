@@ -1,5 +1,5 @@
 """What a step changes, as immutable settings: zeros in place (``PruneSettings``) or whole
-units cut out (``WidthSettings``). Each field's default is the one default of that setting:
+units cut out (``ShrinkSettings``). Each field's default is the one default of that setting:
 the command line, recipes, sweeps and the Python API all read it from here."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, fields, replace
 
 from ..engine import METRICS, check_settings, get_method
-from ..engine.quantize import QUANT_METHODS
+from ..engine.quantizers import QUANT_METHODS
 from ..engine.schemes import parse_scheme
 from ..errors import SnapPruneError
 
@@ -85,7 +85,7 @@ class PruneSettings(MethodChoice):
 
 
 @dataclass(frozen=True)
-class WidthSettings(MethodChoice):
+class ShrinkSettings(MethodChoice):
     """What ``shrink`` removes: fractions of MLP neurons and of query heads. The new MLP width
     is a multiple of ``multiple_of``: 32 by default, the smallest width every output format
     quantises whole (llama.cpp's blocks of 32, the common group size 32); a GPU kernel that
@@ -103,7 +103,7 @@ class WidthSettings(MethodChoice):
     def pattern(self) -> str:
         return "width"
 
-    def resolved(self) -> WidthSettings:
+    def resolved(self) -> ShrinkSettings:
         """A copy naming every value the run uses (metric), for records."""
         self.check()
         return replace(self, metric=self.resolved_metric)

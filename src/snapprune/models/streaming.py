@@ -40,7 +40,7 @@ from .adapters import adapter_for
 from .blockloop import record_ranks, run_blocks
 from .capture import BlockInputs, capture_block_inputs
 from .loading import empty_model
-from .pipeline import PruneRun, check_model_for_pruning, layer_cost, prune_layer
+from .prune import PruneRun, check_model_for_pruning, layer_cost, prune_layer
 from .records import LayerRecord
 from .settings import PruneSettings
 from .targets import check_finite, layer_roles, target_layers

@@ -7,7 +7,7 @@ import torch
 from ..masks import lowest_k_mask, nm_mask, target_count
 from ..problem import LayerProblem
 from ..registry import Method
-from ..sparsegpt import sparsegpt_blockwise
+from ..sparsegpt_update import sparsegpt_blockwise
 
 
 def prune(problem: LayerProblem) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from ..masks import Pattern, lowest_k_leading_mask, nm_mask
 from ..problem import LayerProblem
 from ..registry import Method
-from ..thanos import thanos_blockwise, thanos_shared_columns
+from ..thanos_update import thanos_blockwise, thanos_shared_columns
 
 
 def prune(problem: LayerProblem) -> torch.Tensor:

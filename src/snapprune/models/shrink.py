@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..engine import LayerStats, prune_weight
-from ..engine.width import lowest_units
+from ..engine.units import lowest_units
 from ..errors import SnapPruneError
 from ..memory import peak_bytes
 from .adapters import Adapter, adapter_for, head_geometry
@@ -37,7 +37,7 @@ from .quantize import (
     scale_dtype_for,
 )
 from .records import LayerRecord, RunRecord
-from .settings import QuantizeSettings, WidthSettings
+from .settings import QuantizeSettings, ShrinkSettings
 from .targets import layer_roles, target_layers
 
 
@@ -79,7 +79,7 @@ def mlp_width(config, adapter: Adapter) -> int:
     return value
 
 
-def plan_width(model: nn.Module, settings: WidthSettings) -> WidthPlan:
+def plan_width(model: nn.Module, settings: ShrinkSettings) -> WidthPlan:
     """New widths, rounded to ``multiple_of`` (neurons) and whole heads per group, or a
     one-line refusal naming the problem and the fix."""
     settings.check()
@@ -130,7 +130,7 @@ class ShrinkRun(RunRecord):
     """What ``shrink_model`` did: the new widths, per-layer records (every cut layer's
     reconstruction error is measured), sizes and times."""
 
-    settings: WidthSettings
+    settings: ShrinkSettings
     plan: WidthPlan
     removed: dict[int, dict[str, list[int]]] = field(default_factory=dict)
     parameters_before: int = 0
@@ -158,7 +158,7 @@ def _zero_outputs(module: nn.Module, rows: torch.Tensor) -> None:
 def shrink_model(
     model: nn.Module,
     calibration: torch.Tensor | None,
-    settings: WidthSettings,
+    settings: ShrinkSettings,
     *,
     device: str | torch.device = "cpu",
     batch_size: int = 8,
