@@ -70,7 +70,7 @@ def solve_costs(device: str, repeats: int = 5) -> dict[str, float]:
     """Fit ``thanos.segment_cost``'s constants: time batched solves of ``n`` rows padded to
     ``q`` unknowns (the real ``padded_solve``, gathering included), least squares on the
     relative error of ``t = call + n·(q²·a + q³·b)``."""
-    from snapprune.engine import thanos
+    from snapprune.engine import thanos_update as thanos
 
     gen = torch.Generator().manual_seed(0)
     width = 128

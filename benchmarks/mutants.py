@@ -242,7 +242,7 @@ MUTANTS = (
            (('    optimizer.load_state_dict(saved["optimizer"])\n', ""),), RECOVERY_TESTS),
     Mutant("recovery-overlap-unchecked",
            "training text that overlaps the evaluation windows is accepted",
-           "recovery.py",
+           "steps/recover.py",
            (("        if shared:\n", "        if False:\n"),), RECOVERY_TESTS),
 )
 

@@ -220,7 +220,7 @@ def test_segmented_solve_equals_single_batch(pattern, sparsity):
 @pytest.fixture(params=["lu", "cholesky"])
 def factorisation(request, monkeypatch):
     """Both batched factorisations (the CPU uses LU, CUDA Cholesky), run on the CPU."""
-    from snapprune.engine import thanos
+    from snapprune.engine import thanos_update as thanos
 
     monkeypatch.setattr(thanos, "CHOLESKY_DEVICES", {"cpu"} if request.param == "cholesky"
                         else set())
@@ -237,7 +237,7 @@ def test_every_solver_path_reaches_the_optimum(factorisation, pattern, sparsity)
 
 def test_rows_cholesky_rejects_are_solved_by_lu(monkeypatch):
     """Round-off can make a gathered R̂ indefinite; those rows fall back to pivoted LU."""
-    from snapprune.engine import thanos
+    from snapprune.engine import thanos_update as thanos
 
     monkeypatch.setattr(thanos, "CHOLESKY_DEVICES", {"cpu"})
     gen = torch.Generator().manual_seed(0)

@@ -21,7 +21,8 @@ from snapprune.data import calibration_windows, read_documents, sample_path, wik
 from snapprune.models.prune import prune_model
 from snapprune.models.settings import RecoverSettings, ShrinkSettings
 from snapprune.models.shrink import shrink_model
-from snapprune.recovery import CRASH_ENV, recover, shared_windows
+from snapprune.overlap import shared_windows
+from snapprune.recovery import CRASH_ENV, recover
 
 SMALL = dict(seqlen=32, batch_size=4, lr=3e-3, warmup=0.1)
 

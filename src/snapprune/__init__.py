@@ -13,29 +13,19 @@ from .engine import (
     reconstruction_error,
     register_method,
 )
-from .engine.quantizers import quantize_weight
+from .engine.quantizers import Quantizer, get_quantizer, quantize_weight, register_quantizer
 from .engine.schemes import parse_scheme
 from .errors import SnapPruneError
-from .jobs import CalibrationSpec, EvaluationSpec, Execution, Job, OutputSpec, read_recipe
+from .jobs import CalibrationSpec, EvaluationSpec, Execution, Job, OutputSpec
 from .models.layout import linear_weight, set_linear_weight
 from .models.prune import PruneRun, prune_model
 from .models.quantize import QuantizeRun, quantize_model
 from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, ShrinkSettings
 from .models.shrink import ShrinkRun, shrink_model
+from .recipes import read_recipe
 from .recovery import RecoverRun, recover
 from .run import Outcome, execute
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("snapprune")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "0+unknown"
-
-
-__version__ = _version()
+from .version import __version__
 
 __all__ = [
     "METRICS",
@@ -53,13 +43,16 @@ __all__ = [
     "PruneSettings",
     "QuantizeRun",
     "QuantizeSettings",
+    "Quantizer",
     "RecoverRun",
     "RecoverSettings",
     "ShrinkRun",
     "ShrinkSettings",
     "SnapPruneError",
+    "__version__",
     "execute",
     "get_method",
+    "get_quantizer",
     "linear_weight",
     "method_names",
     "parse_pattern",
@@ -72,6 +65,7 @@ __all__ = [
     "reconstruction_error",
     "recover",
     "register_method",
+    "register_quantizer",
     "set_linear_weight",
     "shrink_model",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -121,10 +122,28 @@ def check_source(source: str, *, calibration: bool) -> None:
         return
     if source == AUTO and calibration:
         return
-    if not Path(source).exists():
+    if not _exists(Path(source), what):
         raise SnapPruneError(
             f"{what} {source!r} not found: use {', '.join(names)} or a path to an existing file"
         )
+    if Path(source).is_dir():
+        raise SnapPruneError(_directory_refusal(what, source))
+
+
+def _exists(path: Path, what: str) -> bool:
+    """``path.exists()``, with a one-line refusal where the lookup itself fails (a name too
+    long for the file system, a parent that cannot be searched)."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        shown = str(path) if len(str(path)) <= 60 else str(path)[:57] + "..."
+        raise SnapPruneError(f"{what} {shown!r} cannot be looked up ({exc.strerror or exc}); "
+                             "give a shorter path to an existing file") from None
+
+
+def _directory_refusal(what: str, source: str | Path) -> str:
+    return (f"{what} {source} is a directory; give one file in it (.txt, .jsonl or .json.gz "
+            "with a 'text' field)")
 
 
 def _is_json(path: Path) -> bool:
@@ -135,6 +154,8 @@ def read_documents(path: str | Path) -> list[str]:
     """Documents of a local file: one per ``text`` field (JSON lines, gzipped or not), or the
     whole file for plain text."""
     path = Path(path)
+    if _exists(path, "file") and path.is_dir():
+        raise SnapPruneError(_directory_refusal("text source", path))
     if not path.is_file():
         raise SnapPruneError(f"file {path} not found; check the path")
     try:
@@ -145,7 +166,14 @@ def read_documents(path: str | Path) -> list[str]:
                 for number, line in enumerate(handle, 1):
                     if not line.strip():
                         continue
-                    record = json.loads(line)
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:  # its own line number is always 1
+                        raise SnapPruneError(
+                            f"{path}:{number} is not valid JSON ({exc.msg} at column "
+                            f"{exc.colno}); JSON lines need one {{\"text\": \"...\"}} object "
+                            "per line: fix or remove that line"
+                        ) from None
                     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                         raise SnapPruneError(
                             f"{path}:{number} has no 'text' field; JSON lines need "
@@ -157,13 +185,17 @@ def read_documents(path: str | Path) -> list[str]:
             with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
                 return [handle.read().replace("\r\n", "\n")]
         return [path.read_text(encoding="utf-8").replace("\r\n", "\n")]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, EOFError) as exc:
-        raise SnapPruneError(f"cannot read {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SnapPruneError(f"cannot read {path}: it is not UTF-8 text ({exc.reason} at byte "
+                             f"{exc.start}); save it as UTF-8") from exc
+    except (OSError, EOFError, zlib.error) as exc:  # gzip: truncated or not gzip at all
+        raise SnapPruneError(f"cannot read {path} ({' '.join(str(exc).split())}); check that "
+                             "the file is complete (a .gz file must be gzip)") from exc
 
 
 def _local_documents(source: str, what: str, named: str) -> tuple[Path, list[str]]:
     path = Path(source)
-    if not path.exists():
+    if not _exists(path, what):
         raise SnapPruneError(
             f"{what} {source!r} not found: use {named}, or a path to a .txt, .jsonl or "
             ".json.gz file"

@@ -16,16 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine.quantizers import quantize_weight
 from .eval.perplexity import capped_seqlen
 from .jobs import Job
 from .models.adapters import adapter_for
 from .models.blockloop import gather_layer_stats, propagate
 from .models.capture import capture_block_inputs
-from .models.layout import linear_weight
-from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, ShrinkSettings
-from .models.targets import target_layers
-from .placement import placed
+from .progress import duration
+from .steps import Probe, needs_calibration, step_for
 
 
 @dataclass
@@ -58,14 +55,6 @@ class Estimate:
                 + f"; about {duration(self.total_seconds)} in all (timed on the first block)")
 
 
-def duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def _timed(fn) -> float:
     fn()  # the first call pays one-off costs (allocation, kernel selection)
     t = time.perf_counter()
@@ -73,52 +62,21 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def _weight_step(job: Job):
-    return next((s for s in job.steps if isinstance(s, (PruneSettings, ShrinkSettings))), None)
-
-
-def _quantize_step(job: Job):
-    return next((s for s in job.steps if isinstance(s, QuantizeSettings)), None)
-
-
-def training_seconds(model, settings: RecoverSettings, device: torch.device) -> float:
-    """Recovery: one window's training loss (the model standing in for its teacher, whose
-    forward pass costs about the same), forward and backward, times every window of the run."""
-    from .recovery import loss_of
-
-    window = torch.randint(0, model.config.vocab_size, (1, settings.seqlen),
-                           generator=torch.Generator().manual_seed(0)).to(device)
-    was_training = model.training
-    model.train()
-    teacher = model if settings.loss == "kd" else None
-    with torch.enable_grad():
-        t = time.perf_counter()
-        loss_of(model, teacher, window, settings).backward()
-        seconds = time.perf_counter() - t
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    windows = settings.steps * settings.accumulate * settings.batch_size
-    return seconds * windows
-
-
 @torch.no_grad()
 def estimate_job(bench, job: Job) -> Estimate:
-    """Time the first block on one window and scale (see the module docstring)."""
-    from .engine import prune_weight
-
+    """Time the first block on one window and scale (see the module docstring); each step
+    times its own work on the probe (``Step.estimate``)."""
     model = bench.model
     device = torch.device(bench.device)
     blocks = adapter_for(model).decoder_blocks(model)
     count = len(blocks)
-    step = _weight_step(job)
-    quantize = _quantize_step(job)
     out = Estimate(device=str(device))
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     block = copy.deepcopy(blocks[0]).to(device)
-    names = set(_step_layers(model, step) if step is not None else [])
-    if quantize is not None:
-        names |= set(_step_layers(model, quantize))
+    names: set[str] = set()
+    for settings in job.steps:
+        names |= set(step_for(settings).estimate_layers(settings, model))
     modules = dict(block.named_modules())
     named = {n: modules[n] for n in sorted(names)}
 
@@ -138,43 +96,18 @@ def estimate_job(bench, job: Job) -> Estimate:
 
         return stats_seconds, _timed(forward), stats
 
-    if step is not None or quantize is not None:
-        if job.needs_calibration:
-            spec = job.calibration
-            seqlen = capped_seqlen(model, spec.seqlen)
-            stats_seconds, forward, stats = forward_seconds(seqlen)
-            out.windows, out.tokens = spec.nsamples, spec.nsamples * seqlen
-            out.calibration_seconds = count * spec.nsamples * (stats_seconds + forward)
-        else:
-            stats = None
-        solve = 0.0
-        for name, module in named.items():
-            t = time.perf_counter()
-            if quantize is not None:
-                quantize_weight(linear_weight(module), stats and stats.get(name),
-                                quantize.scheme, method=quantize.method,
-                                act_order=quantize.act_order, blocksize=quantize.blocksize,
-                                percdamp=quantize.percdamp, error=False)
-            if step is None or name not in _step_layers(model, step):
-                solve += time.perf_counter() - t
-                continue
-            fraction = _fraction(step, name)
-            if isinstance(step, ShrinkSettings):
-                prune_weight(linear_weight(module).clone(), stats and stats[name],
-                             method=step.method, pattern="structured", sparsity=fraction,
-                             metric=step.metric, percdamp=step.percdamp)
-            else:
-                prune_weight(linear_weight(module).clone(), stats and stats[name],
-                             method=step.method, pattern=step.pattern,
-                             sparsity=step.resolved_sparsity, alpha=step.alpha,
-                             blocksize=step.blocksize, percdamp=step.percdamp,
-                             metric=step.metric, error=job.execution.layer_errors)
-            solve += time.perf_counter() - t
-        out.solver_seconds = count * solve
-    recover = next((s for s in job.steps if isinstance(s, RecoverSettings)), None)
-    if recover is not None:
-        with placed(model, device):
-            out.training_seconds = training_seconds(model, recover, device)
+    stats = None
+    if named and needs_calibration(job):
+        spec = job.calibration
+        seqlen = capped_seqlen(model, spec.seqlen)
+        stats_seconds, forward, stats = forward_seconds(seqlen)
+        out.windows, out.tokens = spec.nsamples, spec.nsamples * seqlen
+        out.calibration_seconds = count * spec.nsamples * (stats_seconds + forward)
+    probe = Probe(model, device, named, stats, job.execution.layer_errors)
+    for settings in job.steps:
+        part = step_for(settings).estimate(settings, probe)
+        out.solver_seconds += count * part.solver_seconds
+        out.training_seconds += part.training_seconds
     evaluation = job.evaluation
     sources = evaluation.sources()
     if sources:
@@ -188,29 +121,6 @@ def estimate_job(bench, job: Job) -> Estimate:
         passes = 2 if (job.steps and evaluation.dense) else 1
         out.evaluation_seconds = passes * windows * (count * forward + head)
     return out
-
-
-def _step_layers(model, step) -> list[str]:
-    """Block-relative names of the first block's layers the step changes."""
-    adapter = adapter_for(model)
-    if isinstance(step, QuantizeSettings):
-        prefix = f"{adapter.blocks}.0."
-        return [n[len(prefix):] for n in target_layers(model, step.include, step.exclude)[0]]
-    if isinstance(step, ShrinkSettings):
-        names = []
-        if step.mlp:
-            names.append(adapter.mlp.output)
-        if step.heads:
-            names.append(adapter.attention.o)
-        return names
-    prefix = f"{adapter.blocks}.0."
-    return [n[len(prefix):] for n in target_layers(model, step.include, step.exclude)[0]]
-
-
-def _fraction(step, name: str) -> float | None:
-    if isinstance(step, ShrinkSettings):
-        return step.mlp if "mlp" in name or "fc" in name else step.heads
-    return step.resolved_sparsity
 
 
 def _head_seconds(model, seqlen: int, device: torch.device) -> float:

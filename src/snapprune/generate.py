@@ -9,11 +9,16 @@ DEFAULT_PROMPTS = (
     "Water boils at a temperature of",
     "Once upon a time, in a small village,",
 )
+REPORT_TOKENS = 24
+"""Tokens per prompt of the samples every run's report holds (before and after): enough to
+see whether the model still talks, cheap beside the evaluation."""
+COMMAND_TOKENS = 48
+"""Tokens per prompt of ``snapprune generate`` unless asked otherwise."""
 
 
 @torch.no_grad()
 def greedy_completions(model, tokenizer, prompts: tuple[str, ...] | list[str], *,
-                       max_new_tokens: int = 32, device: str = "cpu") -> list[str]:
+                       max_new_tokens: int, device: str = "cpu") -> list[str]:
     """Each prompt continued greedily (no sampling: the same model gives the same text), the
     model already on ``device`` (``placement.placed``)."""
     texts = []

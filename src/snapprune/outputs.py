@@ -21,6 +21,7 @@ from pathlib import Path
 from .errors import SnapPruneError
 
 REPORT_NAME = "snapprune_report.json"
+RECIPE_NAME = "snapprune_recipe.yaml"
 
 
 def written_by_snapprune(path: Path) -> bool:

@@ -61,3 +61,11 @@ def _gguf_converter():
 
         return modeling_gguf_pytorch_utils
     return None
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -20,7 +20,6 @@ its share of each batch, and DDP averages the gradients.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,23 +36,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import calibration_windows, resolve_calibration_source
+from .checkpoints import latest_checkpoint, save_checkpoint
 from .errors import SnapPruneError
-from .eval.perplexity import capped_seqlen, perplexity
-from .jobs import Job
+from .eval.perplexity import perplexity
 from .memory import peak_bytes
 from .models import collectives
 from .models.adapters import adapter_for
-from .models.loading import load_model
 from .models.records import RunRecord
 from .models.settings import RecoverSettings
 from .models.targets import target_layers
-from .models.teacher import teacher_source
 from .outputs import json_text
-from .placement import placed
-from .workbench import Workbench
 
-CHECKPOINT_STATE = "recover_state.json"
 CHECKPOINT_MODEL = "recover_model.safetensors"
 CHECKPOINT_OPTIMIZER = "recover_optimizer.pt"
 CRASH_ENV = "SNAPPRUNE_CRASH_AFTER_STEP"
@@ -100,25 +93,6 @@ def check_pair(student: nn.Module, teacher: nn.Module | None) -> None:
                 f"the student's {key} is {getattr(a, key, None)} and the teacher's "
                 f"{getattr(b, key, None)}: distillation needs the dense model the student was "
                 "pruned from; pass it with --teacher")
-
-
-def shingles(ids: torch.Tensor, width: int = 32) -> set[tuple[int, ...]]:
-    """Every run of ``width`` consecutive tokens of a 1-D stream."""
-    values = ids.tolist()
-    return {tuple(values[i : i + width]) for i in range(len(values) - width + 1)}
-
-
-def shared_windows(train: torch.Tensor, evaluated: list[torch.Tensor], width: int = 32) -> int:
-    """How many training windows share a run of ``width`` tokens with the evaluated text."""
-    seen: set[tuple[int, ...]] = set()
-    for ids in evaluated:
-        seen |= shingles(ids, width)
-    count = 0
-    for window in train:
-        values = window.tolist()
-        if any(tuple(values[i : i + width]) in seen for i in range(len(values) - width + 1)):
-            count += 1
-    return count
 
 
 def _schedule(settings: RecoverSettings, steps: int) -> Callable[[int], float]:
@@ -175,41 +149,40 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def _save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer, scheduler,
                      run: RecoverRun, fingerprint: dict) -> None:
+    """One checkpoint, whole or absent (``checkpoints``): weights, optimiser and random
+    states, and the state that names the step, all of one step."""
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {n: p.detach().contiguous() for n, p in _trainable(model)}
-    part = directory / (CHECKPOINT_MODEL + ".part")
-    save_file(state, str(part))
-    part.replace(directory / CHECKPOINT_MODEL)
-    part = directory / (CHECKPOINT_OPTIMIZER + ".part")
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, part)
-    part.replace(directory / CHECKPOINT_OPTIMIZER)
-    part = directory / (CHECKPOINT_STATE + ".part")
-    part.write_text(json_text({
+    def write(tmp: Path) -> None:
+        state = {n: p.detach().contiguous() for n, p in _trainable(model)}
+        save_file(state, str(tmp / CHECKPOINT_MODEL))
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+                   tmp / CHECKPOINT_OPTIMIZER)
+
+    save_checkpoint(directory, f"step-{step:08d}", write, {
         "fingerprint": fingerprint, "step": step, "scheduler": scheduler.state_dict(),
         "python_rng": random.getstate(), "curve": run.curve, "heldout": run.heldout,
-        "tokens_seen": run.tokens_seen, "seconds": run.total_seconds}))
-    part.replace(directory / CHECKPOINT_STATE)
+        "tokens_seen": run.tokens_seen, "seconds": run.total_seconds})
 
 
 def _load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, run: RecoverRun,
                      fingerprint: dict) -> int:
     from safetensors.torch import load_file
 
-    state_file = directory / CHECKPOINT_STATE
-    if not state_file.is_file():
+    found = latest_checkpoint(directory)
+    if found is None:
         raise SnapPruneError(f"nothing to resume: {directory} holds no recovery checkpoint; "
                              "run without resume")
-    state = json.loads(state_file.read_text())
+    where, state = found
     if state["fingerprint"] != json.loads(json_text(fingerprint)):
-        raise SnapPruneError(f"{directory} holds a recovery of another model or with other "
-                             "settings; run the same command as before, or restart")
-    weights = load_file(directory / CHECKPOINT_MODEL)
+        raise SnapPruneError(f"{directory} holds a recovery of another model, other settings "
+                             "or other training text; run the same command as before, or "
+                             "restart")
+    weights = load_file(where / CHECKPOINT_MODEL)
     with torch.no_grad():
         for name, param in _trainable(model):
             param.copy_(weights[name])
-    saved = torch.load(directory / CHECKPOINT_OPTIMIZER, weights_only=True)
+    saved = torch.load(where / CHECKPOINT_OPTIMIZER, weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["torch_rng"])
     scheduler.load_state_dict(state["scheduler"])
@@ -386,114 +359,12 @@ def discard_checkpoint(directory: Path) -> None:
 def saved_step(directory: Path) -> int | None:
     """The step a stopped recovery in ``directory`` would resume at, or ``None``."""
     try:
-        return int(json.loads((directory / CHECKPOINT_STATE).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        found = latest_checkpoint(directory, verify=False)
+        return None if found is None else int(found[1]["step"])
+    except (SnapPruneError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def checkpoint_dir_for(out: Path) -> Path:
     """Where a run writing ``out`` keeps its recovery checkpoints (beside it, hidden)."""
     return out.parent / f".{out.name}.partial-recover"
-
-
-def plot_curves(run: RecoverRun, path: Path) -> bool:
-    """Loss and held-out perplexity against tokens, one PNG; ``False`` without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, left = plt.subplots(figsize=(7, 4))
-    tokens = [p["tokens"] for p in run.curve]
-    left.plot(tokens, [p["loss"] for p in run.curve], color="tab:blue", lw=1)
-    left.set_xlabel("training tokens")
-    left.set_ylabel(f"training loss ({run.settings.loss})", color="tab:blue")
-    if run.heldout:
-        right = left.twinx()
-        right.plot([p["tokens"] for p in run.heldout],
-                   [p["perplexity"] for p in run.heldout], "o-", color="tab:red")
-        right.set_ylabel("held-out perplexity", color="tab:red")
-    left.set_title("recovery")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-class RecoveryStep:
-    """A job's recovery step: its teacher (a copy of the model before the job's weight step,
-    or the dense model the student's report names), its training windows (checked against
-    the evaluated text), its checkpoints beside the output."""
-
-    def __init__(self, job: Job, bench: Workbench, out: Path | None, *, resume: bool,
-                 restart: bool, log) -> None:
-        self.job, self.bench, self.log = job, bench, log
-        self.settings = next((s for s in job.steps if isinstance(s, RecoverSettings)), None)
-        self.teacher = None
-        self.resume = resume
-        self.directory = checkpoint_dir_for(out) if out is not None else None
-        if self.settings is None or self.directory is None:
-            return
-        stopped = saved_step(self.directory)
-        if resume and stopped is None:
-            raise SnapPruneError(f"nothing to resume: {self.directory} holds no recovery "
-                                 "checkpoint; run without --resume")
-        if stopped is not None and not resume:
-            if not restart:
-                raise SnapPruneError(
-                    f"{self.directory} holds a recovery stopped at step {stopped}: --resume to "
-                    "continue it, or --restart to discard it and start over")
-            discard_checkpoint(self.directory)
-
-    def keep_teacher(self) -> None:
-        """Before a weight step: the model as it is now is the dense teacher."""
-        if self.settings is not None and self.settings.loss == "kd" \
-                and self.settings.teacher is None and self.teacher is None:
-            self.teacher = copy.deepcopy(self.bench.model)
-
-    def _teacher(self):
-        if self.settings.loss != "kd":
-            return None, ""
-        if self.teacher is not None:
-            return self.teacher, self.job.model
-        spec = self.settings.teacher or teacher_source(self.job.model)
-        model, _, _ = load_model(spec, dtype=self.job.dtype, progress=False)
-        return model, spec
-
-    def run(self, settings: RecoverSettings, *, progress: bool) -> RecoverRun:
-        """Train the workbench's model as ``settings`` say; refusals come before training."""
-        teacher, name = self._teacher()
-        bench = self.bench
-        source, note = resolve_calibration_source(settings.data)
-        if note:
-            self.log(note.replace("calibration:", "recovery data:"))
-        windows = settings.steps * settings.accumulate * settings.batch_size
-        data = calibration_windows(source, bench.tokenizer, nsamples=windows,
-                                   seqlen=settings.seqlen, seed=settings.seed, model=teacher)
-        evaluation = self.job.evaluation
-        seqlen = capped_seqlen(bench.model, evaluation.seqlen)
-        evaluated = [bench.eval_ids(s)[: (evaluation.max_windows or 10**9) * seqlen]
-                     for s in evaluation.sources()]
-        shared = shared_windows(data, evaluated)
-        if shared:
-            raise SnapPruneError(
-                f"{shared} of the {windows} training windows from {source} share text with the "
-                "evaluation windows: train on text the evaluation never sees")
-        heldout = bench.eval_ids(evaluation.sources()[0]) if evaluation.sources() else None
-        fingerprint = replace(self.job, steps=(settings,)).to_dict()
-        with placed(bench.model, bench.device):
-            run = recover(bench.model, teacher, data, settings, device=bench.device,
-                          heldout=heldout, heldout_seqlen=seqlen,
-                          checkpoint_dir=self.directory, resume=self.resume,
-                          fingerprint=fingerprint, progress=progress, log=self.log,
-                          teacher_name=name)
-        run.data_source = source
-        if teacher is not None:
-            teacher.to("cpu")
-        return run
-
-    def finished(self) -> None:
-        if self.settings is not None and self.directory is not None:
-            discard_checkpoint(self.directory)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import math
 import platform
 import subprocess
 import sys
@@ -16,12 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .export import quantization_of
-from .models.prune import PruneRun
-from .models.quantize import QuantizeRun
-from .models.shrink import ShrinkRun, width_report
 from .models.streaming import ids_digest
-from .recovery import RecoverRun
+from .steps import after_label, before_label, needs_calibration
+from .version import __version__
 
 OPTIONAL_PACKAGES = ("lm_eval", "gguf", "compressed_tensors", "llama_cpp_python", "accelerate")
 
@@ -51,8 +47,6 @@ def source_commit() -> str | None:
 
 def library_versions() -> dict[str, str | None]:
     import transformers
-
-    from . import __version__
 
     versions = {"snapprune": __version__, "snapprune_commit": source_commit(),
                 "torch": torch.__version__, "transformers": transformers.__version__}
@@ -95,56 +89,22 @@ def model_revision(job, model) -> str | None:
     return commit or job.revision
 
 
-def quantization_report(run: QuantizeRun) -> dict:
-    """The quantisation section: the scheme's facts, the settings, and per-layer errors
-    (against the weights the quantiser was given: after pruning, when joint)."""
-    scheme = run.scheme
-    errors = [r.error for r in run.layers if math.isfinite(r.error)]
-    return {"scheme": scheme.name, "bits": scheme.bits, "group_size": scheme.group_size,
-            "symmetric": scheme.symmetric, "grid": scheme.grid,
-            "bits_per_weight": scheme.bits_per_weight, "scale_dtype": run.scale_dtype,
-            "settings": asdict(run.settings),
-            "mean_layer_error": sum(errors) / len(errors) if errors else None,
-            "seconds": run.solver_seconds,
-            "layers": [{"name": r.name, "shape": r.shape, "error": r.error,
-                        "seconds": r.seconds} for r in run.layers]}
-
-
-def recovery_report(run: RecoverRun) -> dict:
-    """The recovery section: settings, teacher and data, the loss curve and held-out
-    perplexity against tokens, speed, and whether the pruned structure was kept."""
-    return {"settings": asdict(run.settings), "teacher": run.teacher,
-            "data": run.data_source, "steps": run.steps, "tokens": run.tokens_seen,
-            "seconds": run.total_seconds, "tokens_per_second": run.tokens_per_second,
-            "resumed_at": run.resumed_at, "frozen_zeros": run.frozen_zeros,
-            "structure_kept": run.structure_kept, "loss_curve": run.curve,
-            "heldout_perplexity": run.heldout, "peak_memory_bytes": run.peak_memory_bytes}
-
-
 def _perplexities(evaluated) -> dict:
     return {k: asdict(v) for k, v in (evaluated.perplexity if evaluated else {}).items()}
 
 
-def build_report(outcome, *, argv: list[str] | None, calibration_ids) -> dict:
-    """The report of ``outcome`` (a ``run.Outcome``), in strict-JSON-able values."""
+def build_report(outcome, *, argv: list[str] | None, calibration_ids, files: dict | None = None,
+                 saved_to: Path | None = None, streamed: bool = False) -> dict:
+    """The report of ``outcome`` (a ``run.Outcome``), whole, in strict-JSON-able values: each
+    step writes its own keys (``Step.report``); ``files`` and ``saved_to`` when it is saved."""
     job = outcome.job
     execution = job.execution
-    run = next((r for r in outcome.runs if isinstance(r, (PruneRun, ShrinkRun))), None)
     report: dict = {"model": job.model, "model_revision": model_revision(job, outcome.model)}
-    if outcome.runs:
-        report["architecture"] = outcome.runs[0].architecture
-    if run is not None:
-        settings = asdict(run.settings)
-        report["method"] = settings.pop("method")
-        settings.pop("pattern", None)
-        shrink = isinstance(run, ShrinkRun)
-        report["pattern"] = run.settings.pattern
-        report["target_sparsity"] = None if shrink else run.settings.check()[1]
-        report["achieved_sparsity"] = run.achieved_sparsity
-        report["settings"] = settings
-        if shrink:
-            report["width"] = width_report(run)
-    if job.needs_calibration:
+    if outcome.results:
+        report["architecture"] = outcome.results[0].run.architecture
+    for result in outcome.results:
+        report.update(result.step.report(result.run))
+    if needs_calibration(job):
         calibration = asdict(job.calibration)
         if outcome.model is not None:
             from .eval.perplexity import capped_seqlen
@@ -160,13 +120,7 @@ def build_report(outcome, *, argv: list[str] | None, calibration_ids) -> dict:
         else str(outcome.model.dtype).removeprefix("torch."),
         "batch_size": execution.batch_size,
     })
-    quantization = quantization_of(outcome.runs)
-    if quantization is not None:
-        report["quantization"] = quantization_report(quantization)
-    recovery = next((r for r in outcome.runs if isinstance(r, RecoverRun)), None)
-    if recovery is not None:
-        report["recovery"] = recovery_report(recovery)
-    run = run or quantization or recovery
+    run = outcome.primary
     if run is not None:
         report.update({
             "activations": run.activations or None,
@@ -197,17 +151,22 @@ def build_report(outcome, *, argv: list[str] | None, calibration_ids) -> dict:
     report["dense_perplexity"] = _perplexities(outcome.dense)
     zeroshot = {}
     if outcome.evaluated is not None and outcome.evaluated.zeroshot:
-        zeroshot["pruned" if job.steps else "model"] = outcome.evaluated.zeroshot
+        zeroshot[after_label(job) if job.steps else "model"] = outcome.evaluated.zeroshot
     if outcome.dense is not None and outcome.dense.zeroshot:
-        zeroshot["dense"] = outcome.dense.zeroshot
+        zeroshot[before_label(job)] = outcome.dense.zeroshot
     if zeroshot:
         report["zeroshot"] = zeroshot
     if outcome.generations is not None:
         report["generations"] = outcome.generations
+    if streamed:
+        report["streamed"] = True
+    if files is not None:
+        report["files"] = files
     report["notes"] = list(outcome.notes)
     report["recipe"] = job.to_dict()
     report["argv"] = list(argv) if argv is not None else None
     report["versions"] = library_versions()
     report["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if saved_to is not None:
+        report["saved_to"] = str(saved_to)
     return report
-

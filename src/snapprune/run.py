@@ -1,6 +1,8 @@
 """One run path: ``execute(job, out)`` does everything a command does — check, load,
 estimate, evaluate the model before, apply the job's steps, evaluate after, sample, report and
-save — for ``prune``, ``shrink``, ``eval``, every ``sweep`` cell, recipes and the Python API.
+save — for ``prune``, ``shrink``, ``quantize``, ``recover``, ``eval``, every ``sweep`` cell,
+recipes and the Python API. What each step does is its kind's (``steps``); this module only
+calls the protocol's hooks in order.
 
 A ``Workbench`` holds one loaded model and what several jobs on it can share (tokenised
 calibration sets, the first block's inputs, tokenised evaluation text). The device contract:
@@ -13,24 +15,46 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .engine import determinism
 from .errors import SnapPruneError
-from .eval.perplexity import capped_seqlen
 from .generate import DEFAULT_PROMPTS
 from .jobs import Job, recipe_text
 from .models import collectives
-from .models.prune import PruneRun
-from .models.quantize import QuantizeRun
-from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, ShrinkSettings
-from .models.shrink import ShrinkRun
-from .outputs import REPORT_NAME, check_output_dir, save_directory, write_json_atomic
-from .recovery import RecoveryStep
+from .outputs import (
+    RECIPE_NAME,
+    REPORT_NAME,
+    check_output_dir,
+    save_directory,
+    write_json_atomic,
+)
+from .steps import (
+    Step,
+    StepContext,
+    after_label,
+    before_label,
+    needs_calibration,
+    resolve_job,
+    stages,
+    step_for,
+    step_named,
+)
 from .workbench import Evaluated, Workbench
+
+
+@dataclass
+class StepResult:
+    """One step's record: its kind, its settings, what it did, and whether it ran inside the
+    pass of the step before it (joint)."""
+
+    step: Step
+    settings: object
+    run: object
+    fused: bool = False
 
 
 @dataclass
@@ -41,7 +65,7 @@ class Outcome:
     job: Job
     model: torch.nn.Module | None
     tokenizer: object
-    runs: list = field(default_factory=list)
+    results: list[StepResult] = field(default_factory=list)
     dense: Evaluated | None = None
     evaluated: Evaluated | None = None
     generations: list[dict] | None = None
@@ -52,15 +76,39 @@ class Outcome:
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
+    def runs(self) -> list:
+        """The records of the job's passes (a fused step's record is inside its pass's)."""
+        return [r.run for r in self.results if not r.fused]
+
+    @property
     def run(self):
         return self.runs[0] if self.runs else None
 
+    def run_of(self, kind: str):
+        """The record of the job's ``kind`` step (fused or not), or ``None``."""
+        return next((r.run for r in self.results if r.step.name == kind), None)
+
+    @property
+    def primary(self):
+        """The record the report's layers and timing come from: the first pass that keeps
+        per-layer records, else the first."""
+        passes = [r for r in self.results if not r.fused]
+        chosen = next((r for r in passes if r.step.records_layers), None) or (
+            passes[0] if passes else None)
+        return None if chosen is None else chosen.run
+
+    def add(self, step: Step, settings, run, fused_settings=None) -> None:
+        self.results.append(StepResult(step, settings, run))
+        for kind, record in step.fused_runs(run):
+            self.results.append(StepResult(step_named(kind), fused_settings, record,
+                                           fused=True))
+
 
 def wants_stream(job: Job, resume: bool, out: str | Path | None = None) -> bool:
-    """A single prune step streams when ``stream`` asks, when ``resume`` finds a stopped
-    streamed run for ``out``, or by itself when a local safetensors model would not fit in
-    memory."""
-    single = len(job.steps) == 1 and isinstance(job.steps[0], PruneSettings)
+    """A single step of a kind that streams does when ``stream`` asks, when ``resume`` finds
+    a stopped streamed run for ``out``, or by itself when a local safetensors model would not
+    fit in memory."""
+    single = len(job.steps) == 1 and step_for(job.steps[0]).streams
     if job.execution.stream:
         return True
     if job.execution.stream is False or not single:
@@ -93,17 +141,13 @@ def execute(
     recipe into ``out`` (``None``: nothing saved), the report also to ``json_path``.
 
     ``bench``: a workbench holding the loaded model (sweeps, notebooks); else the job's model
-    is loaded. ``resume``/``restart``: continue or discard a streamed run's saved progress.
+    is loaded. ``resume``/``restart``: continue or discard a stopped run's saved progress.
     ``announce``: measure and say how long the job will take (``estimate``) before it starts.
     Bad input is refused with a ``SnapPruneError`` before anything is loaded or written.
     """
-    from .report import build_report
-
     log = log or (lambda _message: None)
     started = time.perf_counter()
-    job.validate()
-    job, notes = job.resolved()
-    job.validate()
+    job, notes = resolve_job(job)
     streamed = bench is None and wants_stream(job, resume, out)
     if out is not None:
         out = (Path(out).expanduser().resolve() if streamed and resume
@@ -111,15 +155,22 @@ def execute(
     if json_path is not None and not Path(json_path).expanduser().resolve().parent.is_dir():
         raise SnapPruneError(f"the directory of {json_path} does not exist; create it first")
     if streamed:
-        return _execute_streamed(job, out, notes=notes, json_path=json_path, resume=resume,
-                                 restart=restart, progress=progress, verbose=verbose, log=log,
-                                 argv=argv, started=started)
+        from .streamed import execute_streamed
+
+        return execute_streamed(job, out, notes=notes, json_path=json_path, resume=resume,
+                                restart=restart, progress=progress, verbose=verbose, log=log,
+                                argv=argv, started=started, outcome=Outcome(job, None, None,
+                                                                            notes=notes))
     group = collectives.current()
     main = group.is_main
-    if group.active and any(isinstance(s, QuantizeSettings) for s in job.steps):
-        raise SnapPruneError("quantisation runs in one process; prune or shrink under "
-                             "torchrun, then quantise the output in one process")
-    device = _rank_device(job.execution.device)
+    if group.active:
+        for settings in job.steps:
+            refusal = step_for(settings).single_process
+            if refusal:
+                raise SnapPruneError(refusal)
+    from .models.distributed import rank_device
+
+    device = rank_device(job.execution.device)
     for note in notes:
         if main:
             log(note)
@@ -136,9 +187,7 @@ def execute(
             seconds["model_loading_seconds"] = time.perf_counter() - t
             bench = Workbench(model, tokenizer, device=device,
                               progress=progress and main, log=log if main else None)
-        bench.check(job)
-        if job.needs_calibration:  # text that cannot serve is refused before any estimate
-            bench.calibration_ids(job.calibration)
+        _check_model(job, bench)
         if job.steps and main and announce:
             from .estimate import estimate_job
 
@@ -149,214 +198,84 @@ def execute(
             outcome.dense = bench.evaluate(job.evaluation, label=before_label(job))
             seconds["dense_evaluation_seconds"] = time.perf_counter() - t
         before = bench.samples() if main and job.steps and job.output.samples else None
-        recovery = RecoveryStep(job, bench, out, resume=resume, restart=restart, log=log)
-        for step, quantize in stages(job.steps):
-            if isinstance(step, RecoverSettings):
-                outcome.runs.append(recovery.run(step, progress=progress and main))
-            else:
-                recovery.keep_teacher()
-                outcome.runs.append(bench.apply(step, job, verbose=verbose,
-                                                quantize=quantize))
+        context = StepContext(job, bench, None if out is None else Path(out), resume=resume,
+                              restart=restart, log=log, verbose=verbose,
+                              progress=progress and main)
+        for settings in job.steps:
+            step_for(settings).begin(settings, context)
+        for step, settings, fused in stages(job):
+            outcome.add(step, settings, step.apply(settings, context, fused), fused)
         if group.active:  # nothing below calls a collective: the others may go
             group.leave()
         if not main:
             outcome.model, outcome.tokenizer = bench.model, bench.tokenizer
             return outcome
-        for run in outcome.runs:
-            _log_run(run, log)
+        for result in outcome.results:
+            log(result.step.log_line(result.run, fused=result.fused))
         t = time.perf_counter()
         outcome.evaluated = bench.evaluate(job.evaluation, label=after_label(job))
         seconds["evaluation_seconds"] = time.perf_counter() - t
         if before is not None:
             after = bench.samples()
-            outcome.generations = [{"prompt": p, "dense": d, "pruned": a}
-                                   for p, d, a in zip(DEFAULT_PROMPTS, before, after,
-                                                      strict=True)]
+            outcome.generations = [
+                {"prompt": p, before_label(job): d, after_label(job): a}
+                for p, d, a in zip(DEFAULT_PROMPTS, before, after, strict=True)]
         outcome.model, outcome.tokenizer = bench.model, bench.tokenizer
         seconds["total_seconds"] = time.perf_counter() - started
         calibration_ids = (bench.calibration_ids(job.calibration)[0]
-                           if job.needs_calibration else None)
-        outcome.report = build_report(outcome, argv=argv, calibration_ids=calibration_ids)
-        if out is not None:
-            outcome.saved = _save(outcome, Path(out), overwrite=overwrite)
-            outcome.report["saved_to"] = str(outcome.saved)
-            recovery.finished()
+                           if needs_calibration(job) else None)
+        finish = _report_writer(outcome, argv, calibration_ids)
+        if out is None:
+            finish(None)
+        else:
+            outcome.saved = _save(outcome, Path(out), overwrite=overwrite, finish=finish)
+            for settings in job.steps:
+                step_for(settings).finished(settings, context)
         if json_path is not None:
             write_json_atomic(json_path, outcome.report)
     return outcome
 
 
-def stages(steps) -> list[tuple]:
-    """The passes a job's steps run in: a prune or shrink step followed by quantisation is one
-    pass (joint: the same statistics, each layer quantised right after it is pruned);
-    ``(step, quantisation fused into it or None)``."""
-    out, index = [], 0
-    while index < len(steps):
-        step = steps[index]
-        following = steps[index + 1] if index + 1 < len(steps) else None
-        if isinstance(step, (PruneSettings, ShrinkSettings)) \
-                and isinstance(following, QuantizeSettings):
-            out.append((step, following))
-            index += 2
-        else:
-            out.append((step, None))
-            index += 1
-    return out
+def _check_model(job: Job, bench: Workbench) -> None:
+    """Refusals that need the model, each step's and the format's, before any work; text
+    that cannot serve as calibration is refused before the estimate."""
+    from .export import get_format
+
+    bench.note_uncovered()
+    for settings in job.steps:
+        step_for(settings).check_model(settings, job, bench.model)
+    get_format(job.output.format).check_model(bench.model, job)
+    if needs_calibration(job):
+        bench.calibration_ids(job.calibration)
 
 
-AFTER = {PruneSettings: "pruned", ShrinkSettings: "shrunk", QuantizeSettings: "quantised",
-         RecoverSettings: "recovered"}
+def _report_writer(outcome: Outcome, argv, calibration_ids) -> Callable[[Path | None], None]:
+    """``finish(directory)``: build the report once, whole (the files written and where the
+    output will be), and write it with the recipe into ``directory`` (``None``: nothing
+    saved)."""
+    from .report import build_report
+
+    def finish(directory: Path | None, files: dict | None = None,
+               saved_to: Path | None = None) -> None:
+        outcome.report = build_report(outcome, argv=argv, calibration_ids=calibration_ids,
+                                      files=files, saved_to=saved_to)
+        if directory is not None:
+            write_json_atomic(directory / REPORT_NAME, outcome.report)
+            (directory / RECIPE_NAME).write_text(recipe_text(outcome.job), encoding="utf-8")
+
+    return finish
 
 
-def after_label(job: Job) -> str:
-    """How the model after the job's steps is called (``pruned``, ``shrunk``, ...)."""
-    return AFTER.get(type(job.steps[-1]), "after") if job.steps else ""
-
-
-def before_label(job: Job) -> str:
-    """How the model before them is called: ``dense`` when the job prunes or shrinks it."""
-    return "dense" if any(isinstance(s, (PruneSettings, ShrinkSettings)) for s in job.steps) \
-        else "before"
-
-
-def _rank_device(device: str) -> str:
-    """``cuda`` means this rank's own GPU under ``torchrun``."""
-    if not collectives.current().active:
-        return device
-    from .models.distributed import rank_device
-
-    return rank_device(device)
-
-
-def _log_run(run, log) -> None:
-    if isinstance(run, ShrinkRun):
-        plan = run.plan
-        log(f"shrank MLP {plan.mlp_old} -> {plan.mlp_new} neurons, heads {plan.heads_old} -> "
-            f"{plan.heads_new}: {run.parameters_before:,} -> {run.parameters_after:,} "
-            f"parameters in {run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
-    elif isinstance(run, PruneRun):
-        log(f"pruned {len(run.layers)} layers to sparsity {run.achieved_sparsity:.4f} in "
-            f"{run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
-    elif isinstance(run, QuantizeRun):
-        log(f"quantised {len(run.layers)} layers ({run.settings.method} {run.settings.scheme}) "
-            f"in {run.total_seconds:.1f}s")
-    quantization = getattr(run, "quantization", None)
-    if quantization is not None:
-        log(f"quantised {len(quantization.layers)} layers ({quantization.settings.method} "
-            f"{quantization.settings.scheme}) in the same pass")
-
-
-def _save(outcome: Outcome, out: Path, *, overwrite: bool) -> Path:
-    """The model in the job's format, its tokenizer, report and recipe, atomically."""
+def _save(outcome: Outcome, out: Path, *, overwrite: bool, finish) -> Path:
+    """The model in the job's format, its tokenizer, the steps' files, then the report and
+    recipe, into a temporary directory renamed into place."""
     from .export import get_format
 
     def fill(tmp: Path) -> None:
-        files = get_format(outcome.job.output.format).write(outcome, tmp)
-        from .recovery import RecoverRun, plot_curves
-
-        for run in outcome.runs:
-            if isinstance(run, RecoverRun) and plot_curves(run, tmp / "recovery.png"):
-                files.append("recovery.png")
-        outcome.report["files"] = {name: (tmp / name).stat().st_size for name in files}
-        outcome.report["notes"] = list(outcome.notes)
-        write_json_atomic(tmp / REPORT_NAME, outcome.report)
-        (tmp / RECIPE_NAME).write_text(recipe_text(outcome.job), encoding="utf-8")
+        files, notes = get_format(outcome.job.output.format).write(outcome, tmp)
+        outcome.notes.extend(notes)
+        for result in outcome.results:
+            files += result.step.files(result.run, tmp)
+        finish(tmp, {name: (tmp / name).stat().st_size for name in files}, out)
 
     return save_directory(out, fill, overwrite=overwrite)
-
-
-RECIPE_NAME = "snapprune_recipe.yaml"
-
-
-def _execute_streamed(job: Job, out: Path | None, *, notes, json_path, resume, restart,
-                      progress, verbose, log, argv, started) -> Outcome:
-    """A prune too large for memory: read, prune and write one block at a time."""
-    from transformers import AutoTokenizer
-
-    from .data import calibration_windows
-    from .models.loading import resolve_model
-    from .models.streaming import discard_partial, partial_dir, stream_prune
-    from .report import build_report
-
-    settings = job.steps[0] if job.steps else None
-    if not isinstance(settings, PruneSettings) or len(job.steps) != 1:
-        raise SnapPruneError("streaming runs one prune step; shrink and the other steps need "
-                             "the model in memory")
-    if out is None:
-        raise SnapPruneError("a streamed run writes the model block by block: give it an "
-                             "output directory (--out DIR)")
-    if job.evaluation.ppl or job.evaluation.zeroshot:
-        raise SnapPruneError("a streamed model is never whole in memory, so it is not evaluated "
-                             "here: drop --eval/--zeroshot and run snapprune eval on the "
-                             "output")
-    if job.calibration.source == "self":
-        raise SnapPruneError("calibration source self generates text with the whole model; a "
-                             "streamed run needs a text source (a local file, c4-sample, c4)")
-    if job.output.format != "hf":
-        raise SnapPruneError("a streamed run writes safetensors (format hf); convert the "
-                             "output afterwards")
-    source = resolve_model(job.model)
-    if source.gguf_file:
-        raise SnapPruneError("streaming reads safetensors; convert the GGUF file first (load it "
-                             "with transformers and save_pretrained, or prune it in memory "
-                             "with --no-stream)")
-    path = source.path
-    if not source.is_local:
-        from huggingface_hub import snapshot_download
-
-        from .hub import require_hub
-
-        require_hub(f"model {job.model!r}", "pass a local directory")
-        path = snapshot_download(job.model, revision=job.revision,
-                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-    group = collectives.current()
-    for note in notes:
-        if group.is_main:
-            log(note)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    spec = job.calibration
-    outcome = Outcome(job, None, tokenizer, notes=notes)
-    made: dict[str, torch.Tensor] = {}
-
-    def calibration(model):
-        ids = calibration_windows(spec.source, tokenizer, nsamples=spec.nsamples,
-                                  seqlen=capped_seqlen(model, spec.seqlen), seed=spec.seed)
-        made["ids"] = ids
-        return ids
-
-    def finish(directory: Path, run) -> None:
-        outcome.runs = [run]
-        outcome.seconds["total_seconds"] = time.perf_counter() - started
-        outcome.report = build_report(outcome, argv=argv, calibration_ids=made.get("ids"))
-        outcome.report["streamed"] = True
-        write_json_atomic(directory / REPORT_NAME, outcome.report)
-        (directory / RECIPE_NAME).write_text(recipe_text(job), encoding="utf-8")
-
-    fingerprint = replace(job, execution=replace(job.execution, stream=True)).to_dict()
-    try:
-        with determinism.deterministic(job.execution.deterministic):
-            run = stream_prune(path, out, calibration, settings,
-                               device=_rank_device(job.execution.device),
-                               batch_size=job.execution.batch_size,
-                               activations=job.execution.activations,
-                               layer_errors=job.execution.layer_errors, progress=progress,
-                               log=log if verbose else None, resume=resume, restart=restart,
-                               finish=finish, fingerprint=fingerprint)
-    except SnapPruneError:
-        discard_partial(out)
-        raise
-    except KeyboardInterrupt:
-        log(f"finished blocks are kept in {partial_dir(out)}: run the same command with "
-            "--resume to continue")
-        raise
-    finally:
-        if group.active:
-            group.leave()
-    outcome.runs = [run]
-    if group.is_main:
-        outcome.saved = out
-        _log_run(run, log)
-        if json_path is not None:
-            write_json_atomic(json_path, outcome.report)
-    return outcome
-

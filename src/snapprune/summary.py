@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from .estimate import duration
-from .models.prune import PruneRun
-from .models.quantize import QuantizeRun
-from .models.settings import PruneSettings, QuantizeSettings, RecoverSettings, ShrinkSettings
-from .models.shrink import ShrinkRun
-from .recovery import RecoverRun
-from .run import after_label, before_label
+from .progress import duration
+from .steps import REGISTRY, after_label, before_label, step_for
 
 
 def verdict(ratio: float) -> str:
@@ -24,41 +18,6 @@ def verdict(ratio: float) -> str:
         return "a large loss; recovery (snapprune recover) wins much of it back"
     return ("a severe loss: recover it (snapprune recover), or try a lower sparsity or "
             "shrink instead")
-
-
-def _what(run) -> str:
-    settings = run.settings
-    if isinstance(run, ShrinkRun):
-        plan = run.plan
-        parts = []
-        if plan.mlp_new != plan.mlp_old:
-            parts.append(f"MLP {plan.mlp_old} → {plan.mlp_new} neurons")
-        if plan.heads_new != plan.heads_old:
-            parts.append(f"heads {plan.heads_old} → {plan.heads_new}")
-        return (f"{settings.method} shrink: {', '.join(parts)}; parameters "
-                f"{run.parameters_before:,} → {run.parameters_after:,} "
-                f"(-{1 - run.parameters_after / max(1, run.parameters_before):.1%})")
-    if isinstance(run, PruneRun):
-        pattern = settings.pattern
-        return (f"{settings.method} {pattern}: sparsity {run.achieved_sparsity:.1%} of the "
-                f"{len(run.layers)} pruned layers' weights")
-    if isinstance(run, QuantizeRun):
-        return _quantized(run)
-    if isinstance(run, RecoverRun):
-        kept = "structure kept exactly" if run.structure_kept else "STRUCTURE CHANGED"
-        first, last = run.curve[0]["loss"], run.curve[-1]["loss"]
-        return (f"recover {run.settings.loss}: {run.tokens_seen:,} tokens in "
-                f"{duration(run.total_seconds)} ({run.tokens_per_second:.0f} tokens/s), loss "
-                f"{first:.3f} → {last:.3f}, {run.frozen_zeros:,} zeros held, {kept}")
-    return type(run).__name__
-
-
-def _quantized(run: QuantizeRun) -> str:
-    scheme = run.scheme
-    errors = [r.error for r in run.layers if math.isfinite(r.error)]
-    mean = f"; mean layer error {sum(errors) / len(errors):.4f}" if errors else ""
-    return (f"{run.settings.method} {scheme.name} ({scheme.bits_per_weight:g} bits per weight) "
-            f"on {len(run.layers)} layers{mean}")
 
 
 def summary_lines(outcome) -> list[str]:
@@ -74,10 +33,10 @@ def summary_lines(outcome) -> list[str]:
             head += (f"; calibration, solver and evaluation took {duration(measured)} "
                      f"(estimated {duration(outcome.estimate.total_seconds)})")
     lines.append(head)
-    for run in outcome.runs:
-        lines.append(f"  step        {_what(run)}")
-        if getattr(run, "quantization", None) is not None:
-            lines.append(f"  + quantise  {_quantized(run.quantization)} (same pass)")
+    for result in outcome.results:
+        what = result.step.summary(result.run)
+        lines.append(f"  + {result.step.verb:10s}{what} (same pass)" if result.fused
+                     else f"  step        {what}")
     after = report.get("perplexity", {})
     before = report.get("dense_perplexity", {})
     label = after_label(job) or "model"
@@ -125,26 +84,17 @@ def _next_steps(job, saved: Path) -> list[str]:
         where = saved.relative_to(Path.cwd())
     except ValueError:
         where = saved
-    compare = job.model
-    recovery = next((s for s in job.steps if isinstance(s, RecoverSettings)), None)
-    if recovery is not None and not any(isinstance(s, (PruneSettings, ShrinkSettings))
-                                        for s in job.steps):
-        compare = recovery.teacher or compare
+    compare = next((c for c in (step_for(s).compare_with(s, job) for s in job.steps) if c),
+                   job.model)
     lines = ["next:",
              f"  snapprune generate --model {where} --compare {compare}"
              "      # does it still talk?",
              f"  snapprune eval --model {where} --max-windows all"
              "      # the whole WikiText-2 test split"]
-    kinds = {type(s) for s in job.steps}
-    if kinds & {PruneSettings, ShrinkSettings} and RecoverSettings not in kinds:
-        lines.append(f"  snapprune recover --model {where} --out {where}-recovered"
-                     "      # win back quality, structure kept")
-    if QuantizeSettings not in kinds:
-        lines.append(f"  snapprune quantize --model {where} --scheme q4_0 --format gguf --out "
-                     f"{where}-q4_0      # 4-bit, for llama.cpp")
-    if not kinds & {ShrinkSettings, RecoverSettings, QuantizeSettings}:
-        lines.append(f"  snapprune shrink --model {job.model} --method thanos --mlp 0.3 --out "
-                     f"{where}-mlp30      # smaller and faster in every runtime")
+    for step in sorted(REGISTRY.values(), key=lambda s: s.suggest_rank):
+        line = step.next_step(job, where)
+        if line:
+            lines.append(line)
     lines.append(f"  snapprune run {where}/snapprune_recipe.yaml --out {where}-again"
                  "      # replay this run")
     return lines

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -23,9 +22,11 @@ import torch
 from .data import default_windows, resolve_calibration_source
 from .engine import check_settings, get_method
 from .errors import SnapPruneError
-from .jobs import CalibrationSpec, EvaluationSpec, Execution, Job, OutputSpec, section
+from .jobs import CalibrationSpec, EvaluationSpec, Execution, Job, OutputSpec
+from .models.records import mean_layer_error
 from .models.settings import PruneSettings, check_percdamp
 from .outputs import json_safe
+from .recipes import section
 from .run import execute
 from .workbench import Workbench
 
@@ -325,15 +326,15 @@ def cell_results(outcome) -> dict:
     result: dict = {}
     run = outcome.run
     if run is not None:
-        errors = [r.error for r in run.layers if math.isfinite(r.error)]
+        mean = mean_layer_error(run.layers)
         result.update(
             achieved_sparsity=run.achieved_sparsity,
             timing={"pruning_seconds": run.total_seconds,
                     "calibration_forward_seconds": run.calibration_seconds,
                     "solver_seconds": run.solver_seconds,
                     "calibration_data_seconds": run.data_seconds},
-            mean_layer_error=sum(errors) / len(errors) if errors else None,
-            layer_errors={r.name: r.error for r in run.layers} if errors else {},
+            mean_layer_error=mean,
+            layer_errors={r.name: r.error for r in run.layers} if mean is not None else {},
         )
         raised = {r.name: r.percdamp for r in run.layers
                   if r.percdamp is not None and r.percdamp != run.settings.percdamp}

@@ -1,6 +1,6 @@
 """A ``Workbench``: one loaded model and what several jobs on it can share (tokenised
 calibration sets, the first block's inputs, tokenised evaluation text), with the operations
-the run path applies to it: check, evaluate, sample, apply a step."""
+every step uses: calibration data, a block-wise pass's options, evaluation, samples."""
 
 from __future__ import annotations
 
@@ -12,15 +12,10 @@ from pathlib import Path
 import torch
 
 from .eval.perplexity import PerplexityResult, capped_seqlen, perplexity
-from .generate import DEFAULT_PROMPTS, greedy_completions
+from .generate import DEFAULT_PROMPTS, REPORT_TOKENS, greedy_completions
 from .jobs import CalibrationSpec, EvaluationSpec, Job
 from .models.adapters import adapter_for
 from .models.capture import BlockInputs, capture_block_inputs
-from .models.prune import PruneRun, check_model_for_pruning, prune_model
-from .models.quantize import QuantizeRun, check_quantizable, quantize_model
-from .models.settings import PruneSettings, QuantizeSettings, ShrinkSettings
-from .models.shrink import ShrinkRun, plan_width, shrink_model
-from .models.targets import target_layers
 from .placement import placed
 
 
@@ -101,62 +96,48 @@ class Workbench:
                     limit=evaluation.limit, device=self.device, progress=self.progress)
         return result
 
-    def samples(self, max_new_tokens: int = 24) -> list[str]:
+    def samples(self, max_new_tokens: int = REPORT_TOKENS) -> list[str]:
         """Greedy completions of the default prompts (the model on the device meanwhile)."""
         with placed(self.model, self.device):
             return greedy_completions(self.model, self.tokenizer, DEFAULT_PROMPTS,
                                       max_new_tokens=max_new_tokens, device=self.device)
 
-    def check(self, job: Job) -> None:
-        """Refusals that need the model (layer widths, finite weights, width plans); block
-        parameters that no adapter rule covers are named (they are left as they are)."""
+    def note_uncovered(self) -> None:
+        """Block parameters that no adapter rule covers are named (they stay as they are)."""
         adapter = adapter_for(self.model)
         _, uncovered = adapter.coverage(adapter.decoder_blocks(self.model)[0])
         if uncovered:
             self.log(f"note: {len(uncovered)} parameter(s) of each block match no rule of the "
                      f"{adapter.family} adapter and stay as they are: "
                      f"{', '.join(uncovered[:4])}{', …' if len(uncovered) > 4 else ''}")
-        for step in job.steps:
-            if isinstance(step, ShrinkSettings):
-                plan_width(self.model, step)
-            elif isinstance(step, PruneSettings):
-                check_model_for_pruning(target_layers(self.model, step.include, step.exclude),
-                                        step)
-            elif isinstance(step, QuantizeSettings) and not any(
-                    isinstance(s, ShrinkSettings) for s in job.steps):
-                check_quantizable(target_layers(self.model, step.include, step.exclude), step)
-        from .export import get_format
 
-        get_format(job.output.format).check_model(self.model, job)
-
-    def apply(self, step, job: Job, *, verbose: bool = False,
-              quantize: QuantizeSettings | None = None) -> PruneRun | ShrinkRun | QuantizeRun:
-        """Apply one step to the model (in place, or replacing it by a smaller one) and return
-        what it did; ``quantize``: quantise in the same pass (joint). Calibration data and the
-        first block's inputs come from the workbench's caches."""
+    def block_pass(self, job: Job, *, calibrated: bool, verbose: bool = False) -> BlockPass:
+        """The options of one block-wise pass over the model (device, batching, progress,
+        the first block's inputs from the caches when ``calibrated``), and its data timing."""
         inputs, data_seconds, capture_seconds = None, 0.0, 0.0
-        if step.needs_calibration or (quantize is not None and quantize.needs_calibration):
+        if calibrated:
             _, data_seconds = self.calibration_ids(job.calibration)
             t = time.perf_counter()
             inputs = self.block_inputs(job.calibration, job.execution.batch_size)
             capture_seconds = time.perf_counter() - t
-        log = self.log if verbose else None
-        execution = job.execution
-        common = dict(device=self.device, batch_size=execution.batch_size,
-                      progress=self.progress, log=log, block_inputs=inputs,
-                      activations=execution.activations)
-        if isinstance(step, ShrinkSettings):
-            # The smaller model replaces the loaded one; cached first-block inputs (embeddings
-            # and block arguments) stay valid, since shrinking never touches them.
-            self.model, run = shrink_model(self.model, None, step, quantize=quantize, **common)
-        elif isinstance(step, QuantizeSettings):
-            run = quantize_model(self.model, None, step, layer_errors=execution.layer_errors,
-                                 **common)
-        else:
-            run = prune_model(self.model, None, step, layer_errors=execution.layer_errors,
-                              quantize=quantize, **common)
-        # The first block's inputs are part of the calibration passes when this job made them.
-        run.calibration_seconds += capture_seconds
-        run.total_seconds += capture_seconds
-        run.data_seconds = data_seconds
+        options = dict(device=self.device, batch_size=job.execution.batch_size,
+                       progress=self.progress, log=self.log if verbose else None,
+                       block_inputs=inputs, activations=job.execution.activations)
+        return BlockPass(options, data_seconds, capture_seconds)
+
+
+@dataclass
+class BlockPass:
+    """A block-wise pass's options and what making its inputs took."""
+
+    options: dict
+    data_seconds: float
+    capture_seconds: float
+
+    def account(self, run):
+        """Add the first block's capture to the run's calibration time (the pass made it) and
+        the text's tokenising time; return the run."""
+        run.calibration_seconds += self.capture_seconds
+        run.total_seconds += self.capture_seconds
+        run.data_seconds = self.data_seconds
         return run

@@ -1,10 +1,13 @@
-"""``quantize_weight``: one weight matrix in, its quantised version out (GPTQ or
-round-to-nearest), on the same Hessian as pruning and, after pruning, on the same factor."""
+"""The quantiser registry and ``quantize_weight``: one weight matrix in, its quantised version
+out, on the same Hessian as pruning and, after pruning, on the same factor. Each quantiser
+declares itself once (name, summary, whether it needs the Hessian), as pruning methods do; the
+command line, settings checks and the estimate read the declaration."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +18,6 @@ from .factor import damped_hessian, inverse_cholesky_upper
 from .gptq import gptq_blockwise, round_to_nearest
 from .schemes import GroupParams, Scheme, parse_scheme
 from .stats import LayerStats
-
-QUANT_METHODS = ("gptq", "rtn")
 
 
 @dataclass
@@ -43,6 +44,70 @@ def _stack(params: list[GroupParams]) -> tuple[torch.Tensor, torch.Tensor | None
     scales = torch.stack([p.scale for p in params], 1)
     zeros = None if params[0].zero is None else torch.stack([p.zero for p in params], 1)
     return scales, zeros
+
+
+QuantizeFn = Callable[..., tuple[torch.Tensor, torch.Tensor, list[GroupParams], float | None]]
+"""``(w, stats, scheme, *, scale_dtype, mask, act_order, blocksize, percdamp, upper) ->
+(values, codes, group params, damping used)``; ``w`` is a float32 copy it may change."""
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """What a quantiser is, in one place. ``needs_hessian``: it needs calibration statistics."""
+
+    name: str
+    summary: str
+    needs_hessian: bool
+    quantize: QuantizeFn
+
+
+def _round_to_nearest(w, stats, scheme, *, scale_dtype, mask, **_options):
+    values, codes, params = round_to_nearest(w, scheme, scale_dtype, mask)
+    return values, codes, params, None
+
+
+def _gptq(w, stats, scheme, *, scale_dtype, mask, act_order, blocksize, percdamp, upper):
+    hessian = stats.hessian.to(w.device)
+    damped, dead = damped_hessian(hessian, percdamp)
+    w[:, dead] = 0.0
+    order = None
+    if act_order:
+        order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+        damped, hessian = damped[order][:, order], hessian[order][:, order]
+        upper = None
+    used = percdamp
+    if upper is None:
+        upper, used = inverse_cholesky_upper(damped, hessian, percdamp)
+    values, codes, params = gptq_blockwise(w, upper.to(w.device), scheme, scale_dtype,
+                                           mask=mask, order=order, blocksize=blocksize)
+    return values, codes, params, used
+
+
+_QUANTIZERS: dict[str, Quantizer] = {}
+
+
+def register_quantizer(quantizer: Quantizer) -> Quantizer:
+    if quantizer.name in _QUANTIZERS and _QUANTIZERS[quantizer.name] is not quantizer:
+        raise SnapPruneError(f"a quantiser named {quantizer.name!r} is already registered")
+    _QUANTIZERS[quantizer.name] = quantizer
+    return quantizer
+
+
+def quantizer_names() -> tuple[str, ...]:
+    return tuple(_QUANTIZERS)
+
+
+def get_quantizer(name: str) -> Quantizer:
+    try:
+        return _QUANTIZERS[name]
+    except KeyError:
+        raise SnapPruneError(f"unknown quantiser {name!r}; choose "
+                             f"{', '.join(_QUANTIZERS)}") from None
+
+
+register_quantizer(Quantizer("gptq", "GPTQ on each layer's Hessian, errors spread forward",
+                             True, _gptq))
+register_quantizer(Quantizer("rtn", "round-to-nearest, no data", False, _round_to_nearest))
 
 
 def quantize_weight(
@@ -79,8 +144,7 @@ def quantize_weight(
                                 act_order=act_order, blocksize=blocksize, percdamp=percdamp,
                                 scale_dtype=scale_dtype, error=error)
     scheme = parse_scheme(scheme)
-    if method not in QUANT_METHODS:
-        raise SnapPruneError(f"unknown quantiser {method!r}; choose {', '.join(QUANT_METHODS)}")
+    quantizer = get_quantizer(method)
     if weight.dim() != 2 or not torch.is_floating_point(weight):
         raise SnapPruneError(f"expected a 2-D floating-point weight, got {tuple(weight.shape)} "
                              f"{weight.dtype}")
@@ -90,9 +154,9 @@ def quantize_weight(
         raise SnapPruneError(f"{scheme.name}'s grid has no exact zero, so pruned weights "
                              "would not stay 0; use q4_0 or q8_0 (or a w* scheme) for a "
                              "pruned model")
-    if method == "gptq" and stats is None:
-        raise SnapPruneError("GPTQ needs the layer's calibration statistics (its Hessian); "
-                             "use method rtn for data-free quantisation")
+    if quantizer.needs_hessian and stats is None:
+        raise SnapPruneError(f"{quantizer.name} needs the layer's calibration statistics (its "
+                             "Hessian); use method rtn for data-free quantisation")
     if stats is not None and stats.columns != cols:
         raise SnapPruneError(f"statistics are for {stats.columns} input columns but the weight "
                              f"has {cols}")
@@ -100,24 +164,9 @@ def quantize_weight(
     w = weight.detach().to(torch.float32).clone()
     original = w.clone()
     mask = None if mask is None else mask.to(w.device)
-    used = None
-    if method == "rtn":
-        values, codes, params = round_to_nearest(w, scheme, scale_dtype, mask)
-    else:
-        hessian = stats.hessian.to(w.device)
-        damped, dead = damped_hessian(hessian, percdamp)
-        w[:, dead] = 0.0
-        order = None
-        if act_order:
-            order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
-            damped, hessian = damped[order][:, order], hessian[order][:, order]
-            upper = None
-        if upper is None:
-            upper, used = inverse_cholesky_upper(damped, hessian, percdamp)
-        else:
-            used = percdamp
-        values, codes, params = gptq_blockwise(w, upper.to(w.device), scheme, scale_dtype,
-                                               mask=mask, order=order, blocksize=blocksize)
+    values, codes, params, used = quantizer.quantize(
+        w, stats, scheme, scale_dtype=scale_dtype, mask=mask, act_order=act_order,
+        blocksize=blocksize, percdamp=percdamp, upper=upper)
     if w.is_cuda:
         torch.cuda.synchronize(w.device)
     seconds = time.perf_counter() - start

@@ -57,11 +57,13 @@ class Scheme:
     group_size: int | None
     symmetric: bool
     grid: str = "minmax"
+    gguf_type: str | None = None
+    """gguf-py's ``GGMLQuantizationType`` member that stores this grid (``None``: not GGUF)."""
 
     @property
     def gguf(self) -> bool:
         """One of llama.cpp's block types (blocks of 32, float16 scales)."""
-        return self.grid != "minmax"
+        return self.gguf_type is not None
 
     @property
     def qmin(self) -> int:
@@ -182,13 +184,17 @@ def _divide(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 _NAMED = {
-    "q4_0": Scheme("q4_0", 4, GGUF_BLOCK, True, "q4_0"),
-    "q4_1": Scheme("q4_1", 4, GGUF_BLOCK, False, "q4_1"),
-    "q8_0": Scheme("q8_0", 8, GGUF_BLOCK, True, "q8_0"),
+    "q4_0": Scheme("q4_0", 4, GGUF_BLOCK, True, "q4_0", "Q4_0"),
+    "q4_1": Scheme("q4_1", 4, GGUF_BLOCK, False, "q4_1", "Q4_1"),
+    "q8_0": Scheme("q8_0", 8, GGUF_BLOCK, True, "q8_0", "Q8_0"),
 }
 _PATTERN = re.compile(r"^w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<asym>-asym|-sym)?$")
 BITS = (2, 3, 4, 8)
 """Bit widths of the ``minmax`` schemes (2 for ablations)."""
+
+
+GGUF_SCHEMES = tuple(_NAMED)
+"""llama.cpp's block types, by name."""
 
 
 def parse_scheme(name: str) -> Scheme:

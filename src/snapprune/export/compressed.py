@@ -18,23 +18,20 @@ from pathlib import Path
 
 import torch
 
-from ..engine.schemes import parse_scheme
 from ..errors import SnapPruneError
-from . import Format, quantization_of, require
+from .format import Format, require
 
 FORMAT_NAME = "pack-quantized"
 
 
 def check_job(job) -> None:
-    from ..models.settings import QuantizeSettings
-
     require("compressed_tensors", "deploy")
-    steps = [s for s in job.steps if isinstance(s, QuantizeSettings)]
-    if not steps:
+    step = job.settings("quantize")
+    if step is None:
         raise SnapPruneError("compressed-tensors stores quantised weights: add a quantisation "
                              "(e.g. --quantize w4g128), or write hf")
-    for step in steps:
-        scheme = parse_scheme(step.scheme)
+    scheme = step.parsed_scheme
+    if True:
         if scheme.gguf:
             raise SnapPruneError(
                 f"compressed-tensors holds w* schemes (w4g128, w8, ...), not llama.cpp's "
@@ -50,18 +47,17 @@ def check_model(model, job) -> None:
     """Whole groups in every quantised layer (the library refuses a partial last group, and
     vLLM's kernels need whole groups), at the widths the layers will have."""
     from ..models.layout import input_width
-    from ..models.settings import QuantizeSettings, ShrinkSettings
     from ..models.shrink import plan_width
     from ..models.targets import target_layers
 
-    quantize = next(s for s in job.steps if isinstance(s, QuantizeSettings))
-    group = parse_scheme(quantize.scheme).group_size
+    quantize = job.settings("quantize")
+    group = quantize.parsed_scheme.group_size
     if group is None:
         return
     widths = {input_width(m) for named in target_layers(model, quantize.include,
                                                         quantize.exclude).values()
               for m in named.values()}
-    shrink = next((s for s in job.steps if isinstance(s, ShrinkSettings)), None)
+    shrink = job.settings("shrink")
     if shrink is not None:
         plan = plan_width(model, shrink)
         widths |= {plan.mlp_new, plan.heads_new * plan.head_dim}
@@ -94,7 +90,7 @@ def write(outcome, directory: Path) -> list[str]:
     from safetensors.torch import save_file
 
     model = outcome.model
-    record = quantization_of(outcome.runs)
+    record = outcome.run_of("quantize")
     scheme = record.scheme
     qscheme = QuantizationScheme(targets=["Linear"], weights=_args(scheme))
     dtype = next(model.parameters()).dtype
@@ -136,9 +132,7 @@ def write(outcome, directory: Path) -> list[str]:
         written.append("generation_config.json")
     if outcome.tokenizer is not None:
         outcome.tokenizer.save_pretrained(directory)
-    return written
+    return written, []
 
 
-FORMAT = Format("compressed-tensors", "llm-compressor's format, served by vLLM "
-                "(pack-quantized int4/int8, group scales)", "deploy", check_job, check_model,
-                write)
+FORMAT = Format("compressed-tensors", check_job, check_model, write)

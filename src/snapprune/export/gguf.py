@@ -22,30 +22,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.schemes import GGUF_BLOCK, parse_scheme
+from ..engine.schemes import GGUF_BLOCK, GGUF_SCHEMES
 from ..errors import SnapPruneError
-from . import Format, quantization_of
+from .format import Format
 
 FAMILIES = ("llama", "mistral")
 """``config.model_type`` values written as llama.cpp's ``llama`` architecture."""
 FILE_NAME = "model.gguf"
 
 
-def _quant_type(name: str):
-    from gguf import GGMLQuantizationType
-
-    return {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1,
-            "q8_0": GGMLQuantizationType.Q8_0}[name]
-
-
 def check_job(job) -> None:
-    from ..models.settings import QuantizeSettings
-
-    for step in job.steps:
-        if isinstance(step, QuantizeSettings) and not parse_scheme(step.scheme).gguf:
-            raise SnapPruneError(
-                f"GGUF holds llama.cpp's block types (q4_0, q4_1, q8_0), not {step.scheme}: "
-                "quantise with one of those, or write compressed-tensors for w* schemes")
+    quantize = job.settings("quantize")
+    if quantize is not None and not quantize.parsed_scheme.gguf:
+        raise SnapPruneError(
+            f"GGUF holds llama.cpp's block types ({', '.join(GGUF_SCHEMES)}), not "
+            f"{quantize.scheme}: quantise with one of those, or write compressed-tensors for "
+            "w* schemes")
 
 
 def check_model(model, job) -> None:
@@ -181,9 +173,10 @@ def _pre_tokenizer(path: Path) -> str:
     return "default"
 
 
-def write(outcome, directory: Path) -> list[str]:
+def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     from gguf import (
         MODEL_ARCH,
+        GGMLQuantizationType,
         GGUFWriter,
         LlamaFileType,
         get_tensor_name_map,
@@ -191,7 +184,7 @@ def write(outcome, directory: Path) -> list[str]:
 
     model, job = outcome.model, outcome.job
     config = model.config
-    record = quantization_of(outcome.runs)
+    record = outcome.run_of("quantize")
     quantized = record.quantized if record is not None else {}
     scheme = record.scheme if record is not None else None
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -212,10 +205,8 @@ def write(outcome, directory: Path) -> list[str]:
     writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
-    file_type = {"q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
-                 "q8_0": LlamaFileType.MOSTLY_Q8_0}.get(getattr(scheme, "name", None),
-                                                        LlamaFileType.MOSTLY_F16)
-    writer.add_file_type(file_type)
+    writer.add_file_type(LlamaFileType[f"MOSTLY_{scheme.gguf_type}"] if scheme is not None
+                         else LlamaFileType.MOSTLY_F16)
     writer.add_quantization_version(2)
     source = source_gguf(job.model)
     note = None
@@ -223,8 +214,6 @@ def write(outcome, directory: Path) -> list[str]:
         _carry_tokenizer(writer, source)
     else:
         note = _build_tokenizer(writer, outcome.tokenizer)
-    if note:
-        outcome.notes.append(note)
 
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -246,7 +235,7 @@ def write(outcome, directory: Path) -> list[str]:
                 codes, scales = _permute(codes, rows_heads), _permute(scales, rows_heads)
                 zeros = None if zeros is None else _permute(zeros, rows_heads)
             data = _pack(codes, scales, zeros, q.scheme.grid)
-            writer.add_tensor(target, data, raw_dtype=_quant_type(q.scheme.name))
+            writer.add_tensor(target, data, raw_dtype=GGMLQuantizationType[q.scheme.gguf_type])
             continue
         value = tensor.detach().to(torch.float32)
         if rows_heads is not None:
@@ -259,8 +248,7 @@ def write(outcome, directory: Path) -> list[str]:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return [FILE_NAME]
+    return [FILE_NAME], [note] if note else []
 
 
-FORMAT = Format("gguf", "llama.cpp's GGUF file (LLaMA family; q4_0, q4_1, q8_0 from the "
-                "quantiser's own codes)", None, check_job, check_model, write)
+FORMAT = Format("gguf", check_job, check_model, write)

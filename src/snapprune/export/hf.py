@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import Format
+from .format import Format
 
 
 def check_job(job) -> None:
@@ -16,13 +16,12 @@ def check_model(model, job) -> None:
     """Every model transformers can save."""
 
 
-def write(outcome, directory: Path) -> list[str]:
+def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     before = {p.name for p in directory.iterdir()}
     outcome.model.save_pretrained(directory, safe_serialization=True)
     if outcome.tokenizer is not None:
         outcome.tokenizer.save_pretrained(directory)
-    return sorted({p.name for p in directory.iterdir()} - before)
+    return sorted({p.name for p in directory.iterdir()} - before), []
 
 
-FORMAT = Format("hf", "safetensors as transformers saves it (quantised weights de-quantised)",
-                None, check_job, check_model, write)
+FORMAT = Format("hf", check_job, check_model, write)

@@ -9,6 +9,7 @@ by a rule (norms, the groups' biases) or reported. A generic fallback finds the 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -272,11 +273,20 @@ def _generic_adapter(model: nn.Module) -> Adapter:
     return Adapter("generic", (), best[1], embeddings, None)
 
 
+_FOUND: weakref.WeakKeyDictionary[nn.Module, Adapter] = weakref.WeakKeyDictionary()
+"""The adapter found for each live model: a model's family never changes, so the scan runs
+once per model however often a run asks."""
+
+
 def adapter_for(model: nn.Module) -> Adapter:
     """The family adapter for ``model`` by ``config.model_type`` when its groups are all
     there; else the generic fallback. Mixture-of-experts models are refused."""
+    found = _FOUND.get(model)
+    if found is not None:
+        return found
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     adapter = next((a for a in ADAPTERS if model_type in a.model_types and a.matches(model)),
                    None) or _generic_adapter(model)
     refuse_mixture_of_experts(model, adapter.decoder_blocks(model))
+    _FOUND[model] = adapter
     return adapter

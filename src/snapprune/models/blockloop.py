@@ -17,7 +17,7 @@ from ..engine import LayerStats, determinism
 from ..errors import SnapPruneError
 from . import collectives
 from .adapters import adapter_for
-from .capture import BlockInputs, activation_home, capture_block_inputs, home_device
+from .capture import BATCH_SIZE, BlockInputs, activation_home, capture_block_inputs, home_device
 from .records import RunRecord
 
 BlockStep = Callable[[int, dict[str, nn.Module], dict[str, LayerStats]], None]
@@ -102,7 +102,7 @@ def run_blocks(
     *,
     device: torch.device,
     hessian: bool = True,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     progress: bool = True,
     block_inputs: BlockInputs | None = None,
     desc: str = "",

@@ -69,6 +69,9 @@ class BlockInputs:
         return BlockInputs(batches, self.calls)
 
 
+BATCH_SIZE = 8
+"""Calibration windows per forward pass unless asked otherwise: speed and memory only (the
+summation order moves the last bits, unless deterministic)."""
 ACTIVATION_PLACES = ("auto", "device", "cpu")
 AUTO_DEVICE_SHARE = 0.5
 """``auto`` keeps the activations on the device when they take at most this share of its free
@@ -119,7 +122,7 @@ def capture_block_inputs(
     blocks: nn.ModuleList,
     calibration: torch.Tensor,
     device: torch.device,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     *,
     share: bool = True,
 ) -> BlockInputs:

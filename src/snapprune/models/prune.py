@@ -16,7 +16,7 @@ from ..errors import SnapPruneError
 from ..memory import peak_bytes
 from .adapters import adapter_for
 from .blockloop import record_ranks, run_blocks
-from .capture import BlockInputs, home_device
+from .capture import BATCH_SIZE, BlockInputs, home_device
 from .layout import input_width, linear_weight, set_linear_weight
 from .quantize import (
     QuantizeRun,
@@ -73,15 +73,33 @@ def layer_cost(settings: PruneSettings) -> Callable[[nn.Module], float]:
     return cost
 
 
+def start_prune_run(model: nn.Module, settings: PruneSettings, *, layer_errors: bool,
+                    weights: bool = True) -> tuple[dict[int, dict[str, nn.Module]], PruneRun]:
+    """What every pruning pass (in memory or streamed) sets up first: the layers it prunes,
+    refused before any work when they cannot take the pattern, and its record."""
+    layers = target_layers(model, settings.include, settings.exclude)
+    check_model_for_pruning(layers, settings, weights=weights)
+    run = PruneRun(settings=settings, architecture=adapter_for(model).describe(model),
+                   roles=layer_roles(model), layer_errors=layer_errors)
+    return layers, run
+
+
+def needs_hessian(settings: PruneSettings, layer_errors: bool,
+                  quantize: QuantizeSettings | None = None) -> bool:
+    """Whether the pass accumulates the Hessian: the method or its metric reads it, layer
+    errors are measured with it, or GPTQ runs in the same pass."""
+    return (get_method(settings.method).needs_hessian(settings.resolved_metric) or layer_errors
+            or quantize is not None)
+
+
 def prune_layer(name: str, module: nn.Module, stats: LayerStats | None,
                 settings: PruneSettings, run: PruneRun, log) -> PruneResult:
     """Prune one layer in place, record it, return the result (mask: ``True`` = removed;
     the factor it used)."""
     role = run.roles.get(name, "")
-    _, sparsity = settings.check()
     result = prune_weight(
         linear_weight(module), stats, method=settings.method,
-        sparsity=sparsity, pattern=settings.pattern, alpha=settings.alpha,
+        sparsity=settings.resolved_sparsity, pattern=settings.pattern, alpha=settings.alpha,
         blocksize=settings.blocksize, percdamp=settings.percdamp, metric=settings.metric,
         error=run.layer_errors,
     )
@@ -110,7 +128,7 @@ def prune_model(
     settings: PruneSettings | None = None,
     *,
     device: str | torch.device = "cpu",
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     block_inputs: BlockInputs | None = None,
@@ -142,11 +160,7 @@ def prune_model(
     settings = dataclasses.replace(settings, **overrides)
     device = check_device(device)
     start = time.perf_counter()
-    adapter = adapter_for(model)
-    layers = target_layers(model, settings.include, settings.exclude)
-    check_model_for_pruning(layers, settings)
-    run = PruneRun(settings=settings, architecture=adapter.describe(model),
-                   roles=layer_roles(model), layer_errors=layer_errors)
+    layers, run = start_prune_run(model, settings, layer_errors=layer_errors)
     if quantize is not None:
         refuse_under_ranks()
         check_quantizable(layers, quantize)
@@ -171,10 +185,8 @@ def prune_model(
     if not calibrated:
         _weights_only(layers, prune_block, device)
     else:
-        method = get_method(settings.method)
-        hessian = (method.needs_hessian(settings.resolved_metric) or layer_errors
-                   or quantize is not None)
-        run_blocks(model, layers, prune_block, calibration, run, device=device, hessian=hessian,
+        run_blocks(model, layers, prune_block, calibration, run, device=device,
+                   hessian=needs_hessian(settings, layer_errors, quantize),
                    batch_size=batch_size, progress=progress, block_inputs=block_inputs,
                    desc=f"{settings.method} {settings.pattern}"
                         + (f" + {quantize.scheme}" if quantize else ""),

@@ -17,12 +17,12 @@ from torch import nn
 
 from ..engine import LayerStats
 from ..engine.quantizers import quantize_weight
-from ..engine.schemes import Scheme, parse_scheme
+from ..engine.schemes import GGUF_BLOCK, Scheme
 from ..errors import SnapPruneError
 from ..memory import peak_bytes
 from .adapters import adapter_for
 from .blockloop import record_ranks, run_blocks
-from .capture import BlockInputs, home_device
+from .capture import BATCH_SIZE, BlockInputs, home_device
 from .layout import input_width, linear_weight, set_linear_weight
 from .records import LayerRecord, RunRecord
 from .settings import QuantizeSettings
@@ -55,7 +55,7 @@ class QuantizeRun(RunRecord):
 
     @property
     def scheme(self) -> Scheme:
-        return parse_scheme(self.settings.scheme)
+        return self.settings.parsed_scheme
 
 
 def scale_dtype_for(model: nn.Module) -> torch.dtype:
@@ -69,7 +69,7 @@ def check_quantizable(layers: dict[int, dict[str, nn.Module]], settings: Quantiz
                       widths: dict[str, int] | None = None) -> None:
     """Refuse before any work a scheme whose blocks do not fit a layer's inputs (``widths``:
     the inputs a layer will have once units are cut out)."""
-    scheme = parse_scheme(settings.scheme)
+    scheme = settings.parsed_scheme
     for named in layers.values():
         for name, module in named.items():
             scheme.check_width((widths or {}).get(name, input_width(module)), name)
@@ -81,7 +81,7 @@ def quantize_layer(name: str, module: nn.Module, stats: LayerStats | None,
                    keep_columns: torch.Tensor | None = None, role: str = "") -> None:
     """Quantise one layer in place; record it and keep its codes and scales."""
     result = quantize_weight(
-        linear_weight(module), stats, settings.scheme, method=settings.method, mask=mask,
+        linear_weight(module), stats, settings.parsed_scheme, method=settings.method, mask=mask,
         act_order=settings.act_order, blocksize=settings.blocksize,
         percdamp=settings.percdamp, upper=upper,
         scale_dtype=getattr(torch, run.scale_dtype), keep_columns=keep_columns,
@@ -106,7 +106,7 @@ def quantize_model(
     settings: QuantizeSettings,
     *,
     device: str | torch.device = "cpu",
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     block_inputs: BlockInputs | None = None,
@@ -167,7 +167,7 @@ def quantize_embeddings(model: nn.Module, run: QuantizeRun) -> None:
         embeddings.append(output)
     for module in embeddings:
         weight = module.weight
-        if weight.shape[1] % 32:
+        if weight.shape[1] % GGUF_BLOCK:
             continue
         start = time.perf_counter()
         result = quantize_weight(weight.data, None, EMBEDDING_SCHEME, method="rtn")

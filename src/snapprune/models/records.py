@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -50,3 +51,9 @@ class RunRecord:
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)
         zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
         return zeros / total if total else 0.0
+
+
+def mean_layer_error(layers: list[LayerRecord]) -> float | None:
+    """The mean of the layers' measured reconstruction errors (``None`` when none was)."""
+    errors = [r.error for r in layers if math.isfinite(r.error)]
+    return sum(errors) / len(errors) if errors else None

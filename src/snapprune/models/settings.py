@@ -5,11 +5,13 @@ the command line, recipes, sweeps and the Python API all read it from here."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import ClassVar
 
 from ..engine import METRICS, check_settings, get_method
-from ..engine.quantizers import QUANT_METHODS
-from ..engine.schemes import parse_scheme
+from ..engine.quantizers import get_quantizer
+from ..engine.schemes import Scheme, parse_scheme
 from ..errors import SnapPruneError
 
 
@@ -51,7 +53,8 @@ class PruneSettings(MethodChoice):
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
-    DEFAULT_SPARSITY = 0.5
+    kind: ClassVar[str] = "prune"
+    DEFAULT_SPARSITY: ClassVar[float] = 0.5
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude"):
@@ -98,6 +101,8 @@ class ShrinkSettings(MethodChoice):
     percdamp: float = 0.01
     multiple_of: int = 32
     alpha: float = 0.0
+
+    kind: ClassVar[str] = "shrink"
 
     @property
     def pattern(self) -> str:
@@ -146,6 +151,8 @@ class QuantizeSettings:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
+    kind: ClassVar[str] = "quantize"
+
     def __post_init__(self) -> None:
         for name in ("include", "exclude"):
             value = getattr(self, name)
@@ -153,19 +160,23 @@ class QuantizeSettings:
                 object.__setattr__(self, name, (value,) if isinstance(value, str)
                                    else tuple(value))
 
+    @cached_property
+    def parsed_scheme(self) -> Scheme:
+        """The scheme as a typed value, parsed once (the quantiser, the writers and the report
+        read this, never the string)."""
+        return parse_scheme(self.scheme)
+
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq"
+        return get_quantizer(self.method).needs_hessian
 
     def resolved(self) -> QuantizeSettings:
         self.check()
-        return replace(self, scheme=parse_scheme(self.scheme).name)
+        return replace(self, scheme=self.parsed_scheme.name)
 
     def check(self) -> None:
-        parse_scheme(self.scheme)
-        if self.method not in QUANT_METHODS:
-            raise SnapPruneError(f"unknown quantiser {self.method!r}; choose "
-                                 f"{', '.join(QUANT_METHODS)}")
+        self.parsed_scheme  # noqa: B018 (parsing is the check)
+        get_quantizer(self.method)
         if not isinstance(self.blocksize, int) or self.blocksize < 1:
             raise SnapPruneError(f"quantiser blocksize must be a positive integer, got "
                                  f"{self.blocksize!r}")
@@ -176,6 +187,9 @@ class QuantizeSettings:
 
 
 RECOVER_LOSSES = ("kd", "lm")
+"""``kd``: distillation from the dense model; ``lm``: next-token cross-entropy."""
+RECOVER_DTYPES = ("float32", "bfloat16")
+"""Training compute precision (``bfloat16``: autocast, float32 master weights)."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +226,8 @@ class RecoverSettings:
     checkpoint_every: int = 0
     """A resumable checkpoint every this many steps (0: 1 in 10 of the steps)."""
     seed: int = 0
+
+    kind: ClassVar[str] = "recover"
 
     @property
     def needs_calibration(self) -> bool:
@@ -256,13 +272,9 @@ class RecoverSettings:
                 raise SnapPruneError(f"recover {name} must be a number >= 0, got {value!r}")
         if self.warmup >= 1:
             raise SnapPruneError("recover warmup is a fraction of the steps, in [0, 1)")
-        if self.dtype not in ("float32", "bfloat16"):
+        if self.dtype not in RECOVER_DTYPES:
             raise SnapPruneError(f"recover dtype {self.dtype!r}: float32, or bfloat16 "
                                  "(autocast, float32 master weights)")
         if self.loss == "lm" and self.hidden_weight:
             raise SnapPruneError("hidden_weight distils block outputs from the teacher; the lm "
                                  "loss has no teacher")
-
-
-def field_names(cls) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))

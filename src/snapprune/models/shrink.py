@@ -26,6 +26,7 @@ from ..errors import SnapPruneError
 from ..memory import peak_bytes
 from .adapters import Adapter, adapter_for, head_geometry
 from .blockloop import run_blocks
+from .capture import BATCH_SIZE
 from .layout import is_conv1d, linear_weight, set_linear_weight
 from .loading import empty_model, with_weights
 from .quantize import (
@@ -161,7 +162,7 @@ def shrink_model(
     settings: ShrinkSettings,
     *,
     device: str | torch.device = "cpu",
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     progress: bool = True,
     log=None,
     block_inputs=None,

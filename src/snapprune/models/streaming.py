@@ -38,12 +38,12 @@ from ..outputs import json_text, move_into_place
 from . import collectives
 from .adapters import adapter_for
 from .blockloop import record_ranks, run_blocks
-from .capture import BlockInputs, capture_block_inputs
+from .capture import BATCH_SIZE, BlockInputs, capture_block_inputs
 from .loading import empty_model
-from .prune import PruneRun, check_model_for_pruning, layer_cost, prune_layer
+from .prune import PruneRun, layer_cost, needs_hessian, prune_layer, start_prune_run
 from .records import LayerRecord
 from .settings import PruneSettings
-from .targets import check_finite, layer_roles, target_layers
+from .targets import check_finite
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -202,7 +202,7 @@ def stream_prune(
     settings: PruneSettings,
     *,
     device: str | torch.device = "cpu",
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     resume: bool = False,
@@ -236,8 +236,7 @@ def stream_prune(
     adapter = adapter_for(model)
     blocks = adapter.decoder_blocks(model)
     plan = StreamPlan(checkpoint, adapter.blocks, len(blocks))
-    layers = target_layers(model, settings.include, settings.exclude)
-    check_model_for_pruning(layers, settings, weights=False)
+    layers, run = start_prune_run(model, settings, layer_errors=layer_errors, weights=False)
     others = checkpoint.read(plan.other_names())
     _materialise(model, others)
     if getattr(model.config, "tie_word_embeddings", False):
@@ -256,8 +255,6 @@ def stream_prune(
                    "settings": asdict(settings), "world": group.world,
                    "calibration_ids": ids_digest(ids)}
     fingerprint = json.loads(json_text(fingerprint))  # as it reads back from the file
-    run = PruneRun(settings=settings, architecture=adapter.describe(model),
-                   roles=layer_roles(model), layer_errors=layer_errors)
     begin, inputs = 0, None
     if resume:
         if not state_path.is_file():
@@ -338,11 +335,8 @@ def stream_prune(
             prune_layer(name, module, stats[name], settings, run, log)
 
     if begin < len(blocks):
-        from ..engine import get_method
-
         run_blocks(model, layers, step, ids, run, device=device,
-                   hessian=get_method(settings.method).needs_hessian(settings.resolved_metric)
-                   or layer_errors,
+                   hessian=needs_hessian(settings, layer_errors),
                    batch_size=batch_size, progress=progress, block_inputs=inputs,
                    desc=f"{settings.method} (stream)", start=begin, before=load, after=save,
                    activations=activations, layer_cost=layer_cost(settings))

@@ -1,0 +1,164 @@
+"""The ``quantize`` step: every decoder-block linear layer on a scheme's grid by a registered
+quantiser (GPTQ on the Hessian, or round-to-nearest), alone or fused into the pass of the
+prune or shrink step before it (the same statistics and factor, pruned weights kept at 0)."""
+
+from __future__ import annotations
+
+import time
+
+from ..engine.quantizers import get_quantizer, quantize_weight, quantizer_names
+from ..engine.schemes import GGUF_SCHEMES, SCHEME_NAMES
+from ..errors import SnapPruneError
+from ..flags import Command, Flag, default_text, number, positive_int
+from ..models.layout import linear_weight
+from ..models.quantize import check_quantizable, quantize_model
+from ..models.records import mean_layer_error
+from ..models.settings import QuantizeSettings
+from ..models.targets import target_layers
+from .base import EstimatePart, Probe, Step, StepContext, earlier_changes
+from .prune import first_block_layers
+
+EPILOG = """\
+GPTQ quantises each layer column by column on its Hessian (the calibration statistics pruning
+uses) and spreads each rounding error over the columns still to come; round-to-nearest (--method
+rtn) needs no data. Schemes: llama.cpp's q4_0, q4_1, q8_0 (blocks of 32, float16 scales;
+--format gguf writes them exactly as chosen) and w<bits>[g<group>][-asym] (compressed-tensors'
+grids; --format compressed-tensors writes 4 and 8 bits for vLLM). hf writes de-quantised
+safetensors for any scheme.
+
+examples:
+  snapprune quantize --model smollm2-135m --scheme q4_0 --format gguf --out runs/q4_0
+  snapprune prune --model smollm2-135m --method thanos --quantize q4_0 --format gguf \\
+      --out runs/thanos50-q4_0                          # joint: pruned weights stay 0
+  snapprune shrink --model smollm2-135m --mlp 0.3 --heads 0.34 --quantize q4_0 \\
+      --format gguf --out runs/smaller-q4_0              # smaller and 4-bit
+"""
+
+SCHEMES_HELP = (
+    f"quantisation schemes: {', '.join(GGUF_SCHEMES)} (llama.cpp's block types, for --format "
+    "gguf) or w<bits>[g<group>][-asym] with bits 2, 3, 4, 8 (compressed-tensors' grids, for "
+    "--format compressed-tensors when 4 or 8 bits): e.g. " + ", ".join(SCHEME_NAMES))
+ACT_ORDER_HELP = ("GPTQ in decreasing Hessian diagonal (group scales fitted up front, kept in "
+                  "natural order)")
+
+
+def _quantizer_help() -> str:
+    return ("the quantiser: " + "; ".join(f"{n} ({get_quantizer(n).summary})"
+                                         for n in quantizer_names())
+            + default_text(QuantizeSettings, "method"))
+
+
+class QuantizeStep(Step):
+    name = "quantize"
+    settings_type = QuantizeSettings
+    order = 30
+    label = "quantised"
+    verb = "quantise"
+    changes = frozenset({"grid"})
+    single_process = ("quantisation runs in one process; prune or shrink under torchrun, then "
+                      "quantise the output in one process")
+    suggest_rank = 2
+    command = Command(
+        "quantize", help="quantise a model's weights (GPTQ or round-to-nearest) and write it "
+                         "for llama.cpp, vLLM or transformers",
+        description="Quantise every decoder-block linear layer, block by block.",
+        epilog=EPILOG, what="quantising", first_group="quantisation",
+        groups=("calibration", "layer_errors", "evaluation", "output"))
+    flags = (
+        Flag("scheme", ("--scheme",), SCHEMES_HELP, metavar="SCHEME"),
+        Flag("method", ("--method",), _quantizer_help, choices=quantizer_names,
+             show_default=False),
+        Flag("blocksize", ("--blocksize",), "GPTQ's lazy block width", type=positive_int,
+             metavar="B"),
+        Flag("percdamp", ("--percdamp",), "Hessian damping, fraction of its mean diagonal",
+             type=number, metavar="F"),
+        Flag("include", ("--include",), "only layers whose name matches; repeatable",
+             action="append", metavar="PAT", show_default=False),
+        Flag("exclude", ("--exclude",), "skip layers whose name matches; repeatable",
+             action="append", metavar="PAT", show_default=False),
+        Flag("act_order", ("--act-order",), ACT_ORDER_HELP, action="store_true",
+             show_default=False),
+    )
+    fused_flags = (
+        Flag("scheme", ("--quantize",), "also quantise every pruned layer, in the same pass, "
+             "on the same Hessian (pruned weights stay exactly 0). " + SCHEMES_HELP,
+             metavar="SCHEME", show_default=False, group="quantisation"),
+        Flag("method", ("--quant-method",), _quantizer_help, choices=quantizer_names,
+             show_default=False, group="quantisation"),
+        Flag("blocksize", ("--quant-blocksize",), "GPTQ's lazy block width",
+             type=positive_int, metavar="B", group="quantisation"),
+        Flag("act_order", ("--act-order",), ACT_ORDER_HELP, action="store_true",
+             show_default=False, group="quantisation"),
+    )
+    fused_trigger = "scheme"
+    """The fused flag without which the others mean nothing (``--quantize SCHEME``)."""
+
+    def check(self, settings: QuantizeSettings, job) -> None:
+        settings.check()
+        if "zeros" in earlier_changes(job, self.name) and not settings.parsed_scheme.exact_zero:
+            raise SnapPruneError(f"{settings.scheme}'s grid has no exact zero, so pruned "
+                                 "weights would not stay 0; use q4_0, q8_0 or a w* scheme")
+
+    def check_model(self, settings: QuantizeSettings, job, model) -> None:
+        # After a step that cuts layers smaller, that step checks the cut widths itself.
+        if "shapes" not in earlier_changes(job, self.name):
+            check_quantizable(target_layers(model, settings.include, settings.exclude),
+                              settings)
+
+    def estimate_layers(self, settings: QuantizeSettings, model) -> dict[str, float | None]:
+        return dict.fromkeys(first_block_layers(model, settings.include, settings.exclude))
+
+    def estimate(self, settings: QuantizeSettings, probe: Probe) -> EstimatePart:
+        solve = 0.0
+        for name in self.estimate_layers(settings, probe.model):
+            t = time.perf_counter()
+            quantize_weight(linear_weight(probe.layers[name]), probe.stats and
+                            probe.stats.get(name), settings.parsed_scheme,
+                            method=settings.method, act_order=settings.act_order,
+                            blocksize=settings.blocksize, percdamp=settings.percdamp,
+                            error=False)
+            solve += time.perf_counter() - t
+        return EstimatePart(solver_seconds=solve)
+
+    def apply(self, settings: QuantizeSettings, context: StepContext, fused=None):
+        bench, job = context.bench, context.job
+        block_pass = bench.block_pass(job, calibrated=settings.needs_calibration,
+                                      verbose=context.verbose)
+        run = quantize_model(bench.model, None, settings,
+                             layer_errors=job.execution.layer_errors, **block_pass.options)
+        return block_pass.account(run)
+
+    def log_line(self, run, *, fused: bool = False) -> str:
+        where = " in the same pass" if fused else f" in {run.total_seconds:.1f}s"
+        return (f"quantised {len(run.layers)} layers ({run.settings.method} "
+                f"{run.settings.scheme}){where}")
+
+    def summary(self, run) -> str:
+        scheme = run.scheme
+        mean = mean_layer_error(run.layers)
+        error = f"; mean layer error {mean:.4f}" if mean is not None else ""
+        return (f"{run.settings.method} {scheme.name} ({scheme.bits_per_weight:g} bits per "
+                f"weight) on {len(run.layers)} layers{error}")
+
+    def report(self, run) -> dict:
+        """The quantisation section: the scheme's facts, the settings, and per-layer errors
+        (against the weights the quantiser was given: after pruning, when joint)."""
+        from dataclasses import asdict
+
+        scheme = run.scheme
+        return {"quantization": {
+            "scheme": scheme.name, "bits": scheme.bits, "group_size": scheme.group_size,
+            "symmetric": scheme.symmetric, "grid": scheme.grid,
+            "bits_per_weight": scheme.bits_per_weight, "scale_dtype": run.scale_dtype,
+            "settings": asdict(run.settings),
+            "mean_layer_error": mean_layer_error(run.layers),
+            "seconds": run.solver_seconds,
+            "layers": [{"name": r.name, "shape": r.shape, "error": r.error,
+                        "seconds": r.seconds} for r in run.layers]}}
+
+    def next_step(self, job, where) -> str | None:
+        if self.name in job.kinds:
+            return None
+        return (f"  snapprune quantize --model {where} --scheme q4_0 --format gguf --out "
+                f"{where}-q4_0      # 4-bit, for llama.cpp")
+
