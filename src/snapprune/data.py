@@ -174,6 +174,10 @@ def read_documents(path: str | Path) -> list[str]:
                             f"{exc.colno}); JSON lines need one {{\"text\": \"...\"}} object "
                             "per line: fix or remove that line"
                         ) from None
+                    except RecursionError:
+                        raise SnapPruneError(f"{path}:{number} nests too deeply to read; JSON "
+                                             'lines need one {"text": "..."} object per '
+                                             "line") from None
                     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                         raise SnapPruneError(
                             f"{path}:{number} has no 'text' field; JSON lines need "
@@ -241,35 +245,89 @@ def _hub_rows(name: str, config: str | None, split: str, field: str) -> list[str
         ) from exc
 
 
+PRETOKENIZE_CHARS = 8_000_000
+"""Document sources up to this size (the bundled sample: 1.6 M characters) are tokenized whole
+before any window is drawn (about a second), so that a request they cannot serve is refused
+exactly and at once; a larger source is tokenized as its documents are drawn."""
+
+
+def _token_bound(chars: int) -> int:
+    """More tokens than a tokenizer makes of ``chars`` characters (at most 4 UTF-8 bytes each,
+    rarely more than one token a byte, plus added special tokens): a bound that refuses an
+    impossible request before anything is tokenized."""
+    return 4 * chars + 8
+
+
+def _too_little(source: str, nsamples: int, seqlen: int, holds: str) -> SnapPruneError:
+    return SnapPruneError(f"{source} has too little text for {nsamples:,} windows of {seqlen} "
+                          f"tokens: {holds}; lower nsamples or seqlen, or use more text")
+
+
 def _windows_from_documents(
     docs: list[str], tokenizer, nsamples: int, seqlen: int, seed: int, source: str
 ) -> torch.Tensor:
-    """Random documents longer than the window, a random window of each (with replacement)."""
+    """Random documents longer than the window, a random window of each (with replacement).
+
+    More windows than the documents hold (distinct start positions) are refused before any is
+    drawn: at once by ``_token_bound``, exactly once every document is tokenized. Without this a
+    request of 10**8 windows spun for hours tokenizing the same documents again and again."""
+    bound = sum(max(0, _token_bound(len(d)) - seqlen) for d in docs)
+    if nsamples > bound:
+        raise _too_little(source, nsamples, seqlen,
+                          f"its {len(docs):,} documents ({sum(map(len, docs)):,} characters) "
+                          f"hold at most about {bound:,}")
+    ids: dict[int, torch.Tensor] = {}
+    if sum(map(len, docs)) <= PRETOKENIZE_CHARS:
+        for i, row in enumerate(tokenizer(docs).input_ids):
+            ids[i] = torch.tensor(row, dtype=torch.long)
     rng = random.Random(seed)
-    lengths: dict[int, int] = {}
     windows = []
+    checked = False
     while len(windows) < nsamples:
-        if len(lengths) == len(docs) and not any(n > seqlen for n in lengths.values()):
-            longest = max(lengths.values(), default=0)
-            raise SnapPruneError(
-                f"{source} has too little text: no document is longer than {seqlen} tokens "
-                f"(longest: {longest}); lower seqlen or use a source with longer documents"
-            )
+        if not checked and len(ids) == len(docs):
+            _check_documents(ids, nsamples, seqlen, source)
+            checked = True
         i = rng.randint(0, len(docs) - 1)
-        ids = tokenizer(docs[i], return_tensors="pt").input_ids[0]
-        lengths[i] = ids.numel()
-        if ids.numel() <= seqlen:
+        if i not in ids:
+            ids[i] = tokenizer(docs[i], return_tensors="pt").input_ids[0]
+        doc = ids[i]
+        if doc.numel() <= seqlen:
             continue
-        start = rng.randint(0, ids.numel() - seqlen - 1)
-        windows.append(ids[start : start + seqlen])
+        start = rng.randint(0, doc.numel() - seqlen - 1)
+        windows.append(doc[start : start + seqlen])
     return torch.stack(windows)
+
+
+def _check_documents(ids: dict[int, torch.Tensor], nsamples: int, seqlen: int,
+                     source: str) -> None:
+    lengths = [t.numel() for t in ids.values()]
+    usable = [n for n in lengths if n > seqlen]
+    if not usable:
+        raise SnapPruneError(
+            f"{source} has too little text: no document is longer than {seqlen} tokens "
+            f"(longest: {max(lengths, default=0)}); lower seqlen or use a source with longer "
+            "documents"
+        )
+    distinct = sum(n - seqlen for n in usable)
+    if nsamples > distinct:
+        raise _too_little(source, nsamples, seqlen,
+                          f"its {len(usable):,} documents longer than {seqlen} tokens hold "
+                          f"{distinct:,} distinct windows")
+
+
+def _check_stream_bound(text: str, nsamples: int, seqlen: int, source: str) -> None:
+    """Refuse before tokenizing a text that could not hold the windows however it tokenizes."""
+    if nsamples * seqlen > _token_bound(len(text)):
+        raise _too_little(source, nsamples, seqlen,
+                          f"its {len(text):,} characters make at most about "
+                          f"{_token_bound(len(text)):,} tokens")
 
 
 def _windows_from_stream(
     ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, source: str
 ) -> torch.Tensor:
     """Random windows of one long token stream (WikiText, plain text files)."""
-    if ids.numel() < nsamples * seqlen:
+    if ids.numel() < nsamples * seqlen or ids.numel() <= seqlen:
         raise SnapPruneError(
             f"{source} has too little text: {ids.numel()} tokens for {nsamples} windows of "
             f"{seqlen}; lower nsamples or seqlen, or use more text"
@@ -305,6 +363,7 @@ def calibration_windows(
         return _windows_from_documents(docs, tokenizer, nsamples, seqlen, seed, "C4")
     if source == "wikitext2":
         text = " ".join(_hub_rows("wikitext", "wikitext-2-raw-v1", "train", "text"))
+        _check_stream_bound(text, nsamples, seqlen, "WikiText-2 train")
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
         return _windows_from_stream(ids, nsamples, seqlen, seed, "WikiText-2 train")
     named = SOURCES.get(source)
@@ -317,6 +376,7 @@ def calibration_windows(
     path, docs = _local_documents(source, "calibration source", ", ".join(CALIBRATION_SOURCES))
     if _is_json(path):
         return _windows_from_documents(docs, tokenizer, nsamples, seqlen, seed, str(path))
+    _check_stream_bound(docs[0], nsamples, seqlen, str(path))
     ids = tokenizer(docs[0], return_tensors="pt").input_ids[0]
     return _windows_from_stream(ids, nsamples, seqlen, seed, str(path))
 

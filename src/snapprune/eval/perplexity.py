@@ -39,6 +39,16 @@ def capped_seqlen(model, seqlen: int) -> int:
     return min(seqlen, context) if context else seqlen
 
 
+def exp_nll(mean_nll: float) -> float:
+    """``exp`` of a mean negative log-likelihood, ``inf`` where it overflows (a mean above
+    about 709 nats): a model that bad gets an infinite perplexity in its report, not a crash
+    after the work that produced it."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -68,8 +78,8 @@ def perplexity(
         logits = model(window[None].to(device), use_cache=False).logits[0, :-1].float()
         nll += F.cross_entropy(logits, window[1:].to(device), reduction="sum").item()
         count += window.numel() - 1
-    ppl = math.exp(nll / count)
-    if not math.isfinite(ppl):
-        raise SnapPruneError("perplexity is not finite: the model produces NaN/Inf logits")
+    ppl = exp_nll(nll / count)
+    if math.isnan(ppl):
+        raise SnapPruneError("perplexity is not a number: the model produces NaN logits")
     return PerplexityResult(source, ppl, len(windows), seqlen, count,
                             time.perf_counter() - start)

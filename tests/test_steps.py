@@ -1,0 +1,150 @@
+"""The step protocol: every kind in the registry runs a tiny job through ``execute``, the
+command line and a recipe with the same result, and nothing outside ``steps/`` branches on a
+step's type."""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import C4_FILE, WIKI_TEST
+from test_cli import _run
+
+import snapprune
+from snapprune.jobs import CalibrationSpec, EvaluationSpec, Execution, Job, OutputSpec
+from snapprune.models.settings import (
+    PruneSettings,
+    QuantizeSettings,
+    RecoverSettings,
+    ShrinkSettings,
+)
+from snapprune.run import execute
+from snapprune.steps import REGISTRY, check_job, step_for
+
+PACKAGE = Path(snapprune.__file__).parent
+
+TINY = {
+    "prune": (PruneSettings("thanos", "2:4"), ["--method", "thanos", "--pattern", "2:4"]),
+    "shrink": (ShrinkSettings(mlp=0.5, multiple_of=16), ["--mlp", "0.5", "--multiple-of", "16"]),
+    "quantize": (QuantizeSettings("w4g16"), ["--scheme", "w4g16"]),
+    "recover": (RecoverSettings(tokens=64, seqlen=16, batch_size=2, data=str(C4_FILE),
+                                loss="lm"),
+                ["--tokens", "64", "--seqlen", "16", "--batch-size", "2", "--data",
+                 str(C4_FILE), "--loss", "lm"]),
+}
+"""A tiny job of every step kind, as settings and as the flags of its command. A kind added
+to the registry without an entry here fails ``test_every_kind_has_a_tiny_job``."""
+
+COMMON = ["--calib", str(C4_FILE), "--nsamples", "2", "--seqlen", "16", "--eval", WIKI_TEST,
+          "--eval-seqlen", "32", "--max-windows", "1", "--deterministic", "--no-samples",
+          "--quiet"]
+
+
+def _tensors(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def test_every_kind_has_a_tiny_job():
+    assert set(TINY) == set(REGISTRY)
+    for name, step in REGISTRY.items():
+        assert step.name == name and step_for(step.settings_type()) is step
+        assert step.command is not None and step.command.name == name
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_every_kind_runs_alike_through_execute_the_cli_and_a_recipe(kind, tiny_dir, tmp_path,
+                                                                     capsys):
+    settings, flags = TINY[kind]
+    calibrated = kind != "recover"  # recovery trains on its own text, has no calibration
+    common = COMMON if calibrated else COMMON[6:]
+    if kind == "recover":  # the teacher: the dense model itself (a tiny job needs no report)
+        settings = replace(settings, teacher=str(tiny_dir))
+        flags = [*flags, "--teacher", str(tiny_dir)]
+    job = Job(model=str(tiny_dir), steps=(settings,),
+              calibration=CalibrationSpec(str(C4_FILE), 2, 16) if calibrated
+              else CalibrationSpec(),
+              evaluation=EvaluationSpec(ppl=(WIKI_TEST,), seqlen=32, max_windows=1),
+              execution=Execution(deterministic=True), output=OutputSpec(samples=False))
+    api = execute(job, tmp_path / "api", progress=False)
+    assert api.run_of(kind) is not None
+    code, err = _run(capsys, kind, "--model", tiny_dir, *flags, *common,
+                     "--out", tmp_path / "cli")
+    assert code == 0, err
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(job.to_dict()))
+    code, err = _run(capsys, "run", recipe, "--out", tmp_path / "recipe", "--quiet")
+    assert code == 0, err
+    reference = _tensors(tmp_path / "api")
+    for other in ("cli", "recipe"):
+        tensors = _tensors(tmp_path / other)
+        assert tensors.keys() == reference.keys(), other
+        assert all((tensors[k] == reference[k]).all() for k in tensors), other
+        report = json.loads((tmp_path / other / "snapprune_report.json").read_text())
+        assert [next(iter(s)) for s in report["recipe"]["steps"]] == [kind]
+        assert report["saved_to"] == str((tmp_path / other).resolve())
+
+
+def test_each_kind_declares_its_rules_once():
+    """Order and exclusivity come from the kinds' facts: weight removal once, first; each kind
+    at most once, in the registry's order."""
+    prune, shrink = TINY["prune"][0], TINY["shrink"][0]
+    quantize, recover = TINY["quantize"][0], TINY["recover"][0]
+    for steps, message in (((prune, shrink), "removes weights once"),
+                           ((quantize, prune), "removes weights once"),
+                           ((quantize, recover), "in the order"),
+                           ((recover, recover), "at most once")):
+        with pytest.raises(snapprune.SnapPruneError, match=message):
+            check_job(Job(model="m", steps=steps))
+
+
+SETTINGS_AND_RUNS = {"PruneSettings", "ShrinkSettings", "QuantizeSettings", "RecoverSettings",
+                     "PruneRun", "ShrinkRun", "QuantizeRun", "RecoverRun"}
+
+
+def _type_checks(tree: ast.AST) -> set[str]:
+    """Names of step settings or run records a module checks a value's type against."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("isinstance",
+                                                                           "issubclass"):
+            target = node.args[1]
+            names = target.elts if isinstance(target, ast.Tuple) else [target]
+            found |= {getattr(n, "id", getattr(n, "attr", "")) for n in names}
+        elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot, ast.Eq))
+                                                   for op in node.ops):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(s, ast.Call) and getattr(s.func, "id", "") == "type"
+                   for s in sides):
+                found |= {getattr(s, "id", getattr(s, "attr", "")) for s in sides}
+    return found & SETTINGS_AND_RUNS
+
+
+def test_no_module_outside_steps_branches_on_a_steps_type():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.parent.name == "steps":
+            continue
+        checked = _type_checks(ast.parse(path.read_text()))
+        assert not checked, f"{path.relative_to(PACKAGE)} checks types {sorted(checked)}"
+
+
+def test_the_type_check_finder_finds_type_checks():
+    """The architecture test above can fail: it sees each form of a type check."""
+    for source in ("isinstance(x, PruneSettings)", "isinstance(r, (PruneRun, ShrinkRun))",
+                   "type(s) is QuantizeSettings", "type(s) == RecoverRun"):
+        assert _type_checks(ast.parse(source)), source
+    assert not _type_checks(ast.parse("isinstance(x, dict)"))
+
+
+def test_no_module_is_over_500_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long
