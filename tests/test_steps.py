@@ -8,6 +8,7 @@ import ast
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -148,3 +149,80 @@ def test_no_module_is_over_500_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long
+
+
+def test_a_new_step_kind_plugs_in_at_one_place(tiny_dir, tmp_path, capsys):
+    """The worked example of docs/architecture.md: a kind defined in one module (here, in
+    the test) is a command, a recipe step and a report section, with no other change."""
+    from dataclasses import dataclass
+
+    import torch
+
+    from snapprune.flags import Command, Flag
+    from snapprune.models.records import RunRecord
+    from snapprune.models.targets import target_layers
+    from snapprune.steps.base import Step
+
+    @dataclass(frozen=True)
+    class HalfSettings:
+        """Round every decoder-block weight to float16 and back (a toy quantiser)."""
+
+        include: tuple[str, ...] = ()
+        kind: ClassVar[str] = "half"
+        needs_calibration: ClassVar[bool] = False
+
+        def check(self) -> None:
+            if not isinstance(self.include, tuple):
+                raise snapprune.SnapPruneError("include must be a list of patterns")
+
+        def resolved(self):
+            return self
+
+    @dataclass(kw_only=True)
+    class HalfRun(RunRecord):
+        rounded: int = 0
+
+    class HalfStep(Step):
+        name = "half"
+        settings_type = HalfSettings
+        order = 25
+        label = "rounded"
+        verb = "round"
+        changes = frozenset({"grid"})
+        command = Command("half", help="round weights to float16", description="Round.",
+                          epilog="", groups=("evaluation", "output"), what="rounding")
+        flags = (Flag("include", ("--include",), "only these layers", action="append",
+                      show_default=False),)
+
+        def apply(self, settings, context, fused=None):
+            run = HalfRun()
+            for named in target_layers(context.bench.model, settings.include).values():
+                for module in named.values():
+                    module.weight.data = module.weight.data.half().float()
+                    run.rounded += 1
+            return run
+
+        def summary(self, run) -> str:
+            return f"rounded {run.rounded} layers to float16"
+
+        def report(self, run) -> dict:
+            return {"half": {"layers": run.rounded}}
+
+    try:
+        assert "half" in REGISTRY
+        code, err = _run(capsys, "half", "--model", tiny_dir, "--include", "mlp", "--max-windows",
+                         "1", "--eval-seqlen", "32", "--no-samples", "--quiet", "--out",
+                         tmp_path / "cli")
+        assert code == 0, err
+        report = json.loads((tmp_path / "cli" / "snapprune_report.json").read_text())
+        assert report["half"] == {"layers": 9} and report["recipe"]["steps"] == [
+            {"half": {"include": ["mlp"]}}]
+        code, err = _run(capsys, "run", tmp_path / "cli" / "snapprune_recipe.yaml", "--out",
+                         tmp_path / "again", "--quiet")
+        assert code == 0, err
+        a, b = _tensors(tmp_path / "cli"), _tensors(tmp_path / "again")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        down = a["model.layers.0.mlp.down_proj.weight"]
+        assert torch.equal(down, down.half().float())
+    finally:
+        REGISTRY.pop("half", None)

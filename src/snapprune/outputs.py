@@ -118,18 +118,25 @@ def write_json_atomic(path: str | Path, payload) -> None:
     write_text_atomic(path, json_text(payload))
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write text to a temporary file beside ``path`` and rename it into place."""
+def write_atomic(path: str | Path, write) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which is then renamed into place:
+    ``path`` holds the old content or the new, never a part (every file snapprune writes
+    outside a temporary directory goes through here)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        write(Path(tmp))
         ordinary_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write text to a temporary file beside ``path`` and rename it into place."""
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def save_directory(out: str | Path, fill, *, overwrite: bool = False) -> Path:

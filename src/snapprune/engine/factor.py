@@ -64,7 +64,7 @@ def inverse_cholesky_upper(
     damping fraction actually used.
 
     Rows ``i1:i2`` of the inverse of any trailing block ``H[i1:, i1:]`` are then
-    ``U[i1:i2, i1:i2]ᵀ U[i1:i2, i1:]`` (DESIGN.md §2), so no second inverse is ever needed.
+    ``U[i1:i2, i1:i2]ᵀ U[i1:i2, i1:]`` (docs/engine.md), so no second inverse is ever needed.
     When ``damped`` is not positive definite and the undamped ``hessian`` is given, the damping
     is raised ×10 (up to ``MAX_PERCDAMP``) with one warning, rather than aborting a long run.
     """

@@ -7,7 +7,7 @@ For column ``j`` (in processing order) with current weights ``w_j``, grid values
     e = (w_j - q_j) / U[j, j]          W[:, j+1:] -= e ⊗ U[j, j+1:]
 
 which is the optimal (OBS) update of the remaining columns for fixing ``w_j`` at ``q_j``, the
-Schur complement of ``H⁻¹`` being carried by ``U``'s rows (DESIGN.md §2). Updates are applied
+Schur complement of ``H⁻¹`` being carried by ``U``'s rows (docs/engine.md). Updates are applied
 lazily: within a block of ``B`` columns immediately, to the columns after it once per block
 (one matrix product).
 

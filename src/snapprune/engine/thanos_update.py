@@ -1,7 +1,7 @@
 """Thanos: block-wise multi-weight removal with the closed-form least-squares update.
 
 For one row ``w`` removing the set ``Q`` of still-free columns, with ``R = (H_FF)⁻¹[Q, :]`` and
-``R̂ = (H_FF)⁻¹[Q, Q]``: solve ``R̂ λ = w_Q``, then ``w_F ← w_F − λᵀ R`` (DESIGN.md §1–2).
+``R̂ = (H_FF)⁻¹[Q, Q]``: solve ``R̂ λ = w_Q``, then ``w_F ← w_F − λᵀ R`` (docs/engine.md).
 """
 
 from __future__ import annotations

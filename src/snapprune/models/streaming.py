@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import SnapPruneError
 from ..memory import available_bytes, peak_bytes, peak_resident_bytes, release_freed_memory
 from ..memory import resident_bytes as resident_now
-from ..outputs import json_text, move_into_place
+from ..outputs import json_text, move_into_place, write_atomic
 from . import collectives
 from .adapters import adapter_for
 from .blockloop import record_ranks, run_blocks
@@ -316,7 +316,7 @@ def stream_prune(
         # between the two leaves the previous state and its own activations.
         name = activations_file(index + 1)
         _write_shard(tmp / name, {f"batch.{i}": x.cpu() for i, x in enumerate(done.batches)})
-        _atomic(state_path, lambda path: path.write_text(json_text({
+        write_atomic(state_path, lambda path: path.write_text(json_text({
             "fingerprint": fingerprint, "next_block": index + 1, "activations": name,
             "layers": [asdict(r) for r in run.layers],
             "calibration_seconds": run.calibration_seconds,
@@ -363,13 +363,7 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     state = {n: t.detach().contiguous() for n, t in tensors.items()}
-    _atomic(path, lambda part: save_file(state, str(part), metadata={"format": "pt"}))
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    part = path.with_name(path.name + ".part")
-    write(part)
-    os.replace(part, path)
+    write_atomic(path, lambda part: save_file(state, str(part), metadata={"format": "pt"}))
 
 
 def discard_partial(out: str | Path) -> None:

@@ -73,6 +73,19 @@ def weight_step_report(run, target_sparsity) -> dict:
             "settings": settings}
 
 
+def joint_pass(settings, context: StepContext, fused):
+    """The block pass of a step that removes weights, with the quantisation fused into it
+    (``fused``) reading the same calibration statistics."""
+    calibrated = settings.needs_calibration or (fused is not None and fused.needs_calibration)
+    return context.bench.block_pass(context.job, calibrated=calibrated,
+                                    verbose=context.verbose)
+
+
+def fused_quantization(run) -> list[tuple[str, object]]:
+    """The quantisation record a joint pass keeps inside its own."""
+    return [("quantize", run.quantization)] if run.quantization is not None else []
+
+
 class PruneStep(Step):
     name = "prune"
     settings_type = PruneSettings
@@ -144,16 +157,14 @@ class PruneStep(Step):
         return EstimatePart(solver_seconds=solve)
 
     def apply(self, settings: PruneSettings, context: StepContext, fused=None):
-        bench, job = context.bench, context.job
-        calibrated = settings.needs_calibration or (fused is not None
-                                                    and fused.needs_calibration)
-        block_pass = bench.block_pass(job, calibrated=calibrated, verbose=context.verbose)
-        run = prune_model(bench.model, None, settings, quantize=fused,
-                          layer_errors=job.execution.layer_errors, **block_pass.options)
+        block_pass = joint_pass(settings, context, fused)
+        run = prune_model(context.bench.model, None, settings, quantize=fused,
+                          layer_errors=context.job.execution.layer_errors,
+                          **block_pass.options)
         return block_pass.account(run)
 
     def fused_runs(self, run) -> list[tuple[str, object]]:
-        return [("quantize", run.quantization)] if run.quantization is not None else []
+        return fused_quantization(run)
 
     def stream(self, settings: PruneSettings, source, out, calibration, *, execution, progress,
                log, resume, restart, finish, fingerprint, device):

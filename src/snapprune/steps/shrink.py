@@ -13,7 +13,7 @@ from ..models.layout import linear_weight
 from ..models.settings import ShrinkSettings
 from ..models.shrink import plan_width, shrink_model, width_report
 from .base import EstimatePart, Probe, Step, StepContext
-from .prune import weight_step_report
+from .prune import fused_quantization, joint_pass, weight_step_report
 
 EPILOG = """\
 shrink removes whole MLP neurons (--mlp) and attention heads (--heads) from every decoder block
@@ -87,10 +87,8 @@ class ShrinkStep(Step):
         return EstimatePart(solver_seconds=solve)
 
     def apply(self, settings: ShrinkSettings, context: StepContext, fused=None):
-        bench, job = context.bench, context.job
-        calibrated = settings.needs_calibration or (fused is not None
-                                                    and fused.needs_calibration)
-        block_pass = bench.block_pass(job, calibrated=calibrated, verbose=context.verbose)
+        bench = context.bench
+        block_pass = joint_pass(settings, context, fused)
         # The smaller model replaces the loaded one; cached first-block inputs (embeddings and
         # block arguments) stay valid, since shrinking never touches them.
         bench.model, run = shrink_model(bench.model, None, settings, quantize=fused,
@@ -98,7 +96,7 @@ class ShrinkStep(Step):
         return block_pass.account(run)
 
     def fused_runs(self, run) -> list[tuple[str, object]]:
-        return [("quantize", run.quantization)] if run.quantization is not None else []
+        return fused_quantization(run)
 
     def log_line(self, run, *, fused: bool = False) -> str:
         plan = run.plan

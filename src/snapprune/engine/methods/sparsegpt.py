@@ -13,7 +13,7 @@ from ..sparsegpt_update import sparsegpt_blockwise
 def prune(problem: LayerProblem) -> torch.Tensor:
     w, pat, upper = problem.weight, problem.pattern, problem.upper
     if pat.kind == "structured":
-        # The mask is fixed up front on the original weights (DESIGN.md §2).
+        # The mask is fixed up front on the original weights (docs/engine.md).
         full = problem.structured_choice(problem.scores(w)).full()
         return sparsegpt_blockwise(w, upper, problem.blocksize,
                                    select_block=lambda _w1, _d, i1, i2: full[:, i1:i2].clone())
