@@ -131,8 +131,9 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tiny_dir, tmp_path, capsys
 
 def test_missing_model_and_non_finite_weights(nan_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    for model, fragment in [(tmp_path / "no_model", "not found"), (nan_dir, "NaN or Inf"),
-                            (tmp_path, "config.json")]:
+    (tmp_path / "empty").mkdir()
+    for model, fragment in [(tmp_path / "no_model", "no such directory"), (nan_dir, "NaN or Inf"),
+                            (tmp_path / "empty", "config.json")]:
         code, err = _run(capsys, "prune", "--model", model, "--method", "thanos", "--sparsity",
                          0.5, "--calib", C4_FILE, "--nsamples", 1, "--seqlen", 16, "--out",
                          out, "--quiet")

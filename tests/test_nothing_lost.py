@@ -363,9 +363,11 @@ def test_the_ranks_leave_before_the_main_rank_evaluates(tiny_dir, tmp_path, monk
 
 
 def test_missing_parents_of_out_are_made_and_a_file_in_the_way_is_refused(tmp_path) -> None:
-    from snapprune.outputs import check_output_dir
+    from snapprune.outputs import check_output_dir, make_parents
 
     out = check_output_dir(tmp_path / "runs" / "deep" / "pruned", overwrite=False)
+    assert not out.parent.exists()  # a check creates nothing: a refused run leaves no parents
+    assert make_parents(out) == [out.parent, out.parent.parent]
     assert out.parent.is_dir() and not out.exists()
     (tmp_path / "afile").write_text("mine")
     with pytest.raises(SnapPruneError, match="is a file"):

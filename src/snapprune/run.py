@@ -13,6 +13,7 @@ or, when it does not fit there, dispatch it across device and CPU (``placed``).
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,9 @@ from .outputs import (
     RECIPE_NAME,
     REPORT_NAME,
     check_output_dir,
+    output_lock,
     save_directory,
+    stale_partials,
     write_json_atomic,
 )
 from .steps import (
@@ -147,13 +150,55 @@ def execute(
     """
     log = log or (lambda _message: None)
     started = time.perf_counter()
+    if resume and restart:
+        raise SnapPruneError("resume continues a stopped run and restart discards it; choose "
+                             "one")
     job, notes = resolve_job(job)
-    streamed = bench is None and wants_stream(job, resume, out)
-    if out is not None:
-        out = (Path(out).expanduser().resolve() if streamed and resume
-               else check_output_dir(out, overwrite))
-    if json_path is not None and not Path(json_path).expanduser().resolve().parent.is_dir():
+    if json_path is not None:
+        check_json_path(json_path)
+    if out is None:
+        return _execute(job, None, bench=bench, overwrite=overwrite, json_path=json_path,
+                        resume=resume, restart=restart, progress=progress, verbose=verbose,
+                        log=log, argv=argv, announce=announce, notes=notes, started=started)
+    out = check_output_dir(out, overwrite)
+    check_apart(job.model, out)
+    with output_lock(out):
+        for stale in stale_partials(out):
+            log(f"note: removing {stale.name}, the temporary output of an earlier run that was "
+                "killed while saving")
+            shutil.rmtree(stale, ignore_errors=True)
+        return _execute(job, out, bench=bench, overwrite=overwrite, json_path=json_path,
+                        resume=resume, restart=restart, progress=progress, verbose=verbose,
+                        log=log, argv=argv, announce=announce, notes=notes, started=started)
+
+
+def check_json_path(json_path: str | Path) -> None:
+    """``--json PATH`` refused up front when it cannot be written (not after all the work)."""
+    path = Path(json_path).expanduser().resolve()
+    if path.is_dir():
+        raise SnapPruneError(f"--json {json_path} is a directory; give a file path, e.g. "
+                             f"{Path(json_path) / 'report.json'}")
+    if not path.parent.is_dir():
         raise SnapPruneError(f"the directory of {json_path} does not exist; create it first")
+
+
+def check_apart(model: str, out: Path) -> None:
+    """``--out`` never equal to, inside, or holding a local ``--model``: replacing the output
+    must never touch the input."""
+    source = Path(model).expanduser()
+    if not source.exists():
+        return
+    source = source.resolve()
+    inside = source.is_dir() and source in out.parents
+    if out == source or inside or out in source.parents:
+        raise SnapPruneError(f"--out {out} and the model {source} overlap (the same, one inside "
+                             "the other); write the output to a directory of its own")
+
+
+def _execute(job: Job, out: Path | None, *, bench, overwrite, json_path, resume, restart,
+             progress, verbose, log, argv, announce, notes, started) -> Outcome:
+    """``execute`` after its checks (and, with an output, under its lock)."""
+    streamed = bench is None and wants_stream(job, resume, out)
     if streamed:
         from .streamed import execute_streamed
 

@@ -46,6 +46,8 @@ _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "
 _GGUF_MAGIC = b"GGUF"
 _GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 """GGUF metadata value types of fixed width (bytes); 8 is a string, 9 an array."""
+_GGUF_SIZES = (".block_count", ".embedding_length", ".feed_forward_length", ".vocab_size",
+               ".attention.head_count", ".attention.head_count_kv", ".expert_count")
 
 
 @dataclass(frozen=True)
@@ -412,6 +414,28 @@ def _compare(model, tensors: dict[str, TensorHeader], directory: Path) -> None:
                       stacklevel=2)
 
 
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_SIZE_KEYS = ("hidden_size", "n_embd", "intermediate_size", "ffn_dim", "n_inner", "vocab_size",
+              "num_attention_heads", "n_head", "num_key_value_heads", "head_dim",
+              "num_local_experts", "num_experts", "moe_intermediate_size")
+
+
+def _check_sizes(config, layouts: list[dict[str, TensorHeader]], where: Path) -> None:
+    """Refuse a config that describes far more than the checkpoint holds before the model is
+    built: a corrupted ``num_hidden_layers`` of 10**9 would otherwise build for hours. A
+    model has no more layers than tensors and no dimension larger than its value count."""
+    tensors = min(len(layout) for layout in layouts)
+    values = min(sum(math.prod(h.shape) for h in layout.values()) for layout in layouts)
+    for keys, limit, what in ((_LAYER_KEYS, tensors, "tensors"), (_SIZE_KEYS, values, "values")):
+        for key in keys:
+            value = getattr(config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+                raise SnapPruneError(
+                    f"{where / 'config.json'} says {key} = {value:,}, more than the {limit:,} "
+                    f"{what} its weights hold; use the config.json saved with these weights, "
+                    f"or {RESAVE}")
+
+
 def _stamp(directory: Path) -> tuple:
     """What the check depends on: every file's name, size and modification time."""
     try:
@@ -422,27 +446,31 @@ def _stamp(directory: Path) -> tuple:
                              "permissions") from None
 
 
-@functools.lru_cache(maxsize=8)
-def _checked(directory: str, stamp: tuple):
-    """The config of a checked directory; cached, so that each path of a run checks it once."""
+def _check_against(config, path: Path) -> None:
+    layouts = checkpoint_layouts(path)
+    _check_sizes(config, layouts, path)
+    if getattr(config, "quantization_config", None) is not None:
+        return  # a quantised checkpoint: its quantiser maps its tensors, not the config
     from transformers.utils import logging as hf_logging
 
-    path = Path(directory)
-    config = read_config(path)
-    layouts = checkpoint_layouts(path)
-    if getattr(config, "quantization_config", None) is not None:
-        return config  # a quantised checkpoint: its quantiser maps its tensors, not the config
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         model = empty_model(config)
-    except Exception as exc:
+    except Exception as exc:  # a value of the right type that builds nothing (heads = 0, ...)
         raise SnapPruneError(f"{path / 'config.json'} describes no causal LM transformers can "
                              f"build ({_one_line(exc)}); fix config.json, or {RESAVE}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     for tensors in layouts:
         _compare(model, tensors, path)
+
+
+@functools.lru_cache(maxsize=8)
+def _checked(directory: str, stamp: tuple):
+    """The config of a checked directory; cached, so that each path of a run checks it once."""
+    config = read_config(directory)
+    _check_against(config, Path(directory))
     return config
 
 
@@ -451,17 +479,14 @@ def check_checkpoint(directory: str | Path, config=None):
 
     Reads ``config.json`` (or takes ``config``), the safetensors headers or index (or a
     PyTorch checkpoint mapped onto the meta device) and builds the model on the meta device;
-    refuses in one line a truncated or unreadable file, a bad index, tensors the model needs but
-    the checkpoint lacks (which ``transformers`` would fill with random values), and tensors of
-    another shape. Cheap and cached per directory state: call it from every loading path."""
+    refuses in one line a truncated or unreadable file, a bad index, a config that describes
+    another model, tensors the model needs but the checkpoint lacks (which ``transformers``
+    would fill with random values), and tensors of another shape. Cheap (milliseconds for a
+    small model) and cached per directory state, so every loading path can call it."""
     directory = Path(directory).expanduser().resolve()
     if config is None:
         return copy.deepcopy(_checked(str(directory), _stamp(directory)))
-    layouts = checkpoint_layouts(directory)
-    if getattr(config, "quantization_config", None) is None:
-        model = empty_model(config)
-        for tensors in layouts:
-            _compare(model, tensors, directory)
+    _check_against(config, directory)
     return config
 
 
@@ -541,6 +566,7 @@ def _walk_gguf(blob, size: int, block_sizes, bad: str, fix: str) -> int:
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment < 1:
         raise SnapPruneError(f"{bad}: general.alignment is {alignment!r}; {fix}")
+    sizes = {k: v for k, v in metadata.items() if isinstance(v, int) and k.endswith(_GGUF_SIZES)}
     tensors = []
     for _ in range(tensor_count):
         name, pos = string(pos)
@@ -553,6 +579,13 @@ def _walk_gguf(blob, size: int, block_sizes, bad: str, fix: str) -> int:
         if kind not in block_sizes:
             raise SnapPruneError(f"{bad}: tensor {name} has ggml type {kind}; {fix}")
         tensors.append((name, math.prod(shape), kind, offset))
+    values = sum(count for _, count, _, _ in tensors)
+    for key, value in sizes.items():  # a corrupted count would build a model for hours
+        limit = len(tensors) if key.endswith(".block_count") else values
+        if value > limit:
+            raise SnapPruneError(f"{bad}: {key} is {value:,}, more than its {limit:,} "
+                                 f"{'tensors' if key.endswith('.block_count') else 'values'}; "
+                                 f"{fix}")
     start = (pos + alignment - 1) // alignment * alignment
     for name, count, kind, offset in tensors:
         block, block_bytes = block_sizes[kind]

@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import SnapPruneError
 from ..memory import available_bytes, peak_bytes, peak_resident_bytes, release_freed_memory
 from ..memory import resident_bytes as resident_now
-from ..outputs import json_text, move_into_place, write_atomic
+from ..outputs import json_text, mark_output, move_into_place, write_atomic
 from . import collectives
 from .adapters import adapter_for
 from .blockloop import record_ranks, run_blocks
@@ -294,6 +294,7 @@ def stream_prune(
             if tmp.exists():  # snapprune's own hidden directory: nothing resumable in it now
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
+            mark_output(tmp)
             _write_shard(tmp / _shard_name(0, plan.shards), others)
         group.barrier()  # the directory exists before any rank writes to it
     del others
