@@ -106,3 +106,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def sharded_dir(tmp_path_factory, tiny_dir):
+    """The tiny LLaMA saved in several safetensors shards (what streaming reads)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("source") / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(out, max_shard_size="200KB")
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
+    return out

@@ -53,14 +53,6 @@ def test_overwrite_never_removes_a_directory_snapprune_did_not_write(tiny_dir, t
 
 # -- 2, 3, 6. streamed runs: progress kept, fingerprint whole, state inert, allow-list -----
 
-@pytest.fixture(scope="module")
-def sharded_dir(tmp_path_factory, tiny_dir):
-    out = tmp_path_factory.mktemp("source") / "sharded"
-    AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(out, max_shard_size="200KB")
-    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
-    return out
-
-
 def _args(model: Path, out: Path, *extra: str, calib: Path = C4_FILE) -> list[str]:
     return ["prune", "--model", str(model), "--method", "wanda", "--sparsity", "0.5",
             "--calib", str(calib), "--nsamples", "2", "--seqlen", "32", "--out", str(out),

@@ -36,6 +36,9 @@ class Flag:
     """Applied to the parsed value when the job is built (e.g. a comma list to a tuple)."""
     group: str = ""
     """The help section it appears in (the command's first group when empty)."""
+    path: bool = False
+    """Its value may name a local file or directory: stored absolute in the job (a recipe
+    replayed from another directory still finds it)."""
 
     def choice_list(self) -> tuple[str, ...] | None:
         return self.choices() if callable(self.choices) else self.choices

@@ -165,19 +165,33 @@ def _save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer, sc
         "tokens_seen": run.tokens_seen, "seconds": run.total_seconds})
 
 
-def _load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, run: RecoverRun,
-                     fingerprint: dict) -> int:
-    from safetensors.torch import load_file
+def run_fingerprint(fingerprint: dict | None, settings: RecoverSettings) -> dict:
+    """Everything that decides a recovery's result: the caller's (the job, the training
+    text's token ids), the settings and the process count."""
+    return {**(fingerprint or {}), "settings": asdict(settings),
+            "world": collectives.current().world}
 
+
+def resumable(directory: Path, fingerprint: dict) -> tuple[Path, dict]:
+    """The newest checkpoint in ``directory`` and its state, when it is whole and of the same
+    run; else a one-line refusal."""
     found = latest_checkpoint(directory)
     if found is None:
         raise SnapPruneError(f"nothing to resume: {directory} holds no recovery checkpoint; "
                              "run without resume")
     where, state = found
-    if state["fingerprint"] != json.loads(json_text(fingerprint)):
+    if state.get("fingerprint") != json.loads(json_text(fingerprint)):
         raise SnapPruneError(f"{directory} holds a recovery of another model, other settings "
                              "or other training text; run the same command as before, or "
                              "restart")
+    return where, state
+
+
+def _load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, run: RecoverRun,
+                     fingerprint: dict) -> int:
+    from safetensors.torch import load_file
+
+    where, state = resumable(directory, fingerprint)
     weights = load_file(where / CHECKPOINT_MODEL)
     with torch.no_grad():
         for name, param in _trainable(model):
@@ -259,7 +273,7 @@ def recover(
                                   weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, steps))
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    fingerprint = {**(fingerprint or {}), "settings": asdict(settings), "world": group.world}
+    fingerprint = run_fingerprint(fingerprint, settings)
     begin = 0
     if resume:
         if directory is None:

@@ -160,8 +160,8 @@ def execute(
         return _execute(job, None, bench=bench, overwrite=overwrite, json_path=json_path,
                         resume=resume, restart=restart, progress=progress, verbose=verbose,
                         log=log, argv=argv, announce=announce, notes=notes, started=started)
+    check_apart(job.model, Path(out).expanduser().resolve())
     out = check_output_dir(out, overwrite)
-    check_apart(job.model, out)
     with output_lock(out):
         for stale in stale_partials(out):
             log(f"note: removing {stale.name}, the temporary output of an earlier run that was "
@@ -233,6 +233,11 @@ def _execute(job: Job, out: Path | None, *, bench, overwrite, json_path, resume,
             bench = Workbench(model, tokenizer, device=device,
                               progress=progress and main, log=log if main else None)
         _check_model(job, bench)
+        context = StepContext(job, bench, None if out is None else Path(out), resume=resume,
+                              restart=restart, log=log, verbose=verbose,
+                              progress=progress and main)
+        for settings in job.steps:
+            step_for(settings).begin(settings, context)
         if job.steps and main and announce:
             from .estimate import estimate_job
 
@@ -243,11 +248,6 @@ def _execute(job: Job, out: Path | None, *, bench, overwrite, json_path, resume,
             outcome.dense = bench.evaluate(job.evaluation, label=before_label(job))
             seconds["dense_evaluation_seconds"] = time.perf_counter() - t
         before = bench.samples() if main and job.steps and job.output.samples else None
-        context = StepContext(job, bench, None if out is None else Path(out), resume=resume,
-                              restart=restart, log=log, verbose=verbose,
-                              progress=progress and main)
-        for settings in job.steps:
-            step_for(settings).begin(settings, context)
         for step, settings, fused in stages(job):
             outcome.add(step, settings, step.apply(settings, context, fused), fused)
         if group.active:  # nothing below calls a collective: the others may go

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prefix = "snapprune"
+    job = None
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("default", module=r"snapprune\.")
@@ -57,8 +58,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, permission, a name too long: one line, what to do
+        print(f"{prefix}: error: {os_error_line(exc, job, getattr(args, 'out', None))}",
+              file=sys.stderr)
+        return 2
     finally:
         _leave_ranks()
+
+
+def os_error_line(exc: OSError, job, out) -> str:
+    """An operating-system error as one line: what failed, where, and what to do."""
+    import errno
+    from pathlib import Path
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    what = exc.strerror or str(exc)
+    fix = {errno.ENOSPC: "free some space or choose another --out",
+           errno.EDQUOT: "free some space or choose another --out",
+           errno.EACCES: "check the permissions or choose another path",
+           errno.EPERM: "check the permissions or choose another path",
+           errno.EROFS: "choose a path on a writable file system",
+           errno.ENAMETOOLONG: "choose a shorter name"}.get(exc.errno, "check the path")
+    kept = []
+    if job is not None and out:
+        from ..steps import kept_progress
+
+        kept = kept_progress(job, Path(out).expanduser().resolve())
+    again = (f"; progress is kept in {kept[0]}: run the same command with --resume" if kept
+             else "; nothing was saved: run the same command again")
+    return f"{what}{where}: {fix}{again}"
 
 
 def _join_ranks(device: str) -> str:

@@ -12,7 +12,7 @@ from ..errors import SnapPruneError
 from ..jobs import Job
 from ..recipes import read_recipe
 from ..steps import step_named
-from .parser import SECTIONS, ZEROSHOT
+from .parser import PATH_DESTS, SECTIONS, ZEROSHOT
 
 CONVERT = {flag.field: flag.convert for flag in ZEROSHOT if flag.convert is not None}
 
@@ -20,6 +20,9 @@ CONVERT = {flag.field: flag.convert for flag in ZEROSHOT if flag.convert is not 
 def _value(dest: str, value):
     if dest in CONVERT:
         return CONVERT[dest](value)
+    if dest in PATH_DESTS:
+        value = [stored_path(v) for v in value] if isinstance(value, list) \
+            else stored_path(value)
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -30,9 +33,9 @@ def given_changes(given: dict, prefix: str) -> dict:
             if dest.startswith(head)}
 
 
-def stored_model(spec: str) -> str:
-    """A local model as an absolute path (a recipe replayed from elsewhere, a teacher named
-    in a report, must find it); a Hub id or an alias as given."""
+def stored_path(spec: str) -> str:
+    """A local model or file as an absolute path (a recipe replayed from elsewhere, a teacher
+    named in a report, must find it); a Hub id, a source name or an alias as given."""
     path = Path(spec).expanduser()
     return str(path.resolve()) if path.exists() else spec
 
@@ -58,7 +61,7 @@ def job_from_args(args: argparse.Namespace, kind: str | None) -> Job:
         job = Job(model=given["model"], steps=(step.settings_type(),) if step else ())
     top = {k: given[k] for k in ("model", "revision", "dtype") if k in given}
     if "model" in top:
-        top["model"] = stored_model(top["model"])
+        top["model"] = stored_path(top["model"])
     job = dataclasses.replace(job, **top)
     steps = list(job.steps)
     if step is not None:

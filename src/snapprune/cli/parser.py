@@ -88,7 +88,7 @@ def _zeroshot_tasks(text: str) -> tuple[str, ...]:
 
 CALIBRATION = (
     Flag("calibration.source", ("--calib",), f"{', '.join((AUTO, *CALIBRATION_SOURCES))} or a "
-         "local file", metavar="SRC"),
+         "local file", metavar="SRC", path=True),
     Flag("calibration.nsamples", ("--nsamples",), "calibration windows (default: the source's "
          "own: 32 for c4-sample, 128 otherwise)", type=positive_int, metavar="K",
          show_default=False),
@@ -126,7 +126,7 @@ ZEROSHOT = (
 )
 PPL = Flag("evaluation.ppl", ("--eval",), f"perplexity source: {', '.join(EVALUATION_SOURCES)} "
            f"or a file; repeatable (default: {DEFAULT_EVALUATION})", action="append",
-           metavar="SRC", convert=tuple, show_default=False)
+           metavar="SRC", convert=tuple, show_default=False, path=True)
 STREAM = (
     Flag("execution.stream", ("--stream",), "read, change and write one block at a time from "
          "the model's safetensors (default: when the model would not fit in memory)",
@@ -151,6 +151,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+PATH_DESTS: set[str] = set()
+"""Destinations whose values may name local paths (stored absolute), as the flags declare."""
+
+
 def add_flag(group, flag: Flag, dest: str, owner: type | None) -> None:
     """One declared flag: its destination, type, choices, and the owner's default in its
     help."""
@@ -158,6 +162,8 @@ def add_flag(group, flag: Flag, dest: str, owner: type | None) -> None:
     if flag.show_default and owner is not None:
         text += default_text(owner, dest.split(".", 1)[1] if "." in dest else dest)
     options = dict(dest=dest, default=SUPPRESS, help=text)
+    if flag.path:
+        PATH_DESTS.add(dest)
     if flag.action:
         options["action"] = flag.action
     if flag.type is not None:

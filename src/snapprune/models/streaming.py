@@ -260,7 +260,13 @@ def stream_prune(
         if not state_path.is_file():
             raise SnapPruneError(f"nothing to resume: {tmp} holds no checkpoint; run without "
                                  "resume")
-        state = json.loads(state_path.read_text())
+        try:
+            state = json.loads(state_path.read_text())
+            if not isinstance(state, dict) or not isinstance(state.get("next_block"), int):
+                raise ValueError("no next block")
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise SnapPruneError(f"the checkpoint in {tmp} is damaged ({STATE_NAME} cannot be "
+                                 "read); --restart to discard it and start over") from None
         differ = _differences(state.get("fingerprint", {}), fingerprint)
         if differ:
             raise SnapPruneError(

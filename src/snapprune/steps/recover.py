@@ -28,6 +28,8 @@ from ..recovery import (
     discard_checkpoint,
     loss_of,
     recover,
+    resumable,
+    run_fingerprint,
     saved_step,
 )
 from .base import EstimatePart, Probe, Step, StepContext, removes_weights
@@ -118,10 +120,10 @@ class RecoverStep(Step):
         restart_help="discard a stopped recovery's checkpoint and start over")
     flags = (
         _flag("teacher", ("--teacher",), "the dense model (default: the one the student's "
-              "report names)", metavar="DENSE", show_default=False),
+              "report names)", metavar="DENSE", show_default=False, path=True),
         _flag("tokens", ("--tokens",), "training tokens", type=positive_int, metavar="N"),
         _flag("data", ("--data",), "training text: a calibration source (c4-sample, c4, "
-              "wikitext2, self, a local file)", metavar="SRC"),
+              "wikitext2, self, a local file)", metavar="SRC", path=True),
         _flag("seqlen", ("--seqlen",), "tokens per training window", type=positive_int,
               metavar="L"),
         _flag("batch_size", ("--batch-size",), "windows per micro-batch, over all processes",
@@ -168,47 +170,22 @@ class RecoverStep(Step):
                                                                   probe.device))
 
     def begin(self, settings: RecoverSettings, context: StepContext) -> None:
-        """Refuse a stopped recovery the run would silently overwrite, and keep the model
-        before the job's weight step as the teacher."""
+        """Before any work: keep the model before the job's weight step as the teacher, make
+        the training windows (refused when they share text with the evaluation), and refuse a
+        stopped recovery this run would overwrite, or one it cannot continue."""
         state: dict = {"teacher": None, "directory": None}
         context.state[self.name] = state
-        if settings.loss == "kd" and settings.teacher is None and removes_weights(context.job):
-            state["teacher"] = copy.deepcopy(context.bench.model)
-        if context.out is None:
-            return
-        directory = checkpoint_dir_for(context.out)
-        state["directory"] = directory
-        stopped = saved_step(directory)
-        if context.resume and stopped is None:
-            raise SnapPruneError(f"nothing to resume: {directory} holds no recovery "
-                                 "checkpoint; run without --resume")
-        if stopped is not None and not context.resume:
-            if not context.restart:
-                raise SnapPruneError(
-                    f"{directory} holds a recovery stopped at step {stopped}: --resume to "
-                    "continue it, or --restart to discard it and start over")
-            discard_checkpoint(directory)
-
-    def _teacher(self, settings: RecoverSettings, context: StepContext):
-        if settings.loss != "kd":
-            return None, ""
-        kept = context.state[self.name]["teacher"]
-        if kept is not None:
-            return kept, context.job.model
-        spec = settings.teacher or teacher_source(context.job.model)
-        model, _, _ = load_model(spec, dtype=context.job.dtype, progress=False)
-        return model, spec
-
-    def apply(self, settings: RecoverSettings, context: StepContext, fused=None):
-        """Train the workbench's model as ``settings`` say; refusals come before training."""
         bench, job = context.bench, context.job
-        teacher, name = self._teacher(settings, context)
+        if settings.loss == "kd" and settings.teacher is None and removes_weights(job):
+            state["teacher"] = copy.deepcopy(bench.model)
+        state["teacher"], state["teacher_name"] = self._teacher(settings, context, state)
         source, note = resolve_calibration_source(settings.data)
         if note:
             context.log(note.replace("calibration:", "recovery data:"))
         windows = settings.steps * settings.accumulate * settings.batch_size
         data = calibration_windows(source, bench.tokenizer, nsamples=windows,
-                                   seqlen=settings.seqlen, seed=settings.seed, model=teacher)
+                                   seqlen=settings.seqlen, seed=settings.seed,
+                                   model=state["teacher"])
         evaluation = job.evaluation
         seqlen = capped_seqlen(bench.model, evaluation.seqlen)
         evaluated = [bench.eval_ids(s)[: (evaluation.max_windows or 10**9) * seqlen]
@@ -218,18 +195,49 @@ class RecoverStep(Step):
             raise SnapPruneError(
                 f"{shared} of the {windows} training windows from {source} share text with the "
                 "evaluation windows: train on text the evaluation never sees")
-        heldout = bench.eval_ids(evaluation.sources()[0]) if evaluation.sources() else None
-        # The training text's token ids are part of what decides the result: a resume on
-        # changed text (same path, new contents) is refused.
-        fingerprint = {**replace(job, steps=(settings,)).to_dict(),
-                       "training_ids": ids_digest(data)}
+        # The training text's token ids decide the result too: a resume on changed text (the
+        # same path, new contents) is refused.
+        state.update(source=source, data=data, seqlen=seqlen, fingerprint={
+            **replace(job, steps=(settings,)).to_dict(), "training_ids": ids_digest(data)})
+        if context.out is None:
+            return
+        directory = checkpoint_dir_for(context.out)
+        state["directory"] = directory
+        stopped = saved_step(directory)
+        if context.resume:
+            if stopped is None:
+                raise SnapPruneError(f"nothing to resume: {directory} holds no recovery "
+                                     "checkpoint; run without --resume")
+            resumable(directory, run_fingerprint(state["fingerprint"], settings))
+        elif stopped is not None:
+            if not context.restart:
+                raise SnapPruneError(
+                    f"{directory} holds a recovery stopped at step {stopped}: --resume to "
+                    "continue it, or --restart to discard it and start over")
+            discard_checkpoint(directory)
+
+    def _teacher(self, settings: RecoverSettings, context: StepContext, state: dict):
+        if settings.loss != "kd":
+            return None, ""
+        if state["teacher"] is not None:
+            return state["teacher"], context.job.model
+        spec = settings.teacher or teacher_source(context.job.model)
+        model, _, _ = load_model(spec, dtype=context.job.dtype, progress=False)
+        return model, spec
+
+    def apply(self, settings: RecoverSettings, context: StepContext, fused=None):
+        """Train the workbench's model as ``settings`` say, on the windows ``begin`` made."""
+        bench, state = context.bench, context.state[self.name]
+        teacher = state["teacher"]
+        sources = context.job.evaluation.sources()
+        heldout = bench.eval_ids(sources[0]) if sources else None
         with placed(bench.model, bench.device):
-            run = recover(bench.model, teacher, data, settings, device=bench.device,
-                          heldout=heldout, heldout_seqlen=seqlen,
-                          checkpoint_dir=context.state[self.name]["directory"],
-                          resume=context.resume, fingerprint=fingerprint,
-                          progress=context.progress, log=context.log, teacher_name=name)
-        run.data_source = source
+            run = recover(bench.model, teacher, state["data"], settings, device=bench.device,
+                          heldout=heldout, heldout_seqlen=state["seqlen"],
+                          checkpoint_dir=state["directory"], resume=context.resume,
+                          fingerprint=state["fingerprint"], progress=context.progress,
+                          log=context.log, teacher_name=state["teacher_name"])
+        run.data_source = state["source"]
         if teacher is not None:
             teacher.to("cpu")
         return run
