@@ -255,7 +255,7 @@ def test_the_exact_window_count_of_the_bundled_sample(tokenizer):
 
     lengths = [len(ids) for ids in tokenizer(read_documents(C4_FILE)).input_ids]
     distinct = sum(n - 256 for n in lengths if n > 256)
-    with pytest.raises(SnapPruneError, match=f"hold {distinct:,} distinct windows"):
+    with _within(60), pytest.raises(SnapPruneError, match=f"hold {distinct:,} distinct windows"):
         calibration_windows("c4-sample", tokenizer, nsamples=distinct + 1, seqlen=256)
     assert calibration_windows("c4-sample", tokenizer, nsamples=3, seqlen=256).shape == (3, 256)
 
