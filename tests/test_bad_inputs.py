@@ -236,17 +236,31 @@ def _within(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.mark.parametrize("calib", ["c4-sample", str(C4_FILE), "README"])
+@pytest.mark.parametrize("calib", ["c4-sample", str(C4_FILE)])
 def test_more_windows_than_the_source_holds_are_refused_at_once(tiny_dir, tmp_path, capsys,
                                                                 calib):
-    if calib == "README":
-        calib = str(Path(__file__).parents[1] / "README.md")  # plain text: one token stream
     out = tmp_path / "out"
     with _within(60):
         code, err = _run(capsys, "prune", "--model", tiny_dir, "--method", "wanda",
                          "--sparsity", 0.5, "--calib", calib, "--nsamples", 100_000_000,
                          "--out", out, *QUIET)
     _assert_refused(code, err, "too little text", "100,000,000", "lower nsamples", out=out)
+
+
+@pytest.mark.parametrize("source", ["text", "c4-sample"])
+def test_an_impossible_window_count_is_refused_before_tokenizing(tmp_path, source):
+    """A plain text file was tokenized whole (10 s for a large one) before the refusal."""
+    from snapprune import SnapPruneError
+    from snapprune.data import calibration_windows
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("tokenized before refusing")
+
+    if source == "text":
+        source = str(tmp_path / "notes.txt")
+        Path(source).write_text("a few words of text. " * 5000)
+    with pytest.raises(SnapPruneError, match="too little text"):
+        calibration_windows(source, never, nsamples=100_000_000, seqlen=256)
 
 
 def test_the_exact_window_count_of_the_bundled_sample(tokenizer):
