@@ -87,19 +87,35 @@ def test_a_missing_tensor_is_refused_not_randomly_initialised(tiny_dir, tmp_path
     _assert_refused(code, err, "model.layers.0.mlp.down_proj.weight", "random", out=out)
 
 
+def test_a_missing_tensor_under_stream_is_refused_and_blocks_nothing(tiny_dir, tmp_path,
+                                                                      capsys):
+    """Streaming reads the shards itself: the same check, before any partial folder exists,
+    so the next run into the same --out (with the fixed model) goes through."""
+    model = _copy(tiny_dir, tmp_path)
+    _rewrite(model, lambda state: state.pop("model.layers.1.self_attn.q_proj.weight"))
+    out = tmp_path / "out"
+    stream = ("--method", "wanda", "--calib", C4_FILE, "--nsamples", 2, "--seqlen", 16,
+              "--stream")
+    code, err = _prune(capsys, model, out, *stream)
+    _assert_refused(code, err, "model.layers.1.self_attn.q_proj.weight", out=out)
+    code, err = _prune(capsys, tiny_dir, out, *stream)
+    assert code == 0, err
+    assert (out / "snapprune_report.json").is_file() and list(out.glob("*.safetensors"))
+
+
 def test_check_checkpoint_refuses_a_missing_expert_and_passes_fused_checkpoints(tmp_path):
     """Checkpoint keys are renamed as transformers renames them (experts fused on load)."""
     from tiny_models import tiny_moe_model
 
     from snapprune import SnapPruneError
-    from snapprune.models.loading import check_checkpoint
+    from snapprune.models.checkpoint_files import check_checkpoint
 
     model = tiny_moe_model("mixtral")
     model.save_pretrained(tmp_path / "moe")
     assert check_checkpoint(tmp_path / "moe").model_type == "mixtral"
     _rewrite(tmp_path / "moe",
              lambda state: state.pop("model.layers.0.block_sparse_moe.experts.2.w1.weight"))
-    with pytest.raises(SnapPruneError, match="experts.gate_up_proj"):
+    with pytest.raises(SnapPruneError, match=r"experts\.gate_up_proj"):
         check_checkpoint(tmp_path / "moe")
 
 

@@ -23,9 +23,9 @@ from snapprune.cli import main
 from snapprune.models.loading import load_model
 
 SEED = 20_251_203
-CHECKPOINT_CASES = 110
-GGUF_CASES = 60
-RECIPE_CASES = 80
+CHECKPOINT_CASES = 300
+GGUF_CASES = 150
+RECIPE_CASES = 300
 BUDGET_SECONDS = 60
 """All three fuzz tests together, on two CPU cores (each asserts its share)."""
 ODD_VALUES = ("abc", [1, 2], {"a": 1}, None, -1, 0, 10**12, 0.5, True, "")
@@ -293,7 +293,7 @@ def test_fuzzed_checkpoints_load_or_refuse_in_one_line(micro, tmp_path):
     failures = _fuzz(CHECKPOINT_CASES, micro, tmp_path, _checkpoint_corruption, _load, SEED)
     seconds = time.perf_counter() - started
     assert not failures, "\n".join(failures)
-    assert seconds < BUDGET_SECONDS * 0.6, f"{CHECKPOINT_CASES} cases took {seconds:.1f} s"
+    assert seconds < BUDGET_SECONDS * 0.4, f"{CHECKPOINT_CASES} cases took {seconds:.1f} s"
 
 
 def test_fuzzed_gguf_files_load_or_refuse_in_one_line(micro_gguf, tmp_path):
@@ -301,7 +301,7 @@ def test_fuzzed_gguf_files_load_or_refuse_in_one_line(micro_gguf, tmp_path):
     failures = _fuzz(GGUF_CASES, micro_gguf, tmp_path, _gguf_corruption, _load, SEED + 1)
     seconds = time.perf_counter() - started
     assert not failures, "\n".join(failures)
-    assert seconds < BUDGET_SECONDS * 0.3, f"{GGUF_CASES} cases took {seconds:.1f} s"
+    assert seconds < BUDGET_SECONDS * 0.4, f"{GGUF_CASES} cases took {seconds:.1f} s"
 
 
 @pytest.fixture
@@ -326,7 +326,7 @@ def test_fuzzed_recipes_read_or_refuse_in_one_line(recipe_file, tmp_path):
             failures.append(f"case {case} ({what}): {problem}")
     seconds = time.perf_counter() - started
     assert not failures, "\n".join(failures)
-    assert seconds < BUDGET_SECONDS * 0.1, f"{RECIPE_CASES} cases took {seconds:.1f} s"
+    assert seconds < BUDGET_SECONDS * 0.2, f"{RECIPE_CASES} cases took {seconds:.1f} s"
 
 
 @pytest.mark.parametrize("text,exception", KNOWN_RECIPE_FAILURES)

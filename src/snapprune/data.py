@@ -27,7 +27,6 @@ from .hub import require_hub, unreachable_reason
 C4_REPO = "allenai/c4"
 C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
 C4_VALIDATION_FILE = "en/c4-validation.00000-of-00008.json.gz"
-TEXT_SUFFIXES = (".txt", ".raw")
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 SAMPLES = "snapprune.samples"
 

@@ -45,6 +45,7 @@ def execute_streamed(job, out: Path | None, *, notes, json_path, resume, restart
 
     from .data import calibration_windows
     from .jobs import recipe_text
+    from .models.checkpoint_files import check_checkpoint
     from .models.distributed import rank_device
     from .models.loading import resolve_model
     from .models.streaming import discard_partial, partial_dir
@@ -68,6 +69,7 @@ def execute_streamed(job, out: Path | None, *, notes, json_path, resume, restart
         require_hub(f"model {job.model!r}", "pass a local directory")
         path = snapshot_download(job.model, revision=job.revision,
                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        check_checkpoint(path)  # a local directory was checked by resolve_model
     group = collectives.current()
     for note in notes:
         if group.is_main:

@@ -27,8 +27,9 @@ from ..memory import peak_bytes
 from .adapters import Adapter, adapter_for, head_geometry
 from .blockloop import run_blocks
 from .capture import BATCH_SIZE
+from .checkpoint_files import empty_model
 from .layout import is_conv1d, linear_weight, set_linear_weight
-from .loading import empty_model, with_weights
+from .loading import with_weights
 from .quantize import (
     QuantizeRun,
     check_quantizable,

@@ -39,7 +39,7 @@ from . import collectives
 from .adapters import adapter_for
 from .blockloop import record_ranks, run_blocks
 from .capture import BATCH_SIZE, BlockInputs, capture_block_inputs
-from .loading import empty_model
+from .checkpoint_files import empty_model
 from .prune import PruneRun, layer_cost, needs_hessian, prune_layer, start_prune_run
 from .records import LayerRecord
 from .settings import PruneSettings
