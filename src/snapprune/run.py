@@ -13,6 +13,7 @@ or, when it does not fit there, dispatch it across device and CPU (``placed``).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Callable
@@ -162,8 +163,11 @@ def execute(
                         log=log, argv=argv, announce=announce, notes=notes, started=started)
     check_apart(job.model, Path(out).expanduser().resolve())
     out = check_output_dir(out, overwrite)
-    with output_lock(out):
-        for stale in stale_partials(out):
+
+    # Under torchrun the ranks are one run: the main rank holds the lock for all of them.
+    main_rank = collectives.current().is_main
+    with output_lock(out) if main_rank else contextlib.nullcontext():
+        for stale in stale_partials(out) if main_rank else ():
             log(f"note: removing {stale.name}, the temporary output of an earlier run that was "
                 "killed while saving")
             shutil.rmtree(stale, ignore_errors=True)
