@@ -29,10 +29,11 @@ SOURCE = ROOT / "src" / "snapprune"
 ENGINE_TESTS = ("tests/test_engine_exact.py", "tests/test_engine_edges.py",
                 "tests/test_engine_properties.py", "tests/test_mask_references.py",
                 "tests/test_determinism.py")
-QUANT_TESTS = ("tests/test_quantize_exact.py",)
+QUANT_TESTS = ("tests/test_quantize_exact.py", "tests/test_blocks.py")
 RULE_TESTS = ("tests/test_nothing_lost.py",)
 RULE2_TESTS = ("tests/test_nothing_lost_2.py",)
-FORMAT_TESTS = ("tests/test_export.py",)
+FORMAT_TESTS = ("tests/test_export.py", "tests/test_gguf_types.py")
+BLOCK_TESTS = ("tests/test_blocks.py",)
 RECOVERY_TESTS = ("tests/test_recovery.py",)
 
 
@@ -244,18 +245,65 @@ MUTANTS = (
            QUANT_TESTS),
     Mutant("q4_0-scale-without-sign",
            "q4_0's block scale from the largest magnitude, its sign lost",
-           "engine/schemes.py",
-           (("            signed = w.gather(1, index).squeeze(1)\n",
-             "            signed = w.abs().gather(1, index).squeeze(1)\n"),), QUANT_TESTS),
+           "engine/blocks.py",
+           (("        return Params(signed_max(w) / -8.0)\n",
+             "        return Params(w.abs().max(-1).values / -8.0)\n"),), QUANT_TESTS),
     Mutant("gguf-scale-not-float16",
-           "llama.cpp's q4_0 scale used in float32, not the float16 the file stores",
-           "engine/schemes.py",
-           (("            return GroupParams(_half(signed / -8.0))\n",
-             "            return GroupParams(signed / -8.0)\n"),), QUANT_TESTS),
+           "llama.cpp's block scales used in float32, not the float16 the file stores",
+           "engine/blocks.py",
+           (("        return Params(half(p.scale), None if p.zero is None else half(p.zero))\n",
+             "        return Params(p.scale, None if p.zero is None else half(p.zero))\n"),),
+           QUANT_TESTS),
     Mutant("q8_0-divisor",
            "q8_0's scale divides by 128 instead of 127",
-           "engine/schemes.py",
-           (("w.abs().max(1).values / 127.0", "w.abs().max(1).values / 128.0"),), QUANT_TESTS),
+           "engine/blocks.py",
+           (("w.abs().max(-1).values / 127.0", "w.abs().max(-1).values / 128.0"),), QUANT_TESTS),
+    Mutant("search-without-the-formula",
+           "the scale search starts from its first candidate, not the formula's grid",
+           "engine/blocks.py",
+           (("        best, best_error = base, self.weighted_error(w, base, v)\n",
+             "        best = candidates[0]\n"
+             "        best_error = self.weighted_error(w, best, v)\n"),),
+           BLOCK_TESTS),
+    Mutant("search-unweighted",
+           "the scale search's refit ignores the importance (plain least squares)",
+           "engine/blocks.py",
+           (("        candidates = [self._refit(w, self._start(w, extreme, step), v)\n",
+             "        candidates = [self._refit(w, self._start(w, extreme, step), v * 0 + 1)\n"),),
+           BLOCK_TESTS),
+    Mutant("search-error-unweighted",
+           "candidates compared by their unweighted error",
+           "engine/blocks.py",
+           (("        return (error * error * importance).sum(-1)\n",
+             "        return (error * error).sum(-1)\n"),), BLOCK_TESTS),
+    Mutant("affine-refit-minimum-sign",
+           "q4_1/q5_1's least-squares minimum with the cross term's sign flipped",
+           "engine/blocks.py",
+           (("        minimum = torch.where(ok, (a * sw - b * cw) / safe, start.zero)\n",
+             "        minimum = torch.where(ok, (a * sw + b * cw) / safe, start.zero)\n"),),
+           BLOCK_TESTS),
+    Mutant("iq4_nl-level",
+           "one of iq4_nl's 16 levels off by one",
+           "engine/blocks.py",
+           (("-35, -22, -10, 1, 13, 25,", "-35, -22, -10, 1, 13, 26,"),), QUANT_TESTS),
+    Mutant("q5-high-bits-reversed",
+           "q5_0/q5_1's fifth bits packed from the most significant bit",
+           "engine/blocks.py",
+           (("<< np.arange(BLOCK, dtype=np.uint32)",
+             "<< np.arange(BLOCK - 1, -1, -1, dtype=np.uint32)"),), BLOCK_TESTS),
+    Mutant("gptq-groups-fitted-without-importance",
+           "GPTQ's natural-order groups fitted by the formula, not the weighted search",
+           "engine/gptq.py",
+           (("                    _part(importance, j, j + span.shape[1]))\n",
+             "                    None)\n"),), QUANT_TESTS),
+    Mutant("weighted-rtn-on-the-formula",
+           "weighted-rtn rounds on the formula's scales",
+           "engine/quantizers.py",
+           (("    values, codes, params = round_to_nearest(w, scheme, scale_dtype, mask, "
+             "importance)\n",
+             "    values, codes, params = round_to_nearest(w, scheme, scale_dtype, mask, "
+             "None)\n"),),
+           QUANT_TESTS),
     Mutant("asym-zero-point-not-integer",
            "the asymmetric zero point left unrounded",
            "engine/schemes.py",
@@ -269,11 +317,13 @@ MUTANTS = (
            (("                codes, scales = _permute(codes, rows_heads), _permute(scales, "
              "rows_heads)\n", "                pass\n"),), FORMAT_TESTS),
     Mutant("gguf-nibbles-swapped",
-           "q4_0 bytes pack the second half of a block in the low nibble",
-           "export/gguf.py",
-           (("        payload = (low | (high << 4)).astype(np.uint8)\n",
-             "        payload = (high | (low << 4)).astype(np.uint8)\n"),), FORMAT_TESTS),
-    # Recovery: the structure kept, the resume exact, the data disjoint.
+           "4-bit blocks pack the second half of a block in the low nibble",
+           "engine/blocks.py",
+           (("            parts.append((low[..., :16] | (low[..., 16:] << 4))"
+             ".astype(np.uint8))\n",
+             "            parts.append((low[..., 16:] | (low[..., :16] << 4))"
+             ".astype(np.uint8))\n"),),
+           FORMAT_TESTS),
     Mutant("recovery-gradients-not-masked",
            "recovery lets pruned weights train (gradients not masked)",
            "recovery.py",

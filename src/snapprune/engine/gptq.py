@@ -16,6 +16,9 @@ Groups: a group's grid is fitted from its current weights when its first column 
 given and kept in natural order (``static`` groups: a format stores one scale per natural
 group and no permutation). Pruned weights (``mask``) are held at exactly 0: their code is the
 grid's zero, and moving them back to 0 is an error spread like any other.
+
+``importance`` (one value per natural column: the Hessian diagonal) makes each group's grid
+a scale search weighted by it (``Scheme.fit``), on the weights the grid is fitted from.
 """
 
 from __future__ import annotations
@@ -25,20 +28,26 @@ import torch
 from .schemes import GroupParams, Scheme
 
 
+def _part(importance: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if importance is None else importance[start:stop]
+
+
 def group_params(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,
-                 mask: torch.Tensor | None = None) -> list[GroupParams]:
+                 mask: torch.Tensor | None = None,
+                 importance: torch.Tensor | None = None) -> list[GroupParams]:
     """Every group's grid, fitted on ``weight`` (masked entries counted as 0)."""
     w = weight if mask is None else weight.masked_fill(mask, 0.0)
     width = scheme.group_width(w.shape[1])
-    return [scheme.fit(w[:, start : start + width], scale_dtype)
+    return [scheme.fit(w[:, start : start + width], scale_dtype,
+                       _part(importance, start, start + width))
             for start in range(0, w.shape[1], width)]
 
 
 def round_to_nearest(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,
-                     mask: torch.Tensor | None = None
+                     mask: torch.Tensor | None = None, importance: torch.Tensor | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor, list[GroupParams]]:
     """RTN: every weight to its group's nearest grid point; ``(values, codes, params)``."""
-    params = group_params(weight, scheme, scale_dtype, mask)
+    params = group_params(weight, scheme, scale_dtype, mask, importance)
     width = scheme.group_width(weight.shape[1])
     codes = torch.empty_like(weight)
     values = torch.empty_like(weight)
@@ -61,6 +70,7 @@ def gptq_blockwise(
     mask: torch.Tensor | None = None,
     order: torch.Tensor | None = None,
     blocksize: int = 128,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[GroupParams]]:
     """Quantise ``weight`` (rows × cols, float32, modified in place into its values) column
     by column; ``upper``: upper Cholesky factor of the damped ``H⁻¹`` of the columns in
@@ -71,7 +81,7 @@ def gptq_blockwise(
     width = scheme.group_width(cols)
     static = order is not None
     params: list[GroupParams | None]
-    params = group_params(weight, scheme, scale_dtype, mask) if static else \
+    params = group_params(weight, scheme, scale_dtype, mask, importance) if static else \
         [None] * scheme.groups(cols)
     w = weight[:, order] if static else weight
     keep_zero = None
@@ -92,7 +102,8 @@ def gptq_blockwise(
             if params[g] is None:  # a natural-order group starts here: fit on its weights now
                 span = torch.cat([block[:, i:], w[:, i2:]], 1)[:, :min(width, cols - j)]
                 params[g] = scheme.fit(span if keep_zero is None else span.masked_fill(
-                    keep_zero[:, j : j + span.shape[1]], 0.0), scale_dtype)
+                    keep_zero[:, j : j + span.shape[1]], 0.0), scale_dtype,
+                    _part(importance, j, j + span.shape[1]))
             p = params[g]
             column = block[:, i]
             code = scheme.codes(column[:, None], p).squeeze(1)

@@ -1,7 +1,11 @@
 """The quantiser registry and ``quantize_weight``: one weight matrix in, its quantised version
 out, on the same Hessian as pruning and, after pruning, on the same factor. Each quantiser
 declares itself once (name, summary, whether it needs the Hessian), as pruning methods do; the
-command line, settings checks and the estimate read the declaration."""
+command line, settings checks and the estimate read the declaration.
+
+Scales: ``absmax`` is each grid's data-free formula; ``search`` (llama.cpp's block types, with
+calibration statistics) picks each block's scale to minimise the error weighted by the
+Hessian diagonal, then the quantiser rounds (or runs GPTQ) on the grid so chosen."""
 
 from __future__ import annotations
 
@@ -47,26 +51,49 @@ def _stack(params: list[GroupParams]) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 QuantizeFn = Callable[..., tuple[torch.Tensor, torch.Tensor, list[GroupParams], float | None]]
-"""``(w, stats, scheme, *, scale_dtype, mask, act_order, blocksize, percdamp, upper) ->
-(values, codes, group params, damping used)``; ``w`` is a float32 copy it may change."""
+"""``(w, stats, scheme, *, scale_dtype, mask, act_order, blocksize, percdamp, upper,
+importance) -> (values, codes, group params, damping used)``; ``w`` is a float32 copy it may
+change; ``importance``: per column, what the scale search weights (``None``: formulas)."""
+
+SCALES = ("search", "absmax")
+"""How group scales are chosen: a search weighted by the Hessian diagonal, or the formula."""
 
 
 @dataclass(frozen=True)
 class Quantizer:
-    """What a quantiser is, in one place. ``needs_hessian``: it needs calibration statistics."""
+    """What a quantiser is, in one place. ``needs_hessian``: it needs calibration statistics;
+    ``scales``: how it chooses scales unless told (where the scheme can search)."""
 
     name: str
     summary: str
     needs_hessian: bool
     quantize: QuantizeFn
+    scales: str = "absmax"
 
 
-def _round_to_nearest(w, stats, scheme, *, scale_dtype, mask, **_options):
-    values, codes, params = round_to_nearest(w, scheme, scale_dtype, mask)
+def scales_for(quantizer: Quantizer, scheme: Scheme, scales: str | None) -> str:
+    """The scale choice a quantiser uses on ``scheme``: as asked, else its own default where
+    the scheme can search, else the formula; a search it cannot do is refused."""
+    if scales is None:
+        return quantizer.scales if scheme.searchable else "absmax"
+    if scales not in SCALES:
+        raise SnapPruneError(f"unknown scale choice {scales!r}; choose {', '.join(SCALES)}")
+    if scales == "search" and not quantizer.needs_hessian:
+        raise SnapPruneError(f"{quantizer.name} has no calibration statistics to weight a scale "
+                             "search; use method weighted-rtn or gptq, or scales absmax")
+    if scales == "search" and not scheme.searchable:
+        raise SnapPruneError(f"{scheme.name} takes compressed-tensors' scale formula; the scale "
+                             "search is for llama.cpp's block types (use scales absmax)")
+    return scales
+
+
+def _round_to_nearest(w, stats, scheme, *, scale_dtype, mask, importance, **_options):
+    values, codes, params = round_to_nearest(w, scheme, scale_dtype, mask, importance)
     return values, codes, params, None
 
 
-def _gptq(w, stats, scheme, *, scale_dtype, mask, act_order, blocksize, percdamp, upper):
+def _gptq(w, stats, scheme, *, scale_dtype, mask, act_order, blocksize, percdamp, upper,
+          importance):
     hessian = stats.hessian.to(w.device)
     damped, dead = damped_hessian(hessian, percdamp)
     w[:, dead] = 0.0
@@ -79,7 +106,8 @@ def _gptq(w, stats, scheme, *, scale_dtype, mask, act_order, blocksize, percdamp
     if upper is None:
         upper, used = inverse_cholesky_upper(damped, hessian, percdamp)
     values, codes, params = gptq_blockwise(w, upper.to(w.device), scheme, scale_dtype,
-                                           mask=mask, order=order, blocksize=blocksize)
+                                           mask=mask, order=order, blocksize=blocksize,
+                                           importance=importance)
     return values, codes, params, used
 
 
@@ -105,9 +133,14 @@ def get_quantizer(name: str) -> Quantizer:
                              f"{', '.join(_QUANTIZERS)}") from None
 
 
-register_quantizer(Quantizer("gptq", "GPTQ on each layer's Hessian, errors spread forward",
-                             True, _gptq))
-register_quantizer(Quantizer("rtn", "round-to-nearest, no data", False, _round_to_nearest))
+register_quantizer(Quantizer("gptq", "GPTQ on each layer's Hessian, errors spread forward, on "
+                             "block scales searched by the Hessian diagonal", True, _gptq,
+                             "search"))
+register_quantizer(Quantizer("rtn", "round-to-nearest on the formula's scales, no data", False,
+                             _round_to_nearest))
+register_quantizer(Quantizer("weighted-rtn", "round-to-nearest on block scales searched by the "
+                             "Hessian diagonal (what llama.cpp's --imatrix does)", True,
+                             _round_to_nearest, "search"))
 
 
 def quantize_weight(
@@ -124,6 +157,7 @@ def quantize_weight(
     scale_dtype: torch.dtype = torch.float16,
     keep_columns: torch.Tensor | None = None,
     error: bool = True,
+    scales: str | None = None,
 ) -> QuantResult:
     """Quantise one weight matrix (``rows × cols``, ``y = W x``) on ``scheme``'s grid.
 
@@ -136,13 +170,14 @@ def quantize_weight(
     ``scale_dtype``: how the format stores the minmax scales (llama.cpp's grids are always
     float16). ``keep_columns``: the input columns that remain once removed ones are cut out
     (``shrink``): the others must be 0 and stay 0; groups, codes and the GPTQ factor are those
-    of the cut-out layer (its Hessian restricted to the kept columns). The input is not
+    of the cut-out layer (its Hessian restricted to the kept columns). ``scales``: ``search``
+    or ``absmax`` (``None``: the quantiser's own choice, ``scales_for``). The input is not
     modified.
     """
     if keep_columns is not None:
         return _on_kept_columns(weight, stats, scheme, keep_columns, method=method, mask=mask,
                                 act_order=act_order, blocksize=blocksize, percdamp=percdamp,
-                                scale_dtype=scale_dtype, error=error)
+                                scale_dtype=scale_dtype, error=error, scales=scales)
     scheme = parse_scheme(scheme)
     quantizer = get_quantizer(method)
     if weight.dim() != 2 or not torch.is_floating_point(weight):
@@ -152,21 +187,24 @@ def quantize_weight(
     scheme.check_width(cols)
     if mask is not None and not scheme.exact_zero and bool(mask.any()):
         raise SnapPruneError(f"{scheme.name}'s grid has no exact zero, so pruned weights "
-                             "would not stay 0; use q4_0 or q8_0 (or a w* scheme) for a "
-                             "pruned model")
+                             "would not stay 0; use q4_0, q5_0 or q8_0 (or a w* scheme) for "
+                             "a pruned model")
     if quantizer.needs_hessian and stats is None:
         raise SnapPruneError(f"{quantizer.name} needs the layer's calibration statistics (its "
                              "Hessian); use method rtn for data-free quantisation")
     if stats is not None and stats.columns != cols:
         raise SnapPruneError(f"statistics are for {stats.columns} input columns but the weight "
                              f"has {cols}")
+    scales = scales_for(quantizer, scheme, scales)
     start = time.perf_counter()
     w = weight.detach().to(torch.float32).clone()
     original = w.clone()
     mask = None if mask is None else mask.to(w.device)
+    importance = (torch.diagonal(stats.hessian).to(w.device, torch.float32)
+                  if scales == "search" else None)
     values, codes, params, used = quantizer.quantize(
         w, stats, scheme, scale_dtype=scale_dtype, mask=mask, act_order=act_order,
-        blocksize=blocksize, percdamp=percdamp, upper=upper)
+        blocksize=blocksize, percdamp=percdamp, upper=upper, importance=importance)
     if w.is_cuda:
         torch.cuda.synchronize(w.device)
     seconds = time.perf_counter() - start

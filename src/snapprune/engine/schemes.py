@@ -12,12 +12,11 @@ Two families of grids:
   ``[-2^(b-1), 2^(b-1) - 1]``, value ``code · scale``. Asymmetric: the range is first widened to
   hold 0, ``scale = (max - min) / (2^b - 1)``, an integer zero point ``zp``, value
   ``(code - zp) · scale``. Zero is exactly on both grids.
-- llama.cpp's block types (``q4_0``, ``q4_1``, ``q8_0``): blocks of 32, ``q4_0``:
-  ``d = m / -8`` with ``m`` the block's value of largest magnitude, codes 0…15, value
-  ``(code - 8) · d``; ``q4_1``: ``d = (max - min) / 15``, minimum ``m``, value
-  ``code · d + m`` (zero is generally *not* on its grid); ``q8_0``: ``d = max|w| / 127``,
-  value ``code · d``. ``d`` and ``m`` are stored as float16, so the grid uses their float16
-  values: what llama.cpp reads back is exactly what the quantiser chose.
+- llama.cpp's block types (``q4_0``, ``q5_0``, ``q8_0``, ``iq4_nl``, ``q4_1``, ``q5_1``):
+  blocks of 32 with float16 scales, each type declared once in ``engine.blocks`` (its levels,
+  its formula, its bytes); a scheme of that name delegates its grid to the type. Their
+  scales come from llama.cpp's formula, or, given an importance per column (``fit``'s
+  ``importance``: the Hessian diagonal), from a search that minimises the weighted error.
 
 Codes are rounded to the nearest point of the stored grid (halves to even) and clamped to the
 range, so a weight moved by GPTQ's error feedback past the group's range lands on its edge.
@@ -32,15 +31,16 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SnapPruneError
+from .blocks import BLOCK, BLOCK_TYPES, BlockType, Params, divide
 
-GGUF_BLOCK = 32
+GGUF_BLOCK = BLOCK
 """Values per llama.cpp quantisation block."""
 
 
 @dataclass(frozen=True)
 class GroupParams:
     """A group's grid: ``scale`` (rows,) and, for asymmetric grids, ``zero`` (rows,): the
-    integer zero point (minmax) or the float16 minimum (``q4_1``)."""
+    integer zero point (minmax) or the float16 minimum (``q4_1``, ``q5_1``)."""
 
     scale: torch.Tensor
     zero: torch.Tensor | None = None
@@ -49,48 +49,58 @@ class GroupParams:
 @dataclass(frozen=True)
 class Scheme:
     """A weight quantisation scheme. ``group_size`` ``None``: one group per output row
-    (per-channel). ``grid``: ``minmax`` or a llama.cpp block type (``q4_0``, ``q4_1``,
-    ``q8_0``)."""
+    (per-channel). ``grid``: ``minmax`` or a llama.cpp block type's name; ``block``: that
+    type (``engine.blocks``), which then holds every fact of the grid."""
 
     name: str
     bits: int
     group_size: int | None
     symmetric: bool
     grid: str = "minmax"
-    gguf_type: str | None = None
-    """gguf-py's ``GGMLQuantizationType`` member that stores this grid (``None``: not GGUF)."""
+    block: BlockType | None = None
 
     @property
     def gguf(self) -> bool:
         """One of llama.cpp's block types (blocks of 32, float16 scales)."""
-        return self.gguf_type is not None
+        return self.block is not None
+
+    @property
+    def gguf_type(self) -> str | None:
+        """gguf-py's ``GGMLQuantizationType`` member that stores this grid (``None``: not
+        GGUF)."""
+        return None if self.block is None else self.block.gguf_type
 
     @property
     def qmin(self) -> int:
-        if self.grid == "q4_0" or self.grid == "q4_1":
-            return 0
+        if self.block is not None:
+            return self.block.qmin
         return -(2 ** (self.bits - 1))
 
     @property
     def qmax(self) -> int:
-        if self.grid == "q4_0" or self.grid == "q4_1":
-            return 15
+        if self.block is not None:
+            return self.block.qmax
         return 2 ** (self.bits - 1) - 1
 
     @property
     def exact_zero(self) -> bool:
         """Whether 0 is a point of every group's grid (pruned weights can stay exactly 0)."""
-        return self.grid != "q4_1"
+        return True if self.block is None else self.block.exact_zero
 
     @property
     def bits_per_weight(self) -> float:
         """Storage per weight, scales included (float16 scales; per-channel: ~b)."""
+        if self.block is not None:
+            return self.block.bits_per_weight
         if self.group_size is None:
             return float(self.bits)
-        extra = 16 * (1 if self.symmetric and self.grid != "q4_1" else 2)
-        if self.grid == "minmax" and not self.symmetric:
-            extra = 16 + self.bits  # integer zero point
+        extra = 16 if self.symmetric else 16 + self.bits  # the integer zero point
         return self.bits + extra / self.group_size
+
+    @property
+    def searchable(self) -> bool:
+        """Whether ``fit`` can search scales by an importance (llama.cpp's block types)."""
+        return self.block is not None
 
     def groups(self, cols: int) -> int:
         """Groups per row: ``ceil(cols / group_size)`` (the last may be shorter)."""
@@ -108,18 +118,18 @@ class Scheme:
 
     # -- the grid -------------------------------------------------------------------------
 
-    def fit(self, w: torch.Tensor, scale_dtype: torch.dtype = torch.float16) -> GroupParams:
-        """The grid of each row of ``w`` (rows × group columns, float32)."""
+    def fit(self, w: torch.Tensor, scale_dtype: torch.dtype = torch.float16,
+            importance: torch.Tensor | None = None) -> GroupParams:
+        """The grid of each row of ``w`` (rows × group columns, float32). ``importance``
+        (group columns,): the block types' scales searched to minimise the error weighted by
+        it (``engine.blocks``); ``None``: the data-free formula."""
         w = w.to(torch.float32)
-        if self.grid == "q4_0":
-            index = w.abs().argmax(1, keepdim=True)  # the first of equal magnitudes
-            signed = w.gather(1, index).squeeze(1)
-            return GroupParams(_half(signed / -8.0))
-        if self.grid == "q4_1":
-            low, high = w.min(1).values, w.max(1).values
-            return GroupParams(_half((high - low) / 15.0), _half(low))
-        if self.grid == "q8_0":
-            return GroupParams(_half(w.abs().max(1).values / 127.0))
+        if self.block is not None:
+            p = self.block.fit(w) if importance is None else self.block.search(w, importance)
+            return GroupParams(p.scale, p.zero)
+        if importance is not None:
+            raise SnapPruneError(f"{self.name} takes compressed-tensors' scale formula; the "
+                                 "scale search is for llama.cpp's block types")
         low = torch.clamp(w.min(1).values, max=0.0)
         high = torch.clamp(w.max(1).values, min=0.0)
         levels = 2**self.bits - 1
@@ -133,41 +143,29 @@ class Scheme:
     def codes(self, w: torch.Tensor, params: GroupParams) -> torch.Tensor:
         """Nearest codes (float tensor of integers) of ``w`` (rows × k) on ``params``'
         grid; ``params`` hold one value per row."""
-        scale = params.scale[:, None]
-        if self.grid == "q4_0":
-            raw = _divide(w, scale) + 8.0
-        elif self.grid == "q4_1":
-            raw = _divide(w - params.zero[:, None], scale)
-        elif self.grid == "q8_0" or self.symmetric:
-            raw = _divide(w, scale)
-        else:
-            raw = _divide(w, scale) + params.zero[:, None]
+        if self.block is not None:
+            return self.block.codes(w, Params(params.scale, params.zero))
+        raw = divide(w, params.scale[:, None])
+        if not self.symmetric:
+            raw = raw + params.zero[:, None]
         return torch.clamp(raw.round(), self.qmin, self.qmax)
 
     def values(self, codes: torch.Tensor, params: GroupParams) -> torch.Tensor:
         """The weights ``codes`` stand for (float32)."""
+        if self.block is not None:
+            return self.block.values(codes, Params(params.scale, params.zero))
         scale = params.scale[:, None].to(torch.float32)
-        if self.grid == "q4_0":
-            return (codes - 8.0) * scale
-        if self.grid == "q4_1":
-            return codes * scale + params.zero[:, None]
-        if self.grid == "q8_0" or self.symmetric:
+        if self.symmetric:
             return codes * scale
         return (codes - params.zero[:, None]) * scale
 
     def zero_code(self, params: GroupParams) -> torch.Tensor:
         """Per row, the code whose value is exactly 0 (``exact_zero`` grids only)."""
-        if self.grid == "q4_0":
-            return torch.full_like(params.scale, 8.0)
-        if self.grid == "q8_0" or self.symmetric:
-            return torch.zeros_like(params.scale)
-        if self.grid == "minmax":
-            return params.zero
-        raise SnapPruneError(f"{self.name}'s grid has no exact zero")
-
-
-def _half(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float16).to(torch.float32)
+        if not self.exact_zero:
+            raise SnapPruneError(f"{self.name}'s grid has no exact zero")
+        if self.block is not None:
+            return self.block.zero_code(Params(params.scale, params.zero))
+        return torch.zeros_like(params.scale) if self.symmetric else params.zero
 
 
 def _rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -177,17 +175,8 @@ def _rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(stored == 0, torch.tensor(torch.finfo(dtype).eps), stored)
 
 
-def _divide(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``w / scale`` with 0 where the scale is 0 (llama.cpp's ``id = d ? 1/d : 0``)."""
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return torch.where(scale == 0, torch.zeros_like(w), w / safe)
-
-
-_NAMED = {
-    "q4_0": Scheme("q4_0", 4, GGUF_BLOCK, True, "q4_0", "Q4_0"),
-    "q4_1": Scheme("q4_1", 4, GGUF_BLOCK, False, "q4_1", "Q4_1"),
-    "q8_0": Scheme("q8_0", 8, GGUF_BLOCK, True, "q8_0", "Q8_0"),
-}
+_NAMED = {name: Scheme(name, block.bits, GGUF_BLOCK, not block.affine, name, block)
+          for name, block in BLOCK_TYPES.items()}
 _PATTERN = re.compile(r"^w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<asym>-asym|-sym)?$")
 BITS = (2, 3, 4, 8)
 """Bit widths of the ``minmax`` schemes (2 for ablations)."""
@@ -198,7 +187,7 @@ GGUF_SCHEMES = tuple(_NAMED)
 
 
 def parse_scheme(name: str) -> Scheme:
-    """A scheme by the name users know: ``q4_0``, ``q4_1``, ``q8_0`` (llama.cpp), or
+    """A scheme by the name users know: a llama.cpp block type (``q4_0``, ``iq4_nl``, ...), or
     ``w{bits}[g{group}][-asym]`` (``w4g128``, ``w8``, ``w4g32-asym``, ``w3g128``)."""
     if isinstance(name, Scheme):
         return name
@@ -208,7 +197,8 @@ def parse_scheme(name: str) -> Scheme:
     match = _PATTERN.match(text)
     if match is None:
         raise SnapPruneError(
-            f"unknown quantisation scheme {name!r}; use q4_0, q4_1, q8_0, or w<bits>[g<group>]"
+            f"unknown quantisation scheme {name!r}; use {', '.join(GGUF_SCHEMES)}, or "
+            "w<bits>[g<group>]"
             "[-asym] with bits in 2, 3, 4, 8 (e.g. w4g128, w8, w4g32-asym)")
     bits = int(match["bits"])
     if bits not in BITS:
@@ -221,6 +211,6 @@ def parse_scheme(name: str) -> Scheme:
     return Scheme(text, bits, group, match["asym"] != "-asym", "minmax")
 
 
-SCHEME_NAMES = ("q4_0", "q4_1", "q8_0", "w8", "w4g128", "w4g64", "w4g32", "w4g128-asym",
+SCHEME_NAMES = (*GGUF_SCHEMES, "w8", "w4g128", "w4g64", "w4g32", "w4g128-asym",
                 "w3g128", "w2g64")
 """Examples for help texts (any ``w{bits}[g{group}][-asym]`` is accepted)."""

@@ -2,7 +2,8 @@
 
 LLaMA-family models (LLaMA, Mistral, SmolLM and their shrunk versions: explicit head width,
 any MLP width that is a multiple of 32). Quantised layers are stored in their scheme's block
-type (``q4_0``, ``q4_1``, ``q8_0``) from the quantiser's own codes and float16 scales, so what
+type (``q4_0``, ``q5_0``, ``iq4_nl``, ...; ``engine.blocks`` packs them) from the quantiser's
+own codes and float16 scales, so what
 llama.cpp reads is exactly the GPTQ (or round-to-nearest) result, not a re-quantisation.
 With llama.cpp's block types the token embedding and an untied output matrix come quantised
 to ``q8_0`` by the quantisation step (``models.quantize.quantize_embeddings``), so the file
@@ -19,10 +20,9 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..engine.schemes import GGUF_BLOCK, GGUF_SCHEMES
+from ..engine.schemes import GGUF_SCHEMES
 from ..errors import SnapPruneError
 from .format import Format
 
@@ -71,27 +71,6 @@ def _permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
     shape = rows.shape
     return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2) \
         .reshape(shape)
-
-
-def _pack(codes: torch.Tensor, scales: torch.Tensor, zeros, grid: str) -> np.ndarray:
-    """Blocks of 32 in llama.cpp's layout: float16 ``d`` (and ``m`` for ``q4_1``), then the
-    codes (two 4-bit codes a byte: byte ``j`` holds codes ``j`` and ``j + 16``)."""
-    rows, cols = codes.shape
-    blocks = cols // GGUF_BLOCK
-    c = codes.to(torch.int32).reshape(rows, blocks, GGUF_BLOCK).numpy()
-    d = scales.to(torch.float16).numpy().reshape(rows, blocks, 1).view(np.uint8)
-    if grid == "q8_0":
-        payload = c.astype(np.int8).view(np.uint8)
-        parts = [d, payload]
-    else:
-        low, high = c[..., :16], c[..., 16:]
-        payload = (low | (high << 4)).astype(np.uint8)
-        parts = [d]
-        if grid == "q4_1":
-            parts.append(zeros.to(torch.float16).numpy().reshape(rows, blocks, 1)
-                         .view(np.uint8))
-        parts.append(payload)
-    return np.concatenate(parts, axis=2).reshape(rows, -1)
 
 
 def source_gguf(spec: str, depth: int = 0) -> Path | None:
@@ -234,7 +213,7 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
             if rows_heads is not None:
                 codes, scales = _permute(codes, rows_heads), _permute(scales, rows_heads)
                 zeros = None if zeros is None else _permute(zeros, rows_heads)
-            data = _pack(codes, scales, zeros, q.scheme.grid)
+            data = q.scheme.block.pack(codes, scales, zeros)
             writer.add_tensor(target, data, raw_dtype=GGMLQuantizationType[q.scheme.gguf_type])
             continue
         value = tensor.detach().to(torch.float32)

@@ -85,7 +85,7 @@ def quantize_layer(name: str, module: nn.Module, stats: LayerStats | None,
         act_order=settings.act_order, blocksize=settings.blocksize,
         percdamp=settings.percdamp, upper=upper,
         scale_dtype=getattr(torch, run.scale_dtype), keep_columns=keep_columns,
-        error=run.layer_errors and stats is not None)
+        error=run.layer_errors and stats is not None, scales=settings.scales)
     set_linear_weight(module, result.weight)
     codes = result.codes.to(torch.int8 if result.codes.abs().max() < 128 else torch.int16)
     run.quantized[name] = QuantizedLayer(result.scheme, codes.cpu(), result.scales.cpu(),

@@ -10,7 +10,7 @@ from functools import cached_property
 from typing import ClassVar
 
 from ..engine import METRICS, check_settings, get_method
-from ..engine.quantizers import get_quantizer
+from ..engine.quantizers import get_quantizer, scales_for
 from ..engine.schemes import Scheme, parse_scheme
 from ..errors import SnapPruneError
 
@@ -140,7 +140,9 @@ class ShrinkSettings(MethodChoice):
 class QuantizeSettings:
     """Weight quantisation of the decoder blocks' linear layers: the scheme (``engine.schemes``:
     ``q4_0``, ``w4g128``, ...), GPTQ on each layer's Hessian or round-to-nearest, activation
-    order, GPTQ's lazy block width and the Hessian damping. After a prune or shrink step in the
+    order, GPTQ's lazy block width and the Hessian damping; ``scales``: ``search`` (llama.cpp's
+    block types: each block's scale searched by the Hessian diagonal) or ``absmax`` (the
+    formula), ``None`` for the quantiser's own choice. After a prune or shrink step in the
     same job it runs joint: on the same statistics and factor, pruned weights held at 0."""
 
     scheme: str = "q4_0"
@@ -150,6 +152,7 @@ class QuantizeSettings:
     percdamp: float = 0.01
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    scales: str | None = None
 
     kind: ClassVar[str] = "quantize"
 
@@ -172,11 +175,12 @@ class QuantizeSettings:
 
     def resolved(self) -> QuantizeSettings:
         self.check()
-        return replace(self, scheme=self.parsed_scheme.name)
+        return replace(self, scheme=self.parsed_scheme.name, scales=scales_for(
+            get_quantizer(self.method), self.parsed_scheme, self.scales))
 
     def check(self) -> None:
         self.parsed_scheme  # noqa: B018 (parsing is the check)
-        get_quantizer(self.method)
+        scales_for(get_quantizer(self.method), self.parsed_scheme, self.scales)
         if not isinstance(self.blocksize, int) or self.blocksize < 1:
             raise SnapPruneError(f"quantiser blocksize must be a positive integer, got "
                                  f"{self.blocksize!r}")

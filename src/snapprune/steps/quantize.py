@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from ..engine.quantizers import get_quantizer, quantize_weight, quantizer_names
+from ..engine.quantizers import SCALES, get_quantizer, quantize_weight, quantizer_names
 from ..engine.schemes import GGUF_SCHEMES, SCHEME_NAMES
 from ..errors import SnapPruneError
 from ..flags import Command, Flag, default_text, number, positive_int
@@ -21,9 +21,12 @@ from .prune import first_block_layers
 EPILOG = """\
 GPTQ quantises each layer column by column on its Hessian (the calibration statistics pruning
 uses) and spreads each rounding error over the columns still to come; round-to-nearest (--method
-rtn) needs no data. Schemes: llama.cpp's q4_0, q4_1, q8_0 (blocks of 32, float16 scales;
---format gguf writes them exactly as chosen) and w<bits>[g<group>][-asym] (compressed-tensors'
-grids; --format compressed-tensors writes 4 and 8 bits for vLLM). hf writes de-quantised
+rtn) needs no data. With llama.cpp's block types each block's scale is searched to minimise the
+error weighted by the Hessian diagonal (--scales search, the default of gptq and weighted-rtn;
+--scales absmax: the format's formula). Schemes: llama.cpp's q4_0, q5_0, q8_0, iq4_nl, q4_1,
+q5_1 (blocks of 32, float16 scales; --format gguf writes them exactly as chosen) and
+w<bits>[g<group>][-asym] (compressed-tensors' grids; --format compressed-tensors writes 4 and 8
+bits for vLLM). hf writes de-quantised
 safetensors for any scheme.
 
 examples:
@@ -38,6 +41,10 @@ SCHEMES_HELP = (
     f"quantisation schemes: {', '.join(GGUF_SCHEMES)} (llama.cpp's block types, for --format "
     "gguf) or w<bits>[g<group>][-asym] with bits 2, 3, 4, 8 (compressed-tensors' grids, for "
     "--format compressed-tensors when 4 or 8 bits): e.g. " + ", ".join(SCHEME_NAMES))
+SCALES_HELP = ("how block scales are chosen: search (llama.cpp's block types, with calibration: "
+               "each block's scale minimises the error weighted by the Hessian diagonal, then "
+               "GPTQ or rounding on that grid) or absmax (the format's formula); default: the "
+               "quantiser's own (gptq, weighted-rtn: search; rtn: absmax)")
 ACT_ORDER_HELP = ("GPTQ in decreasing Hessian diagonal (group scales fitted up front, kept in "
                   "natural order)")
 
@@ -78,6 +85,7 @@ class QuantizeStep(Step):
              action="append", metavar="PAT", show_default=False),
         Flag("act_order", ("--act-order",), ACT_ORDER_HELP, action="store_true",
              show_default=False),
+        Flag("scales", ("--scales",), SCALES_HELP, choices=lambda: SCALES, show_default=False),
     )
     fused_flags = (
         Flag("scheme", ("--quantize",), "also quantise every pruned layer, in the same pass, "
@@ -88,6 +96,8 @@ class QuantizeStep(Step):
         Flag("blocksize", ("--quant-blocksize",), "GPTQ's lazy block width",
              type=positive_int, metavar="B", group="quantisation"),
         Flag("act_order", ("--act-order",), ACT_ORDER_HELP, action="store_true",
+             show_default=False, group="quantisation"),
+        Flag("scales", ("--quant-scales",), SCALES_HELP, choices=lambda: SCALES,
              show_default=False, group="quantisation"),
     )
     fused_trigger = "scheme"
@@ -116,7 +126,7 @@ class QuantizeStep(Step):
                             probe.stats.get(name), settings.parsed_scheme,
                             method=settings.method, act_order=settings.act_order,
                             blocksize=settings.blocksize, percdamp=settings.percdamp,
-                            error=False)
+                            error=False, scales=settings.scales)
             solve += time.perf_counter() - t
         return EstimatePart(solver_seconds=solve)
 
@@ -138,7 +148,7 @@ class QuantizeStep(Step):
         mean = mean_layer_error(run.layers)
         error = f"; mean layer error {mean:.4f}" if mean is not None else ""
         return (f"{run.settings.method} {scheme.name} ({scheme.bits_per_weight:g} bits per "
-                f"weight) on {len(run.layers)} layers{error}")
+                f"weight, {run.settings.scales} scales) on {len(run.layers)} layers{error}")
 
     def report(self, run) -> dict:
         """The quantisation section: the scheme's facts, the settings, and per-layer errors
