@@ -149,6 +149,46 @@ def test_the_weighted_search_is_never_worse_than_the_formula(name):
     assert np.mean(gains) > 0.03, gains
 
 
+def _least_squares_step(kind, w: torch.Tensor, v: torch.Tensor) -> Params:
+    """From the definition: the formula's codes, then the scale (and minimum) that minimise
+    the weighted error for those codes, by the normal equations in float64, float16-stored."""
+    p = kind.fit(w)
+    codes = kind.codes(w, p).double()
+    w64, v64 = w.double(), v.double()
+    if kind.affine:
+        design = torch.stack([codes, torch.ones_like(codes)], -1)  # rows × 32 × 2
+        gram = torch.einsum("rjk,j,rjl->rkl", design, v64, design)
+        rhs = torch.einsum("rjk,j,rj->rk", design, v64, w64)
+        solved = torch.linalg.solve(gram, rhs)
+        return Params(solved[:, 0].half().float(), solved[:, 1].half().float())
+    level = kind.level(codes.float()).double()
+    scale = (v64 * level * w64).sum(1) / (v64 * level * level).sum(1)
+    return Params(scale.half().float())
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_the_search_is_never_worse_than_one_weighted_least_squares_step(name):
+    """The search's floor, written from the definition: re-fitting the formula's codes by
+    weighted least squares (then rounding afresh) is one of the grids it must beat."""
+    kind = BLOCK_TYPES[name]
+    for seed in range(6):
+        w = _weights(64, 32, seed + 20)
+        v = _importance(32, seed + 20) + 1e-3  # no dead column: the normal equations solve
+        step = _least_squares_step(kind, w, v)
+        searched = kind.weighted_error(w, kind.search(w, v), v)
+        assert (searched <= kind.weighted_error(w, step, v) * (1 + 1e-6)).all(), seed
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_a_block_no_calibration_token_reached_keeps_the_formula(name):
+    """All importance zero (columns never active): nothing to weigh, the formula's grid."""
+    kind = BLOCK_TYPES[name]
+    w = _weights(16, 32, seed=4)
+    searched, formula = kind.search(w, torch.zeros(32)), kind.fit(w)
+    assert torch.equal(searched.scale, formula.scale)
+    assert searched.zero is None or torch.equal(searched.zero, formula.zero)
+
+
 def test_the_search_weights_by_importance():
     """A column with all the importance is reproduced more closely than by the formula."""
     kind = BLOCK_TYPES["q4_0"]
