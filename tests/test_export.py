@@ -75,24 +75,28 @@ def _q8_0_roundtrip(weight: torch.Tensor) -> np.ndarray:
     return dequantize(quantize(weight.numpy(), kind), kind).reshape(weight.shape)
 
 
-@pytest.mark.skipif(not LLAMA_CPP, reason=NO_LLAMA_CPP)
-def test_gguf_runs_in_llama_cpp_like_the_model_in_memory(joint_gguf):
+def assert_runs_in_llama_cpp_like(model, path) -> None:
+    """llama.cpp's logits for 48 random tokens against the model in memory. llama.cpp
+    multiplies quantised weights by activations rounded to 8 bits: close, not equal."""
     from llama_cpp import Llama
 
-    outcome, out = joint_gguf
     ids = torch.randint(0, 512, (48,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm = Llama(str(out / "model.gguf"), n_ctx=64, logits_all=True, verbose=False,
-                n_threads=2)
+    llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     try:
         llm.eval(ids)
         theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
     finally:
         llm.close()
     with torch.no_grad():
-        ours = outcome.model(torch.tensor([ids])).logits[0]
-    # llama.cpp multiplies q4_0 weights by activations rounded to 8 bits: close, not equal.
+        ours = model(torch.tensor([ids])).logits[0]
     assert (theirs - ours).abs().mean() < 0.03 * ours.abs().mean()
     assert (theirs.argmax(1) == ours.argmax(1)).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason=NO_LLAMA_CPP)
+def test_gguf_runs_in_llama_cpp_like_the_model_in_memory(joint_gguf):
+    outcome, out = joint_gguf
+    assert_runs_in_llama_cpp_like(outcome.model, out / "model.gguf")
 
 
 def test_a_shrunk_quantised_gguf_has_the_cut_out_shapes(tiny_dir, tmp_path):

@@ -6,13 +6,13 @@ the searched scales; the model runs in llama.cpp like the model in memory."""
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import C4_FILE
+from test_export import LLAMA_CPP, NO_LLAMA_CPP, assert_runs_in_llama_cpp_like
 from transformers import AutoModelForCausalLM
 
 from snapprune.engine.blocks import BLOCK_TYPES
@@ -21,8 +21,6 @@ from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
 from snapprune.models.settings import QuantizeSettings
 from snapprune.run import execute
 
-LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
-NO_LLAMA_CPP = "needs llama-cpp-python (pip install 'snapprune[llama]', builds llama.cpp)"
 TYPES = ("q5_0", "q5_1", "iq4_nl", "q4_0")
 
 
@@ -110,18 +108,5 @@ def test_transformers_loads_exactly_the_values_gptq_chose(written, tiny_dir):
 
 @pytest.mark.skipif(not LLAMA_CPP, reason=NO_LLAMA_CPP)
 def test_the_file_runs_in_llama_cpp_like_the_model_in_memory(written):
-    from llama_cpp import Llama
-
     _, outcome, path = written
-    ids = torch.randint(0, 512, (48,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
-    try:
-        llm.eval(ids)
-        theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
-    finally:
-        llm.close()
-    with torch.no_grad():
-        ours = outcome.model(torch.tensor([ids])).logits[0]
-    # llama.cpp multiplies by activations rounded to 8 bits: close, not equal.
-    assert (theirs - ours).abs().mean() < 0.03 * ours.abs().mean()
-    assert (theirs.argmax(1) == ours.argmax(1)).float().mean() > 0.9
+    assert_runs_in_llama_cpp_like(outcome.model, path)
