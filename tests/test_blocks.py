@@ -208,3 +208,55 @@ def test_scheme_facts_of_the_new_types():
     assert parse_scheme("q5_0").exact_zero
     assert {parse_scheme(n).gguf_type for n in TYPES} == {
         "Q4_0", "Q5_0", "Q8_0", "Q4_1", "Q5_1", "IQ4_NL"}
+
+
+def _refit_reference(kind, w, codes, hessian):
+    """The output-error least squares of every row's block scales (and minimums) for fixed
+    codes, from its definition: a dense design matrix and the normal equations, float64."""
+    rows, cols = w.shape
+    blocks = cols // 32
+    h = hessian.double()
+    units = 2 * blocks if kind.affine else blocks
+    out = torch.empty(rows, units, dtype=torch.float64)
+    for r in range(rows):
+        design = torch.zeros(cols, units, dtype=torch.float64)
+        for b in range(blocks):
+            part = slice(b * 32, (b + 1) * 32)
+            c = codes[r, part].double()
+            design[part, b] = c if kind.affine else kind.level(codes[r, part]).double()
+            if kind.affine:
+                design[part, blocks + b] = 1.0
+        gram = design.T @ h @ design
+        out[r] = torch.linalg.solve(gram, design.T @ h @ w[r].double())
+    return out[:, :blocks], (out[:, blocks:] if kind.affine else None)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_the_refit_after_gptq_is_the_output_least_squares(name):
+    from problems import make_problem
+
+    from snapprune.engine.quantizers import quantize_weight
+    from snapprune.engine.refit import output_error, refit_block_scales
+
+    kind = BLOCK_TYPES[name]
+    problem = make_problem(12, 128, tokens=512, seed=8)
+    before = quantize_weight(problem.weight, problem.stats, name, refit=False)
+    hessian = problem.stats.hessian
+    scales, zeros = refit_block_scales(problem.weight, before.codes, before.scales,
+                                       before.zeros, hessian, kind)
+    ref_scales, ref_zeros = _refit_reference(kind, problem.weight, before.codes, hessian)
+    torch.testing.assert_close(scales.double(), ref_scales, rtol=1e-3, atol=1e-7)
+    if kind.affine:
+        torch.testing.assert_close(zeros.double(), ref_zeros, rtol=1e-3, atol=1e-5)
+
+    def values(s, z):
+        return torch.cat([kind.values(before.codes[:, b * 32:(b + 1) * 32].float(),
+                                      Params(s[:, b], None if z is None else z[:, b]))
+                          for b in range(4)], 1)
+
+    old = output_error(problem.weight, values(before.scales, before.zeros), hessian)
+    new = output_error(problem.weight, values(scales, zeros), hessian)
+    assert new < old  # the search's scales were not yet optimal for GPTQ's codes
+    after = quantize_weight(problem.weight, problem.stats, name)  # the default refits
+    assert torch.equal(after.codes, before.codes)
+    assert after.error < before.error

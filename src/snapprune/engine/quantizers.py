@@ -20,6 +20,7 @@ from ..errors import SnapPruneError
 from .core import reconstruction_error
 from .factor import damped_hessian, inverse_cholesky_upper
 from .gptq import gptq_blockwise, round_to_nearest
+from .refit import refit_block_scales
 from .schemes import GroupParams, Scheme, parse_scheme
 from .stats import LayerStats
 
@@ -52,8 +53,9 @@ def _stack(params: list[GroupParams]) -> tuple[torch.Tensor, torch.Tensor | None
 
 QuantizeFn = Callable[..., tuple[torch.Tensor, torch.Tensor, list[GroupParams], float | None]]
 """``(w, stats, scheme, *, scale_dtype, mask, act_order, blocksize, percdamp, upper,
-importance) -> (values, codes, group params, damping used)``; ``w`` is a float32 copy it may
-change; ``importance``: per column, what the scale search weights (``None``: formulas)."""
+importance, refit) -> (values, codes, group params, damping used)``; ``w`` is a float32 copy it
+may change; ``importance``: per column, what the scale search weights (``None``: formulas);
+``refit``: whether a quantiser that can re-fit its scales afterwards does (GPTQ)."""
 
 SCALES = ("search", "absmax")
 """How group scales are chosen: a search weighted by the Hessian diagonal, or the formula."""
@@ -93,10 +95,13 @@ def _round_to_nearest(w, stats, scheme, *, scale_dtype, mask, importance, **_opt
 
 
 def _gptq(w, stats, scheme, *, scale_dtype, mask, act_order, blocksize, percdamp, upper,
-          importance):
+          importance, refit=True):
     hessian = stats.hessian.to(w.device)
     damped, dead = damped_hessian(hessian, percdamp)
     w[:, dead] = 0.0
+    target = w.clone() if refit and importance is not None and scheme.block is not None \
+        else None
+    natural_damped = damped
     order = None
     if act_order:
         order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
@@ -108,6 +113,16 @@ def _gptq(w, stats, scheme, *, scale_dtype, mask, act_order, blocksize, percdamp
     values, codes, params = gptq_blockwise(w, upper.to(w.device), scheme, scale_dtype,
                                            mask=mask, order=order, blocksize=blocksize,
                                            importance=importance)
+    if target is not None:  # the searched scales re-fitted for GPTQ's codes (engine/refit.py)
+        scales, zeros = _stack(params)
+        scales, zeros = refit_block_scales(target, codes, scales, zeros, natural_damped,
+                                           scheme.block)
+        params = [GroupParams(scales[:, g], None if zeros is None else zeros[:, g])
+                  for g in range(scales.shape[1])]
+        width = scheme.group_width(w.shape[1])
+        values = torch.cat([scheme.values(codes[:, g * width:(g + 1) * width], p)
+                            for g, p in enumerate(params)], 1)
+        w.copy_(values)
     return values, codes, params, used
 
 
@@ -158,6 +173,7 @@ def quantize_weight(
     keep_columns: torch.Tensor | None = None,
     error: bool = True,
     scales: str | None = None,
+    refit: bool = True,
 ) -> QuantResult:
     """Quantise one weight matrix (``rows × cols``, ``y = W x``) on ``scheme``'s grid.
 
@@ -171,13 +187,16 @@ def quantize_weight(
     float16). ``keep_columns``: the input columns that remain once removed ones are cut out
     (``shrink``): the others must be 0 and stay 0; groups, codes and the GPTQ factor are those
     of the cut-out layer (its Hessian restricted to the kept columns). ``scales``: ``search``
-    or ``absmax`` (``None``: the quantiser's own choice, ``scales_for``). The input is not
+    or ``absmax`` (``None``: the quantiser's own choice, ``scales_for``). ``refit``: with
+    GPTQ on searched scales, each block's scale re-fitted for GPTQ's codes under the Hessian
+    afterwards (``engine/refit.py``; ``False`` leaves the searched scales). The input is not
     modified.
     """
     if keep_columns is not None:
         return _on_kept_columns(weight, stats, scheme, keep_columns, method=method, mask=mask,
                                 act_order=act_order, blocksize=blocksize, percdamp=percdamp,
-                                scale_dtype=scale_dtype, error=error, scales=scales)
+                                scale_dtype=scale_dtype, error=error, scales=scales,
+                                refit=refit)
     scheme = parse_scheme(scheme)
     quantizer = get_quantizer(method)
     if weight.dim() != 2 or not torch.is_floating_point(weight):
@@ -204,7 +223,8 @@ def quantize_weight(
                   if scales == "search" else None)
     values, codes, params, used = quantizer.quantize(
         w, stats, scheme, scale_dtype=scale_dtype, mask=mask, act_order=act_order,
-        blocksize=blocksize, percdamp=percdamp, upper=upper, importance=importance)
+        blocksize=blocksize, percdamp=percdamp, upper=upper, importance=importance,
+        refit=refit)
     if w.is_cuda:
         torch.cuda.synchronize(w.device)
     seconds = time.perf_counter() - start
