@@ -39,7 +39,8 @@ CALIBRATION = (32, 512)
 EVAL_CHUNKS, EVAL_CTX = 24, 512
 LLAMA_TYPES = {"q4_0": "Q4_0", "iq4_nl": "IQ4_NL"}
 SNAPPRUNE_VARIANTS = {
-    "gptq": ("--method", "gptq"),                         # searched scales (the default)
+    "gptq": ("--method", "gptq"),            # searched scales, GPTQ, refit (the default)
+    "gptq-act-order": ("--method", "gptq", "--act-order"),
     "gptq-absmax": ("--method", "gptq", "--scales", "absmax"),
     "weighted-rtn": ("--method", "weighted-rtn"),
 }

@@ -232,7 +232,8 @@ MUTANTS = (
     Mutant("act-order-groups-fitted-late",
            "with act order, groups fitted in processing order instead of up front",
            "engine/gptq.py",
-           (("    params = group_params(weight, scheme, scale_dtype, mask) if static else \\\n",
+           (("    params = group_params(weight, scheme, scale_dtype, mask, importance) "
+             "if static else \\\n",
              "    params = None if static else \\\n"),
             ("        [None] * scheme.groups(cols)\n",
              "        [None] * scheme.groups(cols)\n    params = [None] * scheme.groups(cols)\n"),
