@@ -56,8 +56,8 @@ def _run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def _texts(out: Path, tokenizer) -> dict[str, Path]:
-    """The calibration documents, the imatrix text (snapprune's own windows, decoded) and the
+def _texts(out: Path) -> dict[str, Path]:
+    """The calibration documents and the
     two evaluation texts."""
 
     with gzip.open(C4_FILE, "rt", encoding="utf-8") as handle:
@@ -124,7 +124,7 @@ def main() -> None:
     results["llama_tools_build_seconds"] = build_seconds()
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source.path, gguf_file=source.gguf_file)
-    texts = _texts(out, tokenizer)
+    texts = _texts(out)
 
     f16 = out / "f16.gguf"
     if not f16.is_file():
