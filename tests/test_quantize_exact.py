@@ -315,11 +315,13 @@ def test_bad_requests_are_refused_in_one_line():
 
     stats = LayerStats.from_inputs(stats_w)
     for name, fragment in (("w5g128", "not supported"), ("w4g100", "power of two"),
-                           ("q5_k", "unknown quantisation scheme"), ("", "unknown")):
+                           ("q7_k", "unknown quantisation scheme"), ("", "unknown")):
         with pytest.raises(SnapPruneError, match=fragment):
             parse_scheme(name)
     with pytest.raises(SnapPruneError, match="blocks of 32"):
         quantize_weight(w, stats, "q4_0")
+    with pytest.raises(SnapPruneError, match=r"blocks of 256 inputs.*fallback"):
+        quantize_weight(torch.randn(4, 576), None, "q4_k", method="rtn")
     with pytest.raises(SnapPruneError, match="no exact zero"):
         quantize_weight(torch.randn(4, 64), None, "q4_1", method="rtn",
                         mask=torch.rand(4, 64) < 0.5)

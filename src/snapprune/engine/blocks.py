@@ -93,8 +93,18 @@ class BlockType:
         return BLOCK
 
     @property
+    def span(self) -> int:
+        """Weights one fit sees at once: a block (a super-block for the K-quants)."""
+        return BLOCK
+
+    @property
+    def subs(self) -> int:
+        """Groups (blocks with their own scale) in one span."""
+        return 1
+
+    @property
     def bits_per_weight(self) -> float:
-        return self.block_bytes * 8 / BLOCK
+        return self.block_bytes * 8 / self.span
 
     @property
     def exact_zero(self) -> bool:
@@ -192,10 +202,29 @@ class BlockType:
         minimum = torch.where(ok, (a * sw - b * cw) / safe, start.zero)
         return Params(half(scale), half(minimum))
 
+    # -- the grid as a linear function of its stored numbers (engine/refit.py) ----------------
+
+    def linear_form(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    supers: torch.Tensor | None = None):
+        """With ``codes`` fixed, the values are ``Σ_k θ_k B_k`` per block: the bases ``B``
+        (rows × cols: the levels, and ones for the minimum), the current ``θ`` (rows ×
+        k·blocks) and the span of one unknown."""
+        c = codes.to(torch.float32)
+        level = c if self.affine else self.level(c)
+        if not self.affine:
+            return [level], scales, self.span
+        return [level, torch.ones_like(level)], torch.cat([scales, zeros], 1), self.span
+
+    def from_linear(self, theta: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor | None, supers: torch.Tensor | None = None):
+        """``(scales, zeros, supers)`` from a solved ``θ``, float16-stored."""
+        blocks = scales.shape[1]
+        return half(theta[:, :blocks]), (half(theta[:, blocks:]) if self.affine else None), None
+
     # -- bytes --------------------------------------------------------------------------------
 
     def pack(self, codes: torch.Tensor, scales: torch.Tensor,
-             zeros: torch.Tensor | None) -> np.ndarray:
+             zeros: torch.Tensor | None, supers: torch.Tensor | None = None) -> np.ndarray:
         """``rows × cols`` codes and ``rows × blocks`` scales (and minima) as llama.cpp's
         blocks, ``rows × (blocks · block_bytes)`` bytes."""
         rows, cols = codes.shape

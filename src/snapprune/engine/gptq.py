@@ -12,7 +12,8 @@ lazily: within a block of ``B`` columns immediately, to the columns after it onc
 (one matrix product).
 
 Groups: a group's grid is fitted from its current weights when its first column comes up
-(columns in natural order), or, with activation order, fitted up front from the weights as
+(columns in natural order; a K-quant's super-block of groups at once, when its first column
+comes up), or, with activation order, fitted up front from the weights as
 given and kept in natural order (``static`` groups: a format stores one scale per natural
 group and no permutation). Pruned weights (``mask``) are held at exactly 0: their code is the
 grid's zero, and moving them back to 0 is an error spread like any other.
@@ -37,10 +38,10 @@ def group_params(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,
                  importance: torch.Tensor | None = None) -> list[GroupParams]:
     """Every group's grid, fitted on ``weight`` (masked entries counted as 0)."""
     w = weight if mask is None else weight.masked_fill(mask, 0.0)
-    width = scheme.group_width(w.shape[1])
-    return [scheme.fit(w[:, start : start + width], scale_dtype,
-                       _part(importance, start, start + width))
-            for start in range(0, w.shape[1], width)]
+    width = scheme.fit_width(w.shape[1])
+    return [p for start in range(0, w.shape[1], width)
+            for p in scheme.fit_groups(w[:, start : start + width], scale_dtype,
+                                       _part(importance, start, start + width))]
 
 
 def round_to_nearest(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,
@@ -79,6 +80,7 @@ def gptq_blockwise(
     natural group."""
     cols = weight.shape[1]
     width = scheme.group_width(cols)
+    span = scheme.fit_width(cols)  # columns fitted at once: a group, or a super-block
     static = order is not None
     params: list[GroupParams | None]
     params = group_params(weight, scheme, scale_dtype, mask, importance) if static else \
@@ -88,8 +90,8 @@ def gptq_blockwise(
     if mask is not None:
         keep_zero = mask[:, order] if static else mask
     natural = order.tolist() if static else range(cols)
-    if not static and width < cols and width % blocksize and blocksize % width:
-        blocksize = width * max(1, blocksize // width)  # groups never straddle a block
+    if not static and span < cols and span % blocksize and blocksize % span:
+        blocksize = span * max(1, blocksize // span)  # fits never straddle a block
     codes = torch.empty_like(w)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -99,11 +101,12 @@ def gptq_blockwise(
         for i in range(i2 - i1):
             j = i1 + i
             g = natural[j] // width
-            if params[g] is None:  # a natural-order group starts here: fit on its weights now
-                span = torch.cat([block[:, i:], w[:, i2:]], 1)[:, :min(width, cols - j)]
-                params[g] = scheme.fit(span if keep_zero is None else span.masked_fill(
-                    keep_zero[:, j : j + span.shape[1]], 0.0), scale_dtype,
-                    _part(importance, j, j + span.shape[1]))
+            if params[g] is None:  # a natural-order fit starts here: on its weights now
+                ahead = torch.cat([block[:, i:], w[:, i2:]], 1)[:, :min(span, cols - j)]
+                fitted = scheme.fit_groups(ahead if keep_zero is None else ahead.masked_fill(
+                    keep_zero[:, j : j + ahead.shape[1]], 0.0), scale_dtype,
+                    _part(importance, j, j + ahead.shape[1]))
+                params[g : g + len(fitted)] = fitted
             p = params[g]
             column = block[:, i]
             code = scheme.codes(column[:, None], p).squeeze(1)

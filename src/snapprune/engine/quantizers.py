@@ -43,12 +43,34 @@ class QuantResult:
     weight (NaN without statistics or when not measured)."""
     seconds: float
     percdamp: float | None = None
+    supers: torch.Tensor | None = None
+    """K-quants: each super-block's float16 factors, rows × super-blocks × (``d`` [,
+    ``dmin``]); the group ``scales`` (``zeros``) are integer multiples of them."""
 
 
-def _stack(params: list[GroupParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def stack_params(params: list[GroupParams], scheme: Scheme):
+    """``(scales, zeros, supers)`` of a row's groups, in natural order (``QuantResult``)."""
     scales = torch.stack([p.scale for p in params], 1)
     zeros = None if params[0].zero is None else torch.stack([p.zero for p in params], 1)
-    return scales, zeros
+    supers = None
+    if params[0].d is not None:
+        first = params[:: scheme.block.subs]
+        factors = [torch.stack([p.d for p in first], 1)]
+        if first[0].dmin is not None:
+            factors.append(torch.stack([p.dmin for p in first], 1))
+        supers = torch.stack(factors, 2)
+    return scales, zeros, supers
+
+
+def unstack_params(scales, zeros, supers, scheme: Scheme) -> list[GroupParams]:
+    """The inverse of ``stack_params``."""
+    subs = 1 if scheme.block is None else scheme.block.subs
+
+    def factor(g: int, k: int):
+        return None if supers is None or supers.shape[2] <= k else supers[:, g // subs, k]
+
+    return [GroupParams(scales[:, g], None if zeros is None else zeros[:, g], factor(g, 0),
+                        factor(g, 1)) for g in range(scales.shape[1])]
 
 
 QuantizeFn = Callable[..., tuple[torch.Tensor, torch.Tensor, list[GroupParams], float | None]]
@@ -114,11 +136,10 @@ def _gptq(w, stats, scheme, *, scale_dtype, mask, act_order, blocksize, percdamp
                                            mask=mask, order=order, blocksize=blocksize,
                                            importance=importance)
     if target is not None:  # the searched scales re-fitted for GPTQ's codes (engine/refit.py)
-        scales, zeros = _stack(params)
-        scales, zeros = refit_block_scales(target, codes, scales, zeros, natural_damped,
-                                           scheme.block)
-        params = [GroupParams(scales[:, g], None if zeros is None else zeros[:, g])
-                  for g in range(scales.shape[1])]
+        scales, zeros, supers = stack_params(params, scheme)
+        params = unstack_params(*refit_block_scales(target, codes, scales, zeros,
+                                                    natural_damped, scheme.block, supers),
+                                scheme)
         width = scheme.group_width(w.shape[1])
         values = torch.cat([scheme.values(codes[:, g * width:(g + 1) * width], p)
                             for g, p in enumerate(params)], 1)
@@ -230,9 +251,9 @@ def quantize_weight(
     seconds = time.perf_counter() - start
     quality = (reconstruction_error(original, values, stats.hessian)
                if stats is not None and stats.has_hessian and error else math.nan)
-    scales, zeros = _stack(params)
+    scales, zeros, supers = stack_params(params, scheme)
     return QuantResult(values.to(weight.dtype), codes.to(torch.int16), scales, zeros, scheme,
-                       quality, seconds, used)
+                       quality, seconds, used, supers)
 
 
 def _on_kept_columns(weight, stats, scheme, keep, *, error: bool, **options) -> QuantResult:

@@ -17,6 +17,9 @@ Two families of grids:
   its formula, its bytes); a scheme of that name delegates its grid to the type. Their
   scales come from llama.cpp's formula, or, given an importance per column (``fit``'s
   ``importance``: the Hessian diagonal), from a search that minimises the weighted error.
+  The K-quants and ``iq4_xs`` (``engine.kquants``) are the same with super-blocks of 256: a
+  group is a sub-block (16 or 32 columns), but one fit (``fit_groups``) sees a whole
+  super-block, since the sub-block scales are integers on the super-block's factor.
 
 Codes are rounded to the nearest point of the stored grid (halves to even) and clamped to the
 range, so a weight moved by GPTQ's error feedback past the group's range lands on its edge.
@@ -32,6 +35,7 @@ import torch
 
 from ..errors import SnapPruneError
 from .blocks import BLOCK, BLOCK_TYPES, BlockType, Params, divide
+from .kquants import SUPER_BLOCK_TYPES
 
 GGUF_BLOCK = BLOCK
 """Values per llama.cpp quantisation block."""
@@ -40,10 +44,14 @@ GGUF_BLOCK = BLOCK
 @dataclass(frozen=True)
 class GroupParams:
     """A group's grid: ``scale`` (rows,) and, for asymmetric grids, ``zero`` (rows,): the
-    integer zero point (minmax) or the float16 minimum (``q4_1``, ``q5_1``)."""
+    integer zero point (minmax) or the float16 minimum (``q4_1``, ``q5_1``). A K-quant's
+    sub-block also carries its super-block's float16 factors ``d`` and ``dmin`` (rows,), which
+    its ``scale`` (``d · sc``) and ``zero`` (``−dmin · m``) are integer multiples of."""
 
     scale: torch.Tensor
     zero: torch.Tensor | None = None
+    d: torch.Tensor | None = None
+    dmin: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -109,14 +117,39 @@ class Scheme:
     def group_width(self, cols: int) -> int:
         return cols if self.group_size is None else self.group_size
 
+    def fit_width(self, cols: int) -> int:
+        """Columns one fit sees: a group, or a whole super-block of groups (K-quants)."""
+        if self.block is not None:
+            return self.block.span
+        return self.group_width(cols)
+
+    def holds(self, cols: int) -> bool:
+        """Whether rows of ``cols`` inputs are whole blocks (super-blocks) of this grid."""
+        return self.block is None or cols % self.block.span == 0
+
     def check_width(self, cols: int, name: str = "this layer") -> None:
-        """llama.cpp's blocks need whole blocks of 32 per row."""
-        if self.gguf and cols % GGUF_BLOCK:
+        """llama.cpp's blocks need whole blocks of 32 (super-blocks of 256) per row."""
+        if not self.holds(cols):
+            span = self.block.span
+            fix = ("a mix (Q4_K_M, ...) or --target-size gives such rows llama.cpp's fallback "
+                   "type" if span > GGUF_BLOCK else
+                   f"shrink with multiple_of {GGUF_BLOCK} or 64")
             raise SnapPruneError(
-                f"{self.name} quantises blocks of {GGUF_BLOCK} inputs, but {name} has {cols}; "
-                f"widths must be multiples of {GGUF_BLOCK} (shrink with multiple_of 32 or 64)")
+                f"{self.name} quantises blocks of {span} inputs, but {name} has {cols}; "
+                f"widths must be multiples of {span} ({fix})")
 
     # -- the grid -------------------------------------------------------------------------
+
+    def fit_groups(self, w: torch.Tensor, scale_dtype: torch.dtype = torch.float16,
+                   importance: torch.Tensor | None = None) -> list[GroupParams]:
+        """The grids of the groups in one fit's columns (``fit_width``): one group, or a
+        super-block's sub-blocks, fitted together."""
+        if self.block is None or self.block.subs == 1:
+            return [self.fit(w, scale_dtype, importance)]
+        w = w.to(torch.float32)
+        p = self.block.fit(w) if importance is None else self.block.search(w, importance)
+        return [GroupParams(p.scale[:, j], None if p.zero is None else p.zero[:, j], p.d,
+                            p.dmin) for j in range(self.block.subs)]
 
     def fit(self, w: torch.Tensor, scale_dtype: torch.dtype = torch.float16,
             importance: torch.Tensor | None = None) -> GroupParams:
@@ -124,6 +157,8 @@ class Scheme:
         (group columns,): the block types' scales searched to minimise the error weighted by
         it (``engine.blocks``); ``None``: the data-free formula."""
         w = w.to(torch.float32)
+        if self.block is not None and self.block.subs > 1:
+            raise ValueError(f"{self.name} fits whole super-blocks: use fit_groups")
         if self.block is not None:
             p = self.block.fit(w) if importance is None else self.block.search(w, importance)
             return GroupParams(p.scale, p.zero)
@@ -175,7 +210,8 @@ def _rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(stored == 0, torch.tensor(torch.finfo(dtype).eps), stored)
 
 
-_NAMED = {name: Scheme(name, block.bits, GGUF_BLOCK, not block.affine, name, block)
+assert set(SUPER_BLOCK_TYPES) <= set(BLOCK_TYPES)  # defined there, registered here
+_NAMED = {name: Scheme(name, block.bits, block.block, not block.affine, name, block)
           for name, block in BLOCK_TYPES.items()}
 _PATTERN = re.compile(r"^w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<asym>-asym|-sym)?$")
 BITS = (2, 3, 4, 8)

@@ -208,12 +208,10 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
             kv_heads if layer.endswith("k_proj") else None)
         if layer in quantized and name.endswith(".weight"):
             q = quantized[layer]
-            codes, scales = q.codes, q.scales
-            zeros = q.zeros
+            parts = (q.codes, q.scales, q.zeros, q.supers)
             if rows_heads is not None:
-                codes, scales = _permute(codes, rows_heads), _permute(scales, rows_heads)
-                zeros = None if zeros is None else _permute(zeros, rows_heads)
-            data = q.scheme.block.pack(codes, scales, zeros)
+                parts = tuple(None if p is None else _permute(p, rows_heads) for p in parts)
+            data = q.scheme.block.pack(*parts)
             writer.add_tensor(target, data, raw_dtype=GGMLQuantizationType[q.scheme.gguf_type])
             continue
         value = tensor.detach().to(torch.float32)

@@ -37,11 +37,16 @@ class QuantizedLayer:
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None = None
+    supers: torch.Tensor | None = None
+    """K-quants: the super-blocks' float16 factors (``QuantResult.supers``)."""
+    why: str = ""
+    """Why this layer has this type (a mix's rule, a fallback, the size allocation)."""
 
     def keep_rows(self, rows: torch.Tensor) -> QuantizedLayer:
         """The layer with only ``rows`` (output units) left, as cutting units out leaves it."""
         return QuantizedLayer(self.scheme, self.codes[rows], self.scales[rows],
-                              None if self.zeros is None else self.zeros[rows])
+                              None if self.zeros is None else self.zeros[rows],
+                              None if self.supers is None else self.supers[rows], self.why)
 
 
 @dataclass(kw_only=True)
@@ -88,8 +93,10 @@ def quantize_layer(name: str, module: nn.Module, stats: LayerStats | None,
         error=run.layer_errors and stats is not None, scales=settings.scales)
     set_linear_weight(module, result.weight)
     codes = result.codes.to(torch.int8 if result.codes.abs().max() < 128 else torch.int16)
-    run.quantized[name] = QuantizedLayer(result.scheme, codes.cpu(), result.scales.cpu(),
-                                         None if result.zeros is None else result.zeros.cpu())
+    run.quantized[name] = QuantizedLayer(
+        result.scheme, codes.cpu(), result.scales.cpu(),
+        None if result.zeros is None else result.zeros.cpu(),
+        None if result.supers is None else result.supers.cpu())
     shape = tuple(result.weight.shape)
     run.layers.append(LayerRecord(name, shape, 0.0, result.error, result.seconds, role,
                                   result.percdamp))
