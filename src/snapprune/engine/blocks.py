@@ -93,6 +93,11 @@ class BlockType:
         return BLOCK
 
     @property
+    def file_type(self) -> str:
+        """gguf-py's ``LlamaFileType`` member of a file mostly of this type."""
+        return f"MOSTLY_{self.gguf_type}"
+
+    @property
     def span(self) -> int:
         """Weights one fit sees at once: a block (a super-block for the K-quants)."""
         return BLOCK

@@ -364,6 +364,7 @@ class Q3_K(SuperBlockType):
 
     name, gguf_type, bits = "q3_k", "Q3_K", 3
     grid, sub, scale_bits, block_bytes = _Symmetric(3), 16, 6, 110
+    file_type = "MOSTLY_Q3_K_S"  # llama.cpp names no file of one K type; the nearest
 
     def pack_super(self, codes, sc, m, d, dmin):
         n = codes.shape[0]
@@ -384,6 +385,7 @@ class Q4_K(SuperBlockType):
 
     name, gguf_type, bits = "q4_k", "Q4_K", 4
     grid, sub, scale_bits, block_bytes = _Affine(4), 32, 6, 144
+    file_type = "MOSTLY_Q4_K_S"  # llama.cpp names no file of one K type; the nearest
 
     def pack_super(self, codes, sc, m, d, dmin):
         q = codes.reshape(-1, 4, 2, 32)
@@ -396,6 +398,7 @@ class Q5_K(SuperBlockType):
 
     name, gguf_type, bits = "q5_k", "Q5_K", 5
     grid, sub, scale_bits, block_bytes = _Affine(5), 32, 6, 176
+    file_type = "MOSTLY_Q5_K_S"  # llama.cpp names no file of one K type; the nearest
 
     def pack_super(self, codes, sc, m, d, dmin):
         q = codes.reshape(-1, 4, 2, 32)

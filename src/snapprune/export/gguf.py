@@ -152,6 +152,19 @@ def _pre_tokenizer(path: Path) -> str:
     return "default"
 
 
+def _file_type(record) -> str:
+    """llama.cpp's name for the file: its mix, ``GUESSED`` for a size target's own mix, the
+    type's own otherwise."""
+    if record is None:
+        return "MOSTLY_F16"
+    settings = record.settings
+    if settings.sized:
+        return "GUESSED"
+    if settings.parsed_mix is not None:
+        return f"MOSTLY_{settings.parsed_mix.name}"
+    return record.scheme.block.file_type
+
+
 def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     from gguf import (
         MODEL_ARCH,
@@ -165,7 +178,6 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     config = model.config
     record = outcome.run_of("quantize")
     quantized = record.quantized if record is not None else {}
-    scheme = record.scheme if record is not None else None
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     path = directory / FILE_NAME
@@ -184,8 +196,7 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(LlamaFileType[f"MOSTLY_{scheme.gguf_type}"] if scheme is not None
-                         else LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(LlamaFileType[_file_type(record)])
     writer.add_quantization_version(2)
     source = source_gguf(job.model)
     note = None

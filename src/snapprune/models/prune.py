@@ -20,7 +20,8 @@ from .capture import BATCH_SIZE, BlockInputs, home_device
 from .layout import input_width, linear_weight, set_linear_weight
 from .quantize import (
     QuantizeRun,
-    check_quantizable,
+    output_statistics,
+    plan_types,
     quantize_embeddings,
     quantize_layer,
     refuse_under_ranks,
@@ -163,10 +164,10 @@ def prune_model(
     layers, run = start_prune_run(model, settings, layer_errors=layer_errors)
     if quantize is not None:
         refuse_under_ranks()
-        check_quantizable(layers, quantize)
         run.quantization = QuantizeRun(
             settings=quantize, layer_errors=layer_errors,
-            scale_dtype=str(scale_dtype_for(model)).removeprefix("torch."))
+            scale_dtype=str(scale_dtype_for(model)).removeprefix("torch."),
+            plan=plan_types(model, layers, quantize))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -190,7 +191,9 @@ def prune_model(
                    batch_size=batch_size, progress=progress, block_inputs=block_inputs,
                    desc=f"{settings.method} {settings.pattern}"
                         + (f" + {quantize.scheme}" if quantize else ""),
-                   activations=activations, layer_cost=layer_cost(settings))
+                   activations=activations, layer_cost=layer_cost(settings),
+                   after=None if quantize is None else output_statistics(
+                       model, run.quantization, device))
     if run.quantization is not None:
         quantize_embeddings(model, run.quantization)
         run.quantization.total_seconds = run.quantization.solver_seconds

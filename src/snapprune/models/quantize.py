@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from ..engine import LayerStats
+from ..engine.mixes import KINDS, OUTPUT, TOKEN_EMBD, Choice, Slot, uniform
 from ..engine.quantizers import quantize_weight
-from ..engine.schemes import GGUF_BLOCK, Scheme
+from ..engine.schemes import GGUF_BLOCK, Scheme, parse_scheme
 from ..errors import SnapPruneError
 from ..memory import peak_bytes
 from .adapters import adapter_for
@@ -57,6 +58,10 @@ class QuantizeRun(RunRecord):
     settings: QuantizeSettings
     scale_dtype: str = "float16"
     quantized: dict[str, QuantizedLayer] = field(default_factory=dict, repr=False)
+    plan: dict[str, Choice] = field(default_factory=dict)
+    """Each tensor's type and why (``plan_types``; a size target's allocation)."""
+    output_stats: LayerStats | None = field(default=None, repr=False)
+    """The output matrix's input statistics (the final norm's outputs), when calibrated."""
 
     @property
     def scheme(self) -> Scheme:
@@ -70,23 +75,80 @@ def scale_dtype_for(model: nn.Module) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
 
 
-def check_quantizable(layers: dict[int, dict[str, nn.Module]], settings: QuantizeSettings,
-                      widths: dict[str, int] | None = None) -> None:
-    """Refuse before any work a scheme whose blocks do not fit a layer's inputs (``widths``:
-    the inputs a layer will have once units are cut out)."""
-    scheme = settings.parsed_scheme
-    for named in layers.values():
+def embedding_names(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """The token embedding and the output matrix by model-relative name, with their kind
+    (``token_embd``; ``output``, only when not tied to the embedding)."""
+    named = {module: name for name, module in model.named_modules()}
+    embedding = model.get_input_embeddings()
+    out = {named[embedding]: (embedding, TOKEN_EMBD)}
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not embedding.weight:
+        out[named[output]] = (output, OUTPUT)
+    return out
+
+
+def tensor_slots(model: nn.Module, layers: dict[int, dict[str, nn.Module]],
+                 widths: dict[str, int] | None = None) -> list[Slot]:
+    """Every tensor a GGUF type is chosen for, as llama.cpp's rules see it (``widths``: the
+    inputs a layer will have once units are cut out)."""
+    config = model.config
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    gqa = heads // (getattr(config, "num_key_value_heads", None) or heads)
+    roles = layer_roles(model)
+    count = len(adapter_for(model).decoder_blocks(model))
+    slots = []
+    for index, named in layers.items():
         for name, module in named.items():
-            scheme.check_width((widths or {}).get(name, input_width(module)), name)
+            rows = linear_weight(module).shape[0]
+            cols = (widths or {}).get(name, input_width(module))
+            slots.append(Slot(name, KINDS.get(roles.get(name, ""), "other"), index, count,
+                              rows, cols, gqa))
+    embeddings = embedding_names(model)
+    tied = OUTPUT not in {kind for _, kind in embeddings.values()}
+    for name, (module, kind) in embeddings.items():
+        rows, cols = module.weight.shape
+        slots.append(Slot(name, kind, 0, 1, rows, cols, gqa, tied=kind == TOKEN_EMBD and tied))
+    return slots
+
+
+def plan_types(model: nn.Module, layers: dict[int, dict[str, nn.Module]],
+               settings: QuantizeSettings, widths: dict[str, int] | None = None,
+               ) -> dict[str, Choice]:
+    """Each tensor's type and why: the scheme (through llama.cpp's fallback), or a mix's
+    rules; refuses before any work a type that cannot hold a layer's rows."""
+    scheme = settings.parsed_scheme
+    mix = settings.parsed_mix
+    plan = {}
+    for slot in tensor_slots(model, layers, widths):
+        embedding = slot.kind in (OUTPUT, TOKEN_EMBD)
+        if not scheme.gguf:
+            if not embedding:
+                scheme.check_width(slot.cols, slot.name)
+                plan[slot.name] = Choice(scheme.name, "the scheme asked for")
+            continue
+        if embedding and slot.cols % GGUF_BLOCK:
+            continue  # stays float16, as llama.cpp keeps it
+        plan[slot.name] = (mix.choose(slot, settings.needs_calibration) if mix is not None
+                           else uniform(scheme.name, slot))
+    return plan
+
+
+def check_quantizable(model: nn.Module, layers: dict[int, dict[str, nn.Module]],
+                      settings: QuantizeSettings, widths: dict[str, int] | None = None) -> None:
+    """Refuse before any work a scheme whose blocks do not fit a layer's inputs."""
+    plan_types(model, layers, settings, widths)
 
 
 def quantize_layer(name: str, module: nn.Module, stats: LayerStats | None,
                    settings: QuantizeSettings, run: QuantizeRun, log, *,
                    mask: torch.Tensor | None = None, upper: torch.Tensor | None = None,
                    keep_columns: torch.Tensor | None = None, role: str = "") -> None:
-    """Quantise one layer in place; record it and keep its codes and scales."""
+    """Quantise one layer in place on the type the run's plan gives it (the settings' scheme
+    where it has none); record it and keep its codes and scales."""
+    choice = run.plan.get(name)
+    scheme = settings.parsed_scheme if choice is None else parse_scheme(choice.scheme)
     result = quantize_weight(
-        linear_weight(module), stats, settings.parsed_scheme, method=settings.method, mask=mask,
+        linear_weight(module), stats, scheme, method=settings.method, mask=mask,
         act_order=settings.act_order, blocksize=settings.blocksize,
         percdamp=settings.percdamp, upper=upper,
         scale_dtype=getattr(torch, run.scale_dtype), keep_columns=keep_columns,
@@ -96,7 +158,8 @@ def quantize_layer(name: str, module: nn.Module, stats: LayerStats | None,
     run.quantized[name] = QuantizedLayer(
         result.scheme, codes.cpu(), result.scales.cpu(),
         None if result.zeros is None else result.zeros.cpu(),
-        None if result.supers is None else result.supers.cpu())
+        None if result.supers is None else result.supers.cpu(),
+        "" if choice is None else choice.why)
     shape = tuple(result.weight.shape)
     run.layers.append(LayerRecord(name, shape, 0.0, result.error, result.seconds, role,
                                   result.percdamp))
@@ -119,19 +182,29 @@ def quantize_model(
     block_inputs: BlockInputs | None = None,
     activations: str = "auto",
     layer_errors: bool = True,
+    metadata: int = 0,
 ) -> QuantizeRun:
     """Quantise every decoder-block linear layer of ``model`` in place: GPTQ block by block on
     the calibration activations (each block's layers on the inputs the already quantised
-    blocks before it produce), or round-to-nearest without data."""
+    blocks before it produce), or round-to-nearest without data. Each tensor's type is the
+    run's plan (``plan_types``; with a size target, measured and allocated first, ``metadata``
+    being the GGUF file's bytes besides its tensors)."""
     device = torch.device(device)
     start = time.perf_counter()
     settings.check()
     layers = target_layers(model, settings.include, settings.exclude)
-    check_quantizable(layers, settings)
     roles = layer_roles(model)
     run = QuantizeRun(settings=settings, architecture=adapter_for(model).describe(model),
                       layer_errors=layer_errors,
-                      scale_dtype=str(scale_dtype_for(model)).removeprefix("torch."))
+                      scale_dtype=str(scale_dtype_for(model)).removeprefix("torch."),
+                      plan=plan_types(model, layers, settings))
+    if settings.sized:
+        from .allocation import sized_plan
+
+        run.plan, run.output_stats = sized_plan(
+            model, layers, settings, run, calibration, device=device, batch_size=batch_size,
+            progress=progress, block_inputs=block_inputs, activations=activations,
+            metadata=metadata)
     if not settings.needs_calibration:
         for named in layers.values():
             for name, module in named.items():
@@ -147,7 +220,8 @@ def quantize_model(
 
         run_blocks(model, layers, step, calibration, run, device=device, batch_size=batch_size,
                    progress=progress, block_inputs=block_inputs,
-                   desc=f"{settings.method} {settings.scheme}", activations=activations)
+                   desc=f"{settings.method} {settings.scheme}", activations=activations,
+                   after=output_statistics(model, run, device))
     quantize_embeddings(model, run)
     run.total_seconds = time.perf_counter() - start
     run.peak_memory_bytes = peak_bytes(device)
@@ -155,35 +229,69 @@ def quantize_model(
     return run
 
 
-EMBEDDING_SCHEME = "q8_0"
-"""llama.cpp's block types come with the token embedding (and an untied output matrix) on
-its ``q8_0`` grid, as llama.cpp's own q4_0/q8_0 conversions store them."""
-
-
 @torch.no_grad()
 def quantize_embeddings(model: nn.Module, run: QuantizeRun) -> None:
-    """For llama.cpp's schemes: round the token embedding and an untied output matrix to
-    ``q8_0`` (round-to-nearest: no Hessian here), in the model and in the run's codes, so
-    that the model evaluated is the file written. Widths that are not whole blocks stay."""
+    """For llama.cpp's schemes: the token embedding and an untied output matrix on the type
+    the plan gives them (``q8_0`` with a plain scheme), in the model and in the run's codes,
+    so that the model evaluated is the file written. With the output matrix's statistics
+    (``output_stats``) the scales are searched by its Hessian diagonal (weighted rounding;
+    a tied embedding is the output matrix too), else rounded on the formula's. Widths that
+    are not whole blocks stay float16."""
     if not run.scheme.gguf:
         return
-    named = {module: name for name, module in model.named_modules()}
-    embeddings = [model.get_input_embeddings()]
-    output = model.get_output_embeddings()
-    if output is not None and output.weight is not embeddings[0].weight:
-        embeddings.append(output)
-    for module in embeddings:
+    for name, (module, _kind) in embedding_names(model).items():
+        choice = run.plan.get(name) or uniform(run.scheme.name, Slot(name, _kind, 0, 1,
+                                                                    *module.weight.shape))
         weight = module.weight
         if weight.shape[1] % GGUF_BLOCK:
             continue
         start = time.perf_counter()
-        result = quantize_weight(weight.data, None, EMBEDDING_SCHEME, method="rtn")
+        stats = run.output_stats
+        if stats is not None and stats.columns == weight.shape[1]:
+            result = quantize_weight(weight.data, stats, choice.scheme, method="weighted-rtn",
+                                     error=run.layer_errors)
+        else:
+            result = quantize_weight(weight.data, None, choice.scheme, method="rtn")
         weight.data.copy_(result.weight)
-        name = named[module]
-        run.quantized[name] = QuantizedLayer(result.scheme, result.codes.to(torch.int8),
-                                             result.scales, None)
-        run.layers.append(LayerRecord(name, tuple(weight.shape), 0.0, float("nan"),
+        codes = result.codes.to(torch.int8 if result.codes.abs().max() < 128 else torch.int16)
+        run.quantized[name] = QuantizedLayer(result.scheme, codes, result.scales, result.zeros,
+                                             result.supers, choice.why)
+        run.layers.append(LayerRecord(name, tuple(weight.shape), 0.0, result.error,
                                       time.perf_counter() - start, "embedding"))
+
+
+def output_statistics(model: nn.Module, run: QuantizeRun, device: torch.device):
+    """A ``run_blocks`` hook that, after the last block, gathers the output matrix's input
+    statistics (the final norm of the last block's outputs) into ``run.output_stats``, so the
+    embedding's scales are searched like every layer's (``quantize_embeddings``)."""
+    adapter = adapter_for(model)
+    last = len(adapter.decoder_blocks(model)) - 1
+    norm = _module(model, adapter.final_norm)
+
+    def after(index: int, inputs) -> None:
+        if index != last or not run.settings.parsed_scheme.gguf:
+            return
+        stats = LayerStats(model.config.hidden_size, device=device)
+        home = home_device(norm) if norm is not None else device
+        if norm is not None:
+            norm.to(device)
+        for x in inputs.batches:
+            x = x.to(device)
+            stats.add(norm(x) if norm is not None else x)
+        if norm is not None:
+            norm.to(home)
+        run.output_stats = stats
+
+    return after
+
+
+def _module(model: nn.Module, path: str | None) -> nn.Module | None:
+    if not path:
+        return None
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def refuse_under_ranks() -> None:

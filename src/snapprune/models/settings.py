@@ -10,6 +10,7 @@ from functools import cached_property
 from typing import ClassVar
 
 from ..engine import METRICS, check_settings, get_method
+from ..engine.mixes import Mix, parse_mix
 from ..engine.quantizers import get_quantizer, scales_for
 from ..engine.schemes import Scheme, parse_scheme
 from ..errors import SnapPruneError
@@ -153,6 +154,11 @@ class QuantizeSettings:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     scales: str | None = None
+    target_size: float | None = None
+    """GGUF file size to fill, in MB (10⁶ bytes): each tensor's type chosen to minimise the
+    measured error within it (``models.allocation``)."""
+    target_bpw: float | None = None
+    """The same budget as bits per quantised weight (scales included)."""
 
     kind: ClassVar[str] = "quantize"
 
@@ -164,10 +170,21 @@ class QuantizeSettings:
                                    else tuple(value))
 
     @cached_property
+    def parsed_mix(self) -> Mix | None:
+        """llama.cpp's mix of that name (``Q4_K_M``, ...), ``None`` for a plain scheme."""
+        return parse_mix(self.scheme)
+
+    @cached_property
     def parsed_scheme(self) -> Scheme:
         """The scheme as a typed value, parsed once (the quantiser, the writers and the report
-        read this, never the string)."""
-        return parse_scheme(self.scheme)
+        read this, never the string); a mix's base type."""
+        mix = self.parsed_mix
+        return parse_scheme(self.scheme if mix is None else mix.base)
+
+    @property
+    def sized(self) -> bool:
+        """Whether a size target chooses each tensor's type."""
+        return self.target_size is not None or self.target_bpw is not None
 
     @property
     def needs_calibration(self) -> bool:
@@ -175,12 +192,26 @@ class QuantizeSettings:
 
     def resolved(self) -> QuantizeSettings:
         self.check()
-        return replace(self, scheme=self.parsed_scheme.name, scales=scales_for(
+        name = self.parsed_scheme.name if self.parsed_mix is None else self.parsed_mix.name
+        return replace(self, scheme=name, scales=scales_for(
             get_quantizer(self.method), self.parsed_scheme, self.scales))
 
     def check(self) -> None:
         self.parsed_scheme  # noqa: B018 (parsing is the check)
         scales_for(get_quantizer(self.method), self.parsed_scheme, self.scales)
+        if self.target_size is not None and self.target_bpw is not None:
+            raise SnapPruneError("give one size target: target_size (MB) or target_bpw")
+        for name in ("target_size", "target_bpw"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value <= 0
+                                      or not math.isfinite(value)):
+                raise SnapPruneError(f"{name} must be a positive number, got {value!r}")
+        if self.sized and not self.parsed_scheme.gguf:
+            raise SnapPruneError(f"a size target chooses among llama.cpp's types, not "
+                                 f"{self.scheme}; use a GGUF scheme (q4_0, Q4_K_M, ...)")
+        if self.sized and not self.needs_calibration:
+            raise SnapPruneError("a size target measures each type's error on calibration "
+                                 "statistics; use method gptq or weighted-rtn")
         if not isinstance(self.blocksize, int) or self.blocksize < 1:
             raise SnapPruneError(f"quantiser blocksize must be a positive integer, got "
                                  f"{self.blocksize!r}")

@@ -32,7 +32,8 @@ from .layout import is_conv1d, linear_weight, set_linear_weight
 from .loading import with_weights
 from .quantize import (
     QuantizeRun,
-    check_quantizable,
+    output_statistics,
+    plan_types,
     quantize_embeddings,
     quantize_layer,
     refuse_under_ranks,
@@ -203,10 +204,11 @@ def shrink_model(
         if missing:
             raise SnapPruneError(f"the layers that lose units must be quantised too; "
                                  f"{sorted(missing)[0]} is excluded")
-        check_quantizable(layers, quantize, widths=_cut_widths(plan, consumers, mlp_out))
         run.quantization = QuantizeRun(
             settings=quantize, layer_errors=True,
-            scale_dtype=str(scale_dtype_for(model)).removeprefix("torch."))
+            scale_dtype=str(scale_dtype_for(model)).removeprefix("torch."),
+            plan=plan_types(model, layers, quantize,
+                            widths=_cut_widths(plan, consumers, mlp_out)))
     roles = layer_roles(model)
 
     def step(index: int, named: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
@@ -264,7 +266,9 @@ def shrink_model(
                    batch_size=batch_size, progress=progress, block_inputs=block_inputs,
                    desc=f"shrink {settings.method}"
                         + (f" + {quantize.scheme}" if quantize else ""),
-                   activations=activations)
+                   activations=activations,
+                   after=None if quantize is None else output_statistics(
+                       model, run.quantization, device))
     else:
         for index, named in layers.items():
             step(index, named, {})

@@ -5,13 +5,15 @@ prune or shrink step before it (the same statistics and factor, pruned weights k
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+from ..engine.mixes import FALLBACK, MIXES
 from ..engine.quantizers import SCALES, get_quantizer, quantize_weight, quantizer_names
-from ..engine.schemes import GGUF_SCHEMES, SCHEME_NAMES
+from ..engine.schemes import GGUF_SCHEMES, SCHEME_NAMES, parse_scheme
 from ..errors import SnapPruneError
 from ..flags import Command, Flag, default_text, number, positive_int
 from ..models.layout import linear_weight
-from ..models.quantize import check_quantizable, quantize_model
+from ..models.quantize import check_quantizable, quantize_model, tensor_slots
 from ..models.records import mean_layer_error
 from ..models.settings import QuantizeSettings
 from ..models.targets import target_layers
@@ -24,13 +26,18 @@ uses) and spreads each rounding error over the columns still to come; round-to-n
 rtn) needs no data. With llama.cpp's block types each block's scale is searched to minimise the
 error weighted by the Hessian diagonal (--scales search, the default of gptq and weighted-rtn;
 --scales absmax: the format's formula). Schemes: llama.cpp's q4_0, q5_0, q8_0, iq4_nl, q4_1,
-q5_1 (blocks of 32, float16 scales; --format gguf writes them exactly as chosen) and
+q5_1 (blocks of 32), the K-quants q2_k ... q6_k and iq4_xs (super-blocks of 256; rows that are
+not multiples of 256 get llama.cpp's fallback type, stated in the report), llama.cpp's mixes
+Q2_K, Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M, Q6_K, IQ4_XS, IQ4_NL (its per-tensor rules), and
 w<bits>[g<group>][-asym] (compressed-tensors' grids; --format compressed-tensors writes 4 and 8
-bits for vLLM). hf writes de-quantised
-safetensors for any scheme.
+bits for vLLM). --target-size MB (or --target-bpw B) measures every tensor's error under every
+llama.cpp type and chooses the types with the least total error that fill the GGUF file to that
+size. hf writes de-quantised safetensors for any scheme.
 
 examples:
   snapprune quantize --model smollm2-135m --scheme q4_0 --format gguf --out runs/q4_0
+  snapprune quantize --model smollm2-135m --scheme Q4_K_M --format gguf --out runs/q4_k_m
+  snapprune quantize --model smollm2-135m --target-size 80 --format gguf --out runs/80mb
   snapprune prune --model smollm2-135m --method thanos --quantize q4_0 --format gguf \\
       --out runs/thanos50-q4_0                          # joint: pruned weights stay 0
   snapprune shrink --model smollm2-135m --mlp 0.3 --heads 0.34 --quantize q4_0 \\
@@ -39,8 +46,13 @@ examples:
 
 SCHEMES_HELP = (
     f"quantisation schemes: {', '.join(GGUF_SCHEMES)} (llama.cpp's block types, for --format "
-    "gguf) or w<bits>[g<group>][-asym] with bits 2, 3, 4, 8 (compressed-tensors' grids, for "
+    f"gguf), llama.cpp's mixes {', '.join(MIXES)} (per-tensor types by its rules), or "
+    "w<bits>[g<group>][-asym] with bits 2, 3, 4, 8 (compressed-tensors' grids, for "
     "--format compressed-tensors when 4 or 8 bits): e.g. " + ", ".join(SCHEME_NAMES))
+TARGET_HELP = ("fill the GGUF file to this size in MB (10^6 bytes): every tensor's output error "
+               "measured under every llama.cpp type (one calibration pass), then the types with "
+               "the least total error that fit (the token embedding / output matrix included)")
+BPW_HELP = ("the same as --target-size, as bits per quantised weight (scales included)")
 SCALES_HELP = ("how block scales are chosen: search (llama.cpp's block types, with calibration: "
                "each block's scale minimises the error weighted by the Hessian diagonal, then "
                "GPTQ or rounding on that grid) or absmax (the format's formula); default: the "
@@ -86,6 +98,10 @@ class QuantizeStep(Step):
         Flag("act_order", ("--act-order",), ACT_ORDER_HELP, action="store_true",
              show_default=False),
         Flag("scales", ("--scales",), SCALES_HELP, choices=lambda: SCALES, show_default=False),
+        Flag("target_size", ("--target-size",), TARGET_HELP, type=number, metavar="MB",
+             show_default=False),
+        Flag("target_bpw", ("--target-bpw",), BPW_HELP, type=number, metavar="B",
+             show_default=False),
     )
     fused_flags = (
         Flag("scheme", ("--quantize",), "also quantise every pruned layer, in the same pass, "
@@ -105,15 +121,32 @@ class QuantizeStep(Step):
 
     def check(self, settings: QuantizeSettings, job) -> None:
         settings.check()
-        if "zeros" in earlier_changes(job, self.name) and not settings.parsed_scheme.exact_zero:
+        earlier = earlier_changes(job, self.name)
+        if "zeros" in earlier and not all(parse_scheme(t).exact_zero
+                                          for t in _types_of(settings)):
             raise SnapPruneError(f"{settings.scheme}'s grid has no exact zero, so pruned "
-                                 "weights would not stay 0; use q4_0, q8_0 or a w* scheme")
+                                 "weights would not stay 0; use q4_0, q8_0, q3_k, q6_k or a "
+                                 "w* scheme")
+        fmt = job.output.format if job.output is not None else None
+        what = ("a size target" if settings.sized else
+                f"llama.cpp's mix {settings.parsed_mix.name}" if settings.parsed_mix else None)
+        if what and fmt == "compressed-tensors":
+            raise SnapPruneError(f"{what} chooses llama.cpp's types, which only GGUF holds; "
+                                 "write --format gguf (or hf, de-quantised)")
+        if settings.sized and earlier:
+            raise SnapPruneError("a size target measures the model as it is: prune or shrink "
+                                 "first, then quantise that output with --target-size")
 
     def check_model(self, settings: QuantizeSettings, job, model) -> None:
         # After a step that cuts layers smaller, that step checks the cut widths itself.
         if "shapes" not in earlier_changes(job, self.name):
-            check_quantizable(target_layers(model, settings.include, settings.exclude),
-                              settings)
+            layers = target_layers(model, settings.include, settings.exclude)
+            check_quantizable(model, layers, settings)
+            if settings.sized:
+                from ..models.allocation import budget_bytes
+
+                budget_bytes(model, tensor_slots(model, layers), settings,
+                             _metadata_bytes(job))
 
     def estimate_layers(self, settings: QuantizeSettings, model) -> dict[str, float | None]:
         return dict.fromkeys(first_block_layers(model, settings.include, settings.exclude))
@@ -135,7 +168,9 @@ class QuantizeStep(Step):
         block_pass = bench.block_pass(job, calibrated=settings.needs_calibration,
                                       verbose=context.verbose)
         run = quantize_model(bench.model, None, settings,
-                             layer_errors=job.execution.layer_errors, **block_pass.options)
+                             layer_errors=job.execution.layer_errors,
+                             metadata=_metadata_bytes(job) if settings.sized else 0,
+                             **block_pass.options)
         return block_pass.account(run)
 
     def log_line(self, run, *, fused: bool = False) -> str:
@@ -147,6 +182,13 @@ class QuantizeStep(Step):
         scheme = run.scheme
         mean = mean_layer_error(run.layers)
         error = f"; mean layer error {mean:.4f}" if mean is not None else ""
+        counts = _type_counts(run)
+        if len(counts) > 1 or run.settings.parsed_mix or run.settings.sized:
+            what = (f"size target {_target_text(run.settings)}" if run.settings.sized else
+                    run.settings.parsed_mix.name if run.settings.parsed_mix else scheme.name)
+            types = ", ".join(f"{n} {t}" for t, n in counts.items())
+            return (f"{run.settings.method} {what} ({types}; {run.settings.scales} scales) on "
+                    f"{len(run.layers)} tensors{error}")
         return (f"{run.settings.method} {scheme.name} ({scheme.bits_per_weight:g} bits per "
                 f"weight, {run.settings.scales} scales) on {len(run.layers)} layers{error}")
 
@@ -163,8 +205,11 @@ class QuantizeStep(Step):
             "settings": asdict(run.settings),
             "mean_layer_error": mean_layer_error(run.layers),
             "seconds": run.solver_seconds,
+            "types": _type_counts(run),
+            "bits_per_weight_mean": _mean_bits(run),
             "layers": [{"name": r.name, "shape": r.shape, "error": r.error,
-                        "seconds": r.seconds} for r in run.layers]}}
+                        "seconds": r.seconds, **_type_of(run, r.name)}
+                       for r in run.layers]}}
 
     def next_step(self, job, where) -> str | None:
         if self.name in job.kinds:
@@ -172,3 +217,76 @@ class QuantizeStep(Step):
         return (f"  snapprune quantize --model {where} --scheme q4_0 --format gguf --out "
                 f"{where}-q4_0      # 4-bit, for llama.cpp")
 
+
+
+def _types_of(settings: QuantizeSettings) -> set[str]:
+    """Every type a scheme or mix may give a tensor (fallbacks included)."""
+    mix = settings.parsed_mix
+    types = {settings.parsed_scheme.name}
+    if mix is not None:
+        types |= {mix.base, "q8_0", "q6_k"} | {rule.scheme for rule in mix.rules}
+    if settings.sized:
+        from ..engine.mixes import CANDIDATES
+
+        types |= set(CANDIDATES)
+    return types | {FALLBACK[t] for t in types if t in FALLBACK}
+
+
+def _metadata_bytes(job) -> int:
+    """The GGUF file's bytes besides its tensors: as the source GGUF file holds them (the
+    tokenizer is carried over), else about the size of the tokenizer's ``tokenizer.json``
+    (its tokens and merges, which the file holds as strings) and each tensor's entry."""
+    from ..export.gguf import source_gguf
+    from ..models.loading import resolve_model
+
+    source = source_gguf(job.model)
+    if source is not None:
+        from gguf import GGUFReader
+
+        return int(GGUFReader(str(source)).data_offset)
+    try:
+        where = Path(resolve_model(job.model).path)
+    except SnapPruneError:
+        return 0
+    files = list(where.glob("tokenizer.json")) + list(where.glob("tokenizer.model"))
+    return sum(f.stat().st_size for f in files) + TENSOR_ENTRY_BYTES * _tensor_count(where)
+
+
+TENSOR_ENTRY_BYTES = 128
+"""A tensor's entry in a GGUF header (name, shape, type, offset) and its alignment, at most."""
+
+
+def _tensor_count(where: Path) -> int:
+    import json
+
+    config = where / "config.json"
+    if not config.is_file():
+        return 0
+    layers = json.loads(config.read_text(encoding="utf-8")).get("num_hidden_layers", 0)
+    return 12 * int(layers or 0) + 3
+
+
+def _type_counts(run) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for q in run.quantized.values():
+        counts[q.scheme.name] = counts.get(q.scheme.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _mean_bits(run) -> float | None:
+    total = bits = 0
+    for q in run.quantized.values():
+        n = q.codes.numel()
+        total, bits = total + n, bits + n * q.scheme.bits_per_weight
+    return bits / total if total else None
+
+
+def _type_of(run, name: str) -> dict:
+    q = run.quantized.get(name)
+    return {} if q is None else {"type": q.scheme.name, "why": q.why}
+
+
+def _target_text(settings: QuantizeSettings) -> str:
+    if settings.target_size is not None:
+        return f"{settings.target_size:g} MB"
+    return f"{settings.target_bpw:g} bits per weight"
