@@ -257,7 +257,7 @@ def test_a_type_that_cannot_hold_the_rows_is_refused(tiny_dir, tmp_path, capsys)
 def test_slots_see_gqa_and_kinds(wide_dir):
     from transformers import AutoModelForCausalLM
 
-    from snapprune.models.quantize import tensor_slots
+    from snapprune.models.slots import tensor_slots
 
     model = AutoModelForCausalLM.from_pretrained(wide_dir)
     slots = {s.name: s for s in tensor_slots(model, target_layers(model))}

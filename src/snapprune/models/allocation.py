@@ -25,6 +25,7 @@ from ..errors import SnapPruneError
 from .blockloop import run_blocks
 from .layout import linear_weight
 from .settings import QuantizeSettings
+from .slots import output_statistics, tensor_slots
 
 SAMPLE_ROWS = 256
 """Rows of each tensor the error is measured on (evenly spaced; all when fewer)."""
@@ -97,8 +98,6 @@ def sized_plan(model: nn.Module, layers, settings: QuantizeSettings, run, calibr
                metadata: int = 0) -> tuple[dict[str, Choice], LayerStats | None]:
     """Each tensor's type for the size target, and the output matrix's statistics: one pass
     measuring every candidate's error, then the allocation."""
-    from .quantize import output_statistics, tensor_slots
-
     slots = tensor_slots(model, layers)
     by_name = {s.name: s for s in slots}
     budget = budget_bytes(model, slots, settings, metadata)

@@ -20,7 +20,6 @@ from .capture import BATCH_SIZE, BlockInputs, home_device
 from .layout import input_width, linear_weight, set_linear_weight
 from .quantize import (
     QuantizeRun,
-    output_statistics,
     plan_types,
     quantize_embeddings,
     quantize_layer,
@@ -29,6 +28,7 @@ from .quantize import (
 )
 from .records import LayerRecord, RunRecord
 from .settings import PruneSettings, QuantizeSettings
+from .slots import output_statistics
 from .targets import check_finite, layer_roles, target_layers
 
 

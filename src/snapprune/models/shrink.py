@@ -32,7 +32,6 @@ from .layout import is_conv1d, linear_weight, set_linear_weight
 from .loading import with_weights
 from .quantize import (
     QuantizeRun,
-    output_statistics,
     plan_types,
     quantize_embeddings,
     quantize_layer,
@@ -41,6 +40,7 @@ from .quantize import (
 )
 from .records import LayerRecord, RunRecord
 from .settings import QuantizeSettings, ShrinkSettings
+from .slots import output_statistics
 from .targets import layer_roles, target_layers
 
 

@@ -13,9 +13,10 @@ from ..engine.schemes import GGUF_SCHEMES, SCHEME_NAMES, parse_scheme
 from ..errors import SnapPruneError
 from ..flags import Command, Flag, default_text, number, positive_int
 from ..models.layout import linear_weight
-from ..models.quantize import check_quantizable, quantize_model, tensor_slots
+from ..models.quantize import check_quantizable, quantize_model
 from ..models.records import mean_layer_error
 from ..models.settings import QuantizeSettings
+from ..models.slots import tensor_slots
 from ..models.targets import target_layers
 from .base import EstimatePart, Probe, Step, StepContext, earlier_changes
 from .prune import first_block_layers
