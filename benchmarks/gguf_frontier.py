@@ -9,7 +9,12 @@ the held-out tail of the C4 validation file): perplexity, and the KL divergence 
 next-token distributions from the f16 file's (``--kl-divergence``). Each tool's time is kept.
 
     python benchmarks/gguf_frontier.py --out runs/frontier               # q4_0 and iq4_nl
+    python benchmarks/gguf_frontier.py --out runs/frontier --types Q4_K_M Q3_K_M \
+        --variants gptq --target 0.9                                     # mixes, size target
     python benchmarks/gguf_frontier.py --out runs/frontier --seeds 0 1 2 # calibration seeds
+
+``--target F``: snapprune's ``--target-size`` at ``F`` times the size of llama.cpp's
+``Q4_0 --imatrix`` file (``0.9``: below anything llama.cpp's mixes reach for SmolLM2).
 
 Writes ``results.json``, ``table.md`` and ``frontier.png`` (perplexity and KLD against file size,
 both tools' points) into ``--out``; finished measurements are reused on a rerun.
@@ -37,7 +42,9 @@ HELDOUT_DOCS = 500
 CALIBRATION = (32, 512)
 """Windows × tokens, for both tools."""
 EVAL_CHUNKS, EVAL_CTX = 24, 512
-LLAMA_TYPES = {"q4_0": "Q4_0", "iq4_nl": "IQ4_NL"}
+LLAMA_TYPES = {"q4_0": "Q4_0", "iq4_nl": "IQ4_NL", "Q4_K_M": "Q4_K_M", "Q3_K_M": "Q3_K_M",
+               "IQ4_XS": "IQ4_XS", "Q4_K_S": "Q4_K_S", "Q5_K_M": "Q5_K_M"}
+"""snapprune's scheme (a block type or a mix of the same name) → llama-quantize's type."""
 SNAPPRUNE_VARIANTS = {
     "gptq": ("--method", "gptq"),            # searched scales, GPTQ, refit (the default)
     "gptq-act-order": ("--method", "gptq", "--act-order"),
@@ -107,6 +114,9 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=list(LLAMA_TYPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--variants", nargs="+", default=list(SNAPPRUNE_VARIANTS))
+    parser.add_argument("--target", nargs="*", type=float, default=[],
+                        help="snapprune --target-size at these fractions of llama.cpp's "
+                             "Q4_0 --imatrix file")
     args = parser.parse_args()
 
     from snapprune.models.loading import load_tokenizer, resolve_model
@@ -127,10 +137,20 @@ def main() -> None:
     texts = _texts(out)
 
     f16 = out / "f16.gguf"
-    if not f16.is_file():
+    if not f16.is_file() and source.gguf_file:
         results["f16_seconds"] = _run([str(bin_["llama-quantize"]), "--allow-requantize",
                                        str(Path(source.path) / source.gguf_file), str(f16),
                                        "F16"], out / "f16.log")
+    elif not f16.is_file():  # a Hugging Face directory (a shrunk model): snapprune's writer
+        from snapprune.jobs import EvaluationSpec, Job, OutputSpec
+        from snapprune.run import execute
+
+        start = time.perf_counter()
+        execute(Job(model=args.model, steps=(), evaluation=EvaluationSpec(ppl=(), dense=False),
+                    output=OutputSpec(format="gguf", samples=False)), out / "f16-dir",
+                progress=False, announce=False)
+        (out / "f16-dir" / "model.gguf").rename(f16)
+        results["f16_seconds"] = time.perf_counter() - start
     bases = {}
     for name in ("wikitext", "c4"):
         bases[name] = out / f"{name}.kld-base"
@@ -187,6 +207,23 @@ def main() -> None:
                              "--overwrite", "--out", str(target)],
                             out / f"{key.replace(' ', '_')}.log")
                 record(key, target / "model.gguf", made, "snapprune")
+        for fraction in args.target:
+            reference = results["files"].get(f"llama Q4_0 --imatrix seed {seed}")
+            if reference is None:
+                raise SystemExit("--target needs llama.cpp's Q4_0 --imatrix file: add q4_0 to "
+                                 "--types")
+            size = round(reference["mb"] * fraction, 2)
+            key = f"snapprune --target-size {size} ({fraction:g}x Q4_0) seed {seed}"
+            if key in results["files"]:
+                continue
+            target = out / f"snapprune-target-{fraction:g}-seed{seed}"
+            made = _run(["snapprune", "quantize", "--model", args.model, "--target-size",
+                         str(size), "--calib", str(texts["calib_docs"]), "--nsamples",
+                         str(CALIBRATION[0]), "--seqlen", str(CALIBRATION[1]), "--seed",
+                         str(seed), "--format", "gguf", "--no-eval", "--no-samples", "--quiet",
+                         "--no-layer-errors", "--overwrite", "--out", str(target)],
+                        out / f"snapprune-target-{fraction:g}-seed{seed}.log")
+            record(key, target / "model.gguf", made, "snapprune")
     save()
     _table(results, out)
     _plot(results, out)

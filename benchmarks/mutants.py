@@ -35,6 +35,8 @@ RULE2_TESTS = ("tests/test_nothing_lost_2.py",)
 FORMAT_TESTS = ("tests/test_export.py", "tests/test_gguf_types.py")
 BLOCK_TESTS = ("tests/test_blocks.py",)
 RECOVERY_TESTS = ("tests/test_recovery.py",)
+KQUANT_TESTS = ("tests/test_kquants.py",)
+MIX_TESTS = ("tests/test_mixes.py",)
 
 
 @dataclass(frozen=True)
@@ -320,8 +322,8 @@ MUTANTS = (
     Mutant("gguf-q-rows-in-transformers-order",
            "q/k rows written in transformers' order (llama.cpp pairs adjacent dimensions)",
            "export/gguf.py",
-           (("                codes, scales = _permute(codes, rows_heads), _permute(scales, "
-             "rows_heads)\n", "                pass\n"),), FORMAT_TESTS),
+           (("                parts = tuple(None if p is None else _permute(p, rows_heads) "
+             "for p in parts)\n", "                pass\n"),), FORMAT_TESTS),
     Mutant("gguf-nibbles-swapped",
            "4-bit blocks pack the second half of a block in the low nibble",
            "engine/blocks.py",
@@ -330,6 +332,65 @@ MUTANTS = (
              "            parts.append((low[..., 16:] | (low[..., :16] << 4))"
              ".astype(np.uint8))\n"),),
            FORMAT_TESTS),
+    # The super-block types: their bytes, their fit, GPTQ and the refit on them.
+    Mutant("kquant-scale-high-bits-swapped",
+           "q4_k/q5_k: the high bits of sub-scales 4-7 packed beside the minima's low bits",
+           "engine/kquants.py",
+           (("    out[:, 0:4] = _u8((sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6))\n",
+             "    out[:, 0:4] = _u8((sc[:, :4] & 63) | ((m[:, 4:] >> 4) << 6))\n"),),
+           KQUANT_TESTS),
+    Mutant("kquant-q3k-hmask-order",
+           "q3_k: the high bit of each code in the wrong bit of hmask",
+           "engine/kquants.py",
+           (("np.arange(2).reshape(1, 2, 1, 1) * 4", "np.arange(2).reshape(1, 2, 1, 1) * 2"),),
+           KQUANT_TESTS),
+    Mutant("kquant-q6k-quarters-swapped",
+           "q6_k: the low nibbles of the second and third quarters swapped",
+           "engine/kquants.py",
+           (("        ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4),\n"
+             "                             low[:, :, 1] | (low[:, :, 3] << 4)], 2)\n",
+             "        ql = np.concatenate([low[:, :, 0] | (low[:, :, 1] << 4),\n"
+             "                             low[:, :, 2] | (low[:, :, 3] << 4)], 2)\n"),),
+           KQUANT_TESTS),
+    Mutant("kquant-d-not-float16",
+           "the super-block factor used unrounded (the file stores it as float16)",
+           "engine/kquants.py",
+           (("        low, high = self.scale_range\n        d = half(d)\n",
+             "        low, high = self.scale_range\n"),), KQUANT_TESTS),
+    Mutant("kquant-search-accepts-worse",
+           "the super-block search keeps candidates up to 10 % worse than the best so far",
+           "engine/kquants.py",
+           (("                better = error < best_error\n",
+             "                better = error < best_error * 1.1\n"),), KQUANT_TESTS),
+    Mutant("kquant-refit-idle",
+           "the refit after GPTQ keeps the super-block factors it was given",
+           "engine/kquants.py",
+           (("        d = half(theta[:, :n])\n", "        d = half(supers[..., 0])\n"),),
+           KQUANT_TESTS),
+    # llama.cpp's mixes, its fallback, and the allocation to a size.
+    Mutant("mix-more-bits-last-eighth",
+           "use_more_bits misses the first of the last eighth of the layers",
+           "engine/mixes.py",
+           (("    return i < n // 8 or i >= 7 * n // 8 or",
+             "    return i < n // 8 or i > 7 * n // 8 or"),),
+           MIX_TESTS),
+    Mutant("mix-fallback-q4k",
+           "q4_k falls back to q4_0 (llama.cpp substitutes q5_0)",
+           "engine/mixes.py",
+           (('"q4_k": "q5_0"', '"q4_k": "q4_0"'),), MIX_TESTS),
+    Mutant("mix-q3km-attn-v-layers",
+           "Q3_K_M gives attn_v q5_k in the first 3 layers (llama.cpp: 2)",
+           "engine/mixes.py",
+           (("_first_layers(2)", "_first_layers(3)"),), MIX_TESTS),
+    Mutant("allocation-overspends",
+           "the greedy fill takes upgrades past the budget",
+           "engine/mixes.py",
+           (("                if 0 < extra <= left and saved > 0",
+             "                if 0 < extra <= left + 64 and saved > 0"),), MIX_TESTS),
+    Mutant("allocation-no-fill",
+           "the allocation stops at the Lagrangian sweep, leaving budget unspent",
+           "engine/mixes.py",
+           (("    left = budget - total(choice)\n", "    left = 0\n"),), MIX_TESTS),
     Mutant("recovery-gradients-not-masked",
            "recovery lets pruned weights train (gradients not masked)",
            "recovery.py",

@@ -341,6 +341,13 @@ def _scales_k4(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out
 
 
+def _nibbles_k4(codes: np.ndarray) -> np.ndarray:
+    """q4_k/q5_k's low nibbles: byte ``32j + l`` holds code ``64j + l`` low, ``64j + 32 + l``
+    high."""
+    q = codes.reshape(-1, 4, 2, 32) & 0xF
+    return _u8(q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+
+
 def _two_bit_planes(low2: np.ndarray) -> np.ndarray:
     """2-bit values at positions ``128h + 32s + l`` into byte ``32h + l`` at bit ``2s``."""
     n = low2.shape[0]
@@ -388,9 +395,7 @@ class Q4_K(SuperBlockType):
     file_type = "MOSTLY_Q4_K_S"  # llama.cpp names no file of one K type; the nearest
 
     def pack_super(self, codes, sc, m, d, dmin):
-        q = codes.reshape(-1, 4, 2, 32)
-        qs = _u8(q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
-        return np.concatenate([_f16(d), _f16(dmin), _scales_k4(sc, m), qs], 1)
+        return np.concatenate([_f16(d), _f16(dmin), _scales_k4(sc, m), _nibbles_k4(codes)], 1)
 
 
 class Q5_K(SuperBlockType):
@@ -402,12 +407,12 @@ class Q5_K(SuperBlockType):
 
     def pack_super(self, codes, sc, m, d, dmin):
         q = codes.reshape(-1, 4, 2, 32)
-        qs = _u8((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
         # byte l: bit 2j the fifth bit of code 64j + l, bit 2j+1 that of code 64j + 32 + l
         high = (q >> 4) << (2 * np.arange(4).reshape(1, 4, 1, 1)
                             + np.arange(2).reshape(1, 1, 2, 1))
         qh = _u8(high.sum((1, 2)))
-        return np.concatenate([_f16(d), _f16(dmin), _scales_k4(sc, m), qh, qs], 1)
+        return np.concatenate([_f16(d), _f16(dmin), _scales_k4(sc, m), qh, _nibbles_k4(codes)],
+                              1)
 
 
 class Q6_K(SuperBlockType):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..engine.mixes import FALLBACK, MIXES
+from ..engine.mixes import FALLBACK, MIXES, fallback
 from ..engine.quantizers import SCALES, get_quantizer, quantize_weight, quantizer_names
 from ..engine.schemes import GGUF_SCHEMES, SCHEME_NAMES, parse_scheme
 from ..errors import SnapPruneError
@@ -156,8 +156,11 @@ class QuantizeStep(Step):
         solve = 0.0
         for name in self.estimate_layers(settings, probe.model):
             t = time.perf_counter()
-            quantize_weight(linear_weight(probe.layers[name]), probe.stats and
-                            probe.stats.get(name), settings.parsed_scheme,
+            weight = linear_weight(probe.layers[name])
+            scheme = settings.parsed_scheme
+            if scheme.gguf:  # the type the layer will have (llama.cpp's fallback included)
+                scheme = fallback(scheme.name, weight.shape[1], "").scheme
+            quantize_weight(weight, probe.stats and probe.stats.get(name), scheme,
                             method=settings.method, act_order=settings.act_order,
                             blocksize=settings.blocksize, percdamp=settings.percdamp,
                             error=False, scales=settings.scales)
