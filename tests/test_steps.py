@@ -18,6 +18,7 @@ from test_cli import _run
 import snapprune
 from snapprune.jobs import CalibrationSpec, EvaluationSpec, Execution, Job, OutputSpec
 from snapprune.models.settings import (
+    DepthSettings,
     PruneSettings,
     QuantizeSettings,
     RecoverSettings,
@@ -29,6 +30,7 @@ from snapprune.steps import REGISTRY, check_job, step_for
 PACKAGE = Path(snapprune.__file__).parent
 
 TINY = {
+    "prune-depth": (DepthSettings(blocks=1, score="kl"), ["--blocks", "1", "--score", "kl"]),
     "prune": (PruneSettings("thanos", "2:4"), ["--method", "thanos", "--pattern", "2:4"]),
     "shrink": (ShrinkSettings(mlp=0.5, multiple_of=16), ["--mlp", "0.5", "--multiple-of", "16"]),
     "quantize": (QuantizeSettings("w4g16"), ["--scheme", "w4g16"]),
@@ -95,20 +97,24 @@ def test_every_kind_runs_alike_through_execute_the_cli_and_a_recipe(kind, tiny_d
 
 
 def test_each_kind_declares_its_rules_once():
-    """Order and exclusivity come from the kinds' facts: weight removal once, first; each kind
-    at most once, in the registry's order."""
+    """Order and exclusivity come from the kinds' facts: steps that remove weights first; each
+    kind at most once, in the registry's order; kinds of one order exclude each other."""
     prune, shrink = TINY["prune"][0], TINY["shrink"][0]
     quantize, recover = TINY["quantize"][0], TINY["recover"][0]
-    for steps, message in (((prune, shrink), "removes weights once"),
-                           ((quantize, prune), "removes weights once"),
+    depth = TINY["prune-depth"][0]
+    for steps, message in (((prune, shrink), "prune or shrink, not both"),
+                           ((quantize, prune), "come first"),
+                           ((shrink, depth), "in the order"),
                            ((quantize, recover), "in the order"),
                            ((recover, recover), "at most once")):
         with pytest.raises(snapprune.SnapPruneError, match=message):
             check_job(Job(model="m", steps=steps))
+    check_job(Job(model="m", steps=(depth, shrink, recover, quantize)))  # depth, then width
 
 
 SETTINGS_AND_RUNS = {"PruneSettings", "ShrinkSettings", "QuantizeSettings", "RecoverSettings",
-                     "PruneRun", "ShrinkRun", "QuantizeRun", "RecoverRun"}
+                     "DepthSettings", "PruneRun", "ShrinkRun", "QuantizeRun", "RecoverRun",
+                     "DepthRun"}
 
 
 def _type_checks(tree: ast.AST) -> set[str]:

@@ -137,6 +137,50 @@ class ShrinkSettings(MethodChoice):
                                  f"got {self.multiple_of}")
 
 
+DEPTH_SCORES = ("angular", "kl")
+
+
+@dataclass(frozen=True)
+class DepthSettings:
+    """What ``prune-depth`` removes: ``blocks`` whole decoder blocks, those whose removal
+    changes the model least by ``score`` (``angular``: the angular distance between the stream
+    entering and leaving the block, one pass; ``kl``: the measured KL divergence of the
+    next-token distributions with the block skipped), then, with ``repair``, the output
+    projection before each removed run re-fitted by least squares to the full model's stream
+    (``percdamp``: its ridge, a fraction of the mean diagonal)."""
+
+    blocks: int = 1
+    score: str = "angular"
+    repair: bool = True
+    percdamp: float = 0.01
+
+    kind: ClassVar[str] = "prune-depth"
+    needs_calibration: ClassVar[bool] = True
+
+    @property
+    def method(self) -> str:
+        return f"depth-{self.score}"
+
+    @property
+    def pattern(self) -> str:
+        return "blocks"
+
+    def resolved(self) -> DepthSettings:
+        self.check()
+        return self
+
+    def check(self) -> None:
+        if not isinstance(self.blocks, int) or isinstance(self.blocks, bool) or self.blocks < 1:
+            raise SnapPruneError(f"blocks (decoder blocks to remove) must be a positive "
+                                 f"integer, got {self.blocks!r}")
+        if self.score not in DEPTH_SCORES:
+            raise SnapPruneError(f"unknown block score {self.score!r}; choose "
+                                 f"{' or '.join(DEPTH_SCORES)}")
+        if not isinstance(self.repair, bool):
+            raise SnapPruneError(f"repair must be true or false, got {self.repair!r}")
+        check_percdamp(self.percdamp)
+
+
 @dataclass(frozen=True)
 class QuantizeSettings:
     """Weight quantisation of the decoder blocks' linear layers: the scheme (``engine.schemes``:

@@ -7,10 +7,11 @@ hooks, command) and its name on that line.
 
 from __future__ import annotations
 
+from itertools import dropwhile, pairwise
 from pathlib import Path
 
 from ..errors import SnapPruneError
-from . import prune, quantize, recover, shrink  # noqa: F401  (every step kind, once)
+from . import depth, prune, quantize, recover, shrink  # noqa: F401  (every step kind, once)
 from .base import (
     REGISTRY,
     EstimatePart,
@@ -39,21 +40,29 @@ def check_job(job) -> None:
     and whether the output format can hold the result."""
     kinds = [step_for(s) for s in job.steps]
     names = [k.name for k in kinds]
-    removing = [k for k in kinds if k.removes_weights]
-    if len(removing) > 1 or (removing and not kinds[0].removes_weights):
-        which = " or ".join(k.name for k in REGISTRY.values() if k.removes_weights)
-        raise SnapPruneError(f"steps {names}: a job removes weights once, as its first step "
-                             f"({which})")
+    leading = len(kinds) - len(list(dropwhile(lambda k: k.removes_weights, kinds)))
+    if any(k.removes_weights for k in kinds[leading:]):
+        which = ", ".join(k.name for k in REGISTRY.values() if k.removes_weights)
+        raise SnapPruneError(f"steps {names}: steps that remove weights ({which}) come first, "
+                             "before any other step")
     orders = [k.order for k in kinds]
-    if orders != sorted(orders) or len(set(names)) != len(names):
+    if any(a >= b for a, b in pairwise(orders)) or len(set(names)) != len(names):
         raise SnapPruneError(f"steps {names}: each step at most once, in the order "
-                             f"{' → '.join(REGISTRY)}")
+                             f"{' → '.join(REGISTRY)} ({_exclusive()})")
     for kind, settings in zip(kinds, job.steps, strict=True):
         kind.check(settings, job)
     job.check_sections(calibrated=needs_calibration(job))
     from ..export import get_format
 
     get_format(job.output.format).check_job(job)
+
+
+def _exclusive() -> str:
+    """The kinds that share an order and so exclude each other, as words."""
+    groups: dict[int, list[str]] = {}
+    for kind in REGISTRY.values():
+        groups.setdefault(kind.order, []).append(kind.name)
+    return "; ".join(" or ".join(g) + ", not both" for g in groups.values() if len(g) > 1)
 
 
 def resolve_job(job):

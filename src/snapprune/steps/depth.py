@@ -1,0 +1,89 @@
+"""The ``prune-depth`` step: whole decoder blocks scored on calibration
+text, the least useful removed, the stream repaired in closed form (``models.depth``). The
+result is the family's standard config with fewer blocks: smaller and faster in every runtime.
+It may come before ``shrink`` or ``prune`` in one job (depth first, then width)."""
+
+from __future__ import annotations
+
+from ..flags import Command, Flag, number, positive_int
+from ..models.depth import check_depth, depth_model, depth_report
+from ..models.settings import DEPTH_SCORES, DepthSettings
+from .base import Step, StepContext
+
+EPILOG = """\
+prune-depth removes whole decoder blocks: the saved model is the family's standard config with
+fewer num_hidden_layers (plain transformers, plain llama in GGUF). Blocks are scored on the
+calibration text:
+  angular  the angular distance between the residual stream entering and leaving the block
+           (how far it turns each token's direction; one pass of the model)
+  kl       the measured KL divergence of the next-token distributions with that block alone
+           skipped (a pass through the later blocks per candidate, on 8 windows)
+The --blocks lowest are removed. Repair (on unless --no-repair): the MLP output projection of
+the kept block before each removed run is re-fitted by least squares so that the stream it
+leaves reproduces the full model's stream after the removed blocks.
+
+example:
+  snapprune prune-depth --model smollm2-135m --blocks 4 --score kl --out runs/smollm2-d26
+"""
+
+
+class DepthStep(Step):
+    name = "prune-depth"
+    settings_type = DepthSettings
+    order = 5
+    label = "shallower"
+    verb = "remove blocks"
+    removes_weights = True
+    changes = frozenset({"blocks"})
+    suggest_rank = 4
+    command = Command(
+        "prune-depth", help="remove whole decoder blocks (scored, repaired): a shallower model",
+        description="Score every decoder block on calibration text, remove the least useful "
+                    "ones and repair the stream in closed form.",
+        epilog=EPILOG, what="depth pruning", first_group="what to remove",
+        groups=("calibration", "evaluation", "output"))
+    flags = (
+        Flag("blocks", ("--blocks",), "how many decoder blocks to remove", type=positive_int,
+             metavar="K"),
+        Flag("score", ("--score",), "how blocks are ranked: " + ", ".join(DEPTH_SCORES)
+             + " (see below)", choices=DEPTH_SCORES),
+        Flag("repair", ("--no-repair",), "keep the remaining weights as they are (no "
+             "least-squares repair)", action="store_false", show_default=False),
+        Flag("percdamp", ("--percdamp",), "the repair's ridge, fraction of its mean diagonal",
+             type=number, metavar="F"),
+    )
+
+    def check_model(self, settings: DepthSettings, job, model) -> None:
+        check_depth(model, settings)
+
+    def apply(self, settings: DepthSettings, context: StepContext, fused=None):
+        bench = context.bench
+        block_pass = bench.block_pass(context.job, calibrated=True, verbose=context.verbose)
+        options = {k: v for k, v in block_pass.options.items() if k != "activations"}
+        bench.model, run = depth_model(bench.model, None, settings, **options)
+        return block_pass.account(run)
+
+    def log_line(self, run, *, fused: bool = False) -> str:
+        return (f"removed blocks {run.removed} ({run.blocks_before} -> {run.blocks_after}): "
+                f"{run.parameters_before:,} -> {run.parameters_after:,} parameters in "
+                f"{run.total_seconds:.1f}s")
+
+    def summary(self, run) -> str:
+        repaired = sum(1 for r in run.repairs if not r.reason)
+        return (f"depth ({run.settings.score}): blocks {run.blocks_before} → {run.blocks_after} "
+                f"(removed {', '.join(map(str, run.removed))}; {repaired} output projection(s) "
+                f"repaired); parameters {run.parameters_before:,} → {run.parameters_after:,} "
+                f"(-{1 - run.parameters_after / max(1, run.parameters_before):.1%})")
+
+    def report(self, run) -> dict:
+        return {"method": run.settings.method, "pattern": "blocks",
+                "settings": {"blocks": run.settings.blocks, "score": run.settings.score,
+                             "repair": run.settings.repair,
+                             "percdamp": run.settings.percdamp},
+                "depth": depth_report(run)}
+
+    def next_step(self, job, where) -> str | None:
+        if set(job.kinds) <= {"prune", "shrink", "quantize"}:
+            return (f"  snapprune prune-depth --model {job.model} --blocks 4 --score kl --out "
+                    f"{where}-depth      # fewer blocks: smaller and faster everywhere")
+        return None
