@@ -37,6 +37,7 @@ BLOCK_TESTS = ("tests/test_blocks.py",)
 RECOVERY_TESTS = ("tests/test_recovery.py",)
 KQUANT_TESTS = ("tests/test_kquants.py",)
 MIX_TESTS = ("tests/test_mixes.py",)
+DEPTH_TESTS = ("tests/test_depth.py",)
 
 
 @dataclass(frozen=True)
@@ -391,6 +392,45 @@ MUTANTS = (
            "the allocation stops at the Lagrangian sweep, leaving budget unspent",
            "engine/mixes.py",
            (("    left = budget - total(choice)\n", "    left = 0\n"),), MIX_TESTS),
+    Mutant("depth-repair-sign",
+           "the repair subtracts the least-squares change instead of adding it",
+           "models/depth.py",
+           (("(weight.double() + delta)", "(weight.double() - delta)"),), DEPTH_TESTS),
+    Mutant("depth-repair-target-before-run",
+           "the repair's target is the stream before the removed run, not after it",
+           "models/depth.py",
+           (("                for later in run:\n                    x = _run(blocks[later], "
+             "inputs, x)\n", ""),), DEPTH_TESTS),
+    Mutant("depth-no-ridge",
+           "the repair drops its ridge term",
+           "engine/depth.py",
+           (("        damp = percdamp * diagonal.mean().clamp_min(1e-12)",
+             "        damp = 0.0 * diagonal.mean().clamp_min(1e-12)"),), DEPTH_TESTS),
+    Mutant("depth-layer-idx-kept",
+           "kept blocks keep their old layer_idx (the KV cache slots no longer match)",
+           "models/depth.py",
+           (("                module.layer_idx = position\n",
+             "                module.layer_idx = module.layer_idx\n"),), DEPTH_TESTS),
+    Mutant("depth-removes-the-highest",
+           "the blocks that change the model most are removed",
+           "models/depth.py",
+           (("key=lambda s: (s.value(score), -s.index))",
+             "key=lambda s: (-s.value(score), -s.index))"),), DEPTH_TESTS),
+    Mutant("depth-kl-reversed",
+           "the KL score measures KL(cut ‖ full) instead of KL(full ‖ cut)",
+           "models/depth.py",
+           (("kl_from_logits(_logits(model, streams[-1]), _logits(model, x))",
+             "kl_from_logits(_logits(model, x), _logits(model, streams[-1]))"),), DEPTH_TESTS),
+    Mutant("depth-repair-unchecked",
+           "a projection whose output passes a norm before the stream is repaired anyway",
+           "models/depth.py",
+           (("    if not _adds_straight(block, layer, inputs, cut[0]):",
+             "    if False:"),), DEPTH_TESTS),
+    Mutant("depth-layer-types-kept",
+           "config.layer_types keeps the removed blocks' entries",
+           "models/depth.py",
+           (("        config.layer_types = [types[i] for i in kept]", "        pass"),),
+           DEPTH_TESTS),
     Mutant("recovery-gradients-not-masked",
            "recovery lets pruned weights train (gradients not masked)",
            "recovery.py",

@@ -252,6 +252,10 @@ def recover(
     run = RecoverRun(settings=settings, teacher=teacher_name, steps=steps,
                      architecture=adapter_for(student).describe(student))
     run.frozen_zeros = int(sum((~m).sum() for m in masks.values()))
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in student.parameters()):
+        # a half-precision checkpoint trains on float32 weights (AdamW's updates vanish in
+        # float16); --train-dtype bfloat16 autocasts the compute, the output keeps its dtype
+        student.float()
     student.to(device)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)

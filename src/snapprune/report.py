@@ -118,6 +118,8 @@ def build_report(outcome, *, argv: list[str] | None, calibration_ids, files: dic
         "device_info": device_description(execution.device),
         "dtype": job.dtype if outcome.model is None
         else str(outcome.model.dtype).removeprefix("torch."),
+        "saved_dtype": None if outcome.save_dtype is None or job.output.format != "hf"
+        else str(outcome.save_dtype).removeprefix("torch."),
         "batch_size": execution.batch_size,
     })
     run = outcome.primary

@@ -78,6 +78,9 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     estimate: object = None
     seconds: dict[str, float] = field(default_factory=dict)
+    save_dtype: torch.dtype | None = None
+    """The floating-point type of the saved weights (``hf`` format): ``--dtype`` when given,
+    else the source checkpoint's (``models.loading.stored_dtype``); ``None``: the model's."""
 
     @property
     def runs(self) -> list:
@@ -227,12 +230,14 @@ def _execute(job: Job, out: Path | None, *, bench, overwrite, json_path, resume,
         outcome = Outcome(job, None, None, notes=notes)
         seconds = outcome.seconds
         if bench is None:
-            from .models.loading import load_model
+            from .models.loading import DTYPES, load_model, stored_dtype
 
             t = time.perf_counter()
-            model, tokenizer, _ = load_model(job.model, dtype=job.dtype,
-                                             revision=job.revision,
-                                             progress=progress and main)
+            model, tokenizer, source = load_model(job.model, dtype=job.dtype,
+                                                  revision=job.revision,
+                                                  progress=progress and main)
+            outcome.save_dtype = (DTYPES[job.dtype] if job.dtype in DTYPES
+                                  else stored_dtype(model, source))
             seconds["model_loading_seconds"] = time.perf_counter() - t
             bench = Workbench(model, tokenizer, device=device,
                               progress=progress and main, log=log if main else None)

@@ -64,6 +64,11 @@ def summary_lines(outcome) -> list[str]:
                                 if name.endswith((".gguf", ".safetensors")))
         lines.append(f"  saved       {saved}/ ({model_files or 'model'}, "
                      "snapprune_report.json, snapprune_recipe.yaml)")
+        if outcome.save_dtype is not None and job.output.format == "hf":
+            given = job.dtype != "auto"
+            lines.append(f"              weights in {str(outcome.save_dtype).split('.')[-1]} ("
+                         + ("--dtype" if given else "the source's; --dtype float32 to keep "
+                            "full precision") + ")")
     elif job.steps:
         lines.append("  saved       nothing (--no-save)")
     if job.steps and saved is not None:

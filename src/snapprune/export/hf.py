@@ -3,6 +3,7 @@ what any transformers user loads, for inspection and further work."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from .format import Format
@@ -17,8 +18,20 @@ def check_model(model, job) -> None:
 
 
 def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
+    """The weights in ``outcome.save_dtype`` (the source checkpoint's unless ``--dtype``
+    said otherwise: a float16 GGUF source gives float16 safetensors, not float32); the
+    model in memory keeps its own dtype."""
     before = {p.name for p in directory.iterdir()}
-    outcome.model.save_pretrained(directory, safe_serialization=True)
+    model, dtype = outcome.model, outcome.save_dtype
+    if dtype is None or dtype == model.dtype:
+        model.save_pretrained(directory, safe_serialization=True)
+    else:
+        state = {k: v.to(dtype) if v.is_floating_point() else v
+                 for k, v in model.state_dict().items()}
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state)
+        config = copy.deepcopy(model.config)  # it names the model's dtype: name the file's
+        config.dtype = dtype
+        config.save_pretrained(directory)
     if outcome.tokenizer is not None:
         outcome.tokenizer.save_pretrained(directory)
     return sorted({p.name for p in directory.iterdir()} - before), []

@@ -219,6 +219,24 @@ def load_model(spec: str, *, dtype: str = "auto", revision: str | None = None,
     return model, tokenizer, source
 
 
+def stored_dtype(model, source: ModelSource) -> torch.dtype:
+    """The floating-point type the source checkpoint stores its weights in, which the output
+    keeps unless ``--dtype`` asks otherwise: a GGUF file's block-quantised or float16 tensors
+    become float16 (its bfloat16 ones bfloat16, an all-float32 file float32); a safetensors
+    model's own dtype (what ``transformers`` loaded with ``dtype="auto"``)."""
+    if not source.gguf_file:
+        return model.dtype
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    kinds = {t.tensor_type for t in GGUFReader(str(Path(source.path) / source.gguf_file)).tensors
+             if len(t.shape) > 1}
+    if GGMLQuantizationType.BF16 in kinds:
+        return torch.bfloat16
+    if kinds and kinds <= {GGMLQuantizationType.F32}:
+        return torch.float32
+    return torch.float16
+
+
 def _refuse_incomplete(spec: str, info: dict, fix: str) -> None:
     """After loading (a Hub model or a GGUF file, whose tensors are not checked beforehand):
     parameters ``transformers`` filled with random values, or could not fit, are refused."""

@@ -56,6 +56,14 @@ class DepthStep(Step):
     def check_model(self, settings: DepthSettings, job, model) -> None:
         check_depth(model, settings)
 
+    def estimate_layers(self, settings: DepthSettings, model) -> dict[str, float | None]:
+        """The MLP's output projection: the estimate then times the calibration pass the
+        scores take (the repair takes about two more, the KL score a pass through the later
+        blocks per candidate on 8 windows)."""
+        from ..models.adapters import adapter_for
+
+        return {adapter_for(model).mlp.output: None}
+
     def apply(self, settings: DepthSettings, context: StepContext, fused=None):
         bench = context.bench
         block_pass = bench.block_pass(context.job, calibrated=True, verbose=context.verbose)
