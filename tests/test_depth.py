@@ -341,3 +341,28 @@ def test_a_projection_behind_a_norm_is_not_repaired():
     assert "does not enter the stream straight" in run.repairs[0].reason
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight,
                        weights["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_depth_shrink_recover_quantise_in_one_recipe(deep_dir, tmp_path):
+    """The whole flow as one job: distillation from the dense model to a student with fewer
+    blocks and narrower MLPs (the logits need no equal depth), then GPTQ, written as GGUF."""
+    from snapprune.models.settings import RecoverSettings
+
+    recover = RecoverSettings(tokens=128, seqlen=16, batch_size=2, data=str(C4_FILE), lr=1e-3)
+    out = tmp_path / "flow"
+    outcome = execute(_job(deep_dir, DepthSettings(blocks=2),
+                           ShrinkSettings("thanos", mlp=0.25, multiple_of=32), recover,
+                           QuantizeSettings("q8_0"), fmt="gguf"),
+                      out, progress=False, announce=False)
+    assert outcome.job.kinds == ("prune-depth", "shrink", "recover", "quantize")
+    run = outcome.run_of("recover")
+    assert run.teacher is not None and len(run.curve) > 0
+    loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")
+    assert loaded.config.num_hidden_layers == LAYERS - 2
+    assert loaded.config.intermediate_size == 96
+    blockwise = RecoverSettings(tokens=128, seqlen=16, batch_size=2, data=str(C4_FILE),
+                                hidden_weight=1.0)
+    with pytest.raises(SnapPruneError, match="hidden-weight"):
+        execute(_job(deep_dir, DepthSettings(blocks=1), blockwise), tmp_path / "refused",
+                progress=False, announce=False)
+    assert not (tmp_path / "refused").exists()

@@ -81,18 +81,26 @@ def structure_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return masks
 
 
-def check_pair(student: nn.Module, teacher: nn.Module | None) -> None:
-    """A teacher must speak the student's language: same family, vocabulary, hidden width and
-    depth (a shrunk student has narrower MLPs or fewer heads, which is fine)."""
+def check_pair(student: nn.Module, teacher: nn.Module | None, *, blockwise: bool = False
+               ) -> None:
+    """A teacher must speak the student's language: same family, vocabulary and hidden width
+    (a shrunk student has narrower MLPs or fewer heads, a shallower one fewer blocks: fine for
+    distilling the logits). ``blockwise`` (the per-block hidden-state term) also needs the same
+    depth."""
     if teacher is None:
         return
     a, b = student.config, teacher.config
-    for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
+    keys = ("model_type", "vocab_size", "hidden_size") + (("num_hidden_layers",) if blockwise
+                                                          else ())
+    for key in keys:
         if getattr(a, key, None) != getattr(b, key, None):
+            extra = (" (the per-block term --hidden-weight compares block by block: set it to "
+                     "0 for a student with fewer blocks)" if key == "num_hidden_layers" else
+                     "")
             raise SnapPruneError(
                 f"the student's {key} is {getattr(a, key, None)} and the teacher's "
                 f"{getattr(b, key, None)}: distillation needs the dense model the student was "
-                "pruned from; pass it with --teacher")
+                f"pruned from; pass it with --teacher{extra}")
 
 
 def _schedule(settings: RecoverSettings, steps: int) -> Callable[[int], float]:
@@ -234,7 +242,8 @@ def recover(
     settings.check()
     if settings.loss == "kd" and teacher is None:
         raise SnapPruneError("distillation (loss kd) needs the teacher: the dense model")
-    check_pair(student, teacher)
+    check_pair(student, teacher,
+               blockwise=settings.loss == "kd" and settings.hidden_weight > 0)
     device = torch.device(device)
     group = collectives.current()
     if settings.batch_size % group.world:

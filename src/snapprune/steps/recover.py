@@ -32,7 +32,7 @@ from ..recovery import (
     run_fingerprint,
     saved_step,
 )
-from .base import EstimatePart, Probe, Step, StepContext, removes_weights
+from .base import EstimatePart, Probe, Step, StepContext, earlier_changes, removes_weights
 
 EPILOG = """\
 recover trains a pruned (zeros in place) or shrunk model to win back what pruning cost,
@@ -160,6 +160,11 @@ class RecoverStep(Step):
         settings.check()
         if settings.loss == "kd" and settings.teacher is None and not removes_weights(job):
             teacher_source(job.model)  # a one-line refusal when none can be named
+        if (settings.loss == "kd" and settings.hidden_weight > 0
+                and "blocks" in earlier_changes(job, self.name)):
+            raise SnapPruneError("--hidden-weight compares the student's blocks with the "
+                                 "teacher's one by one, and an earlier step removes blocks: "
+                                 "set it to 0 (the logits are distilled all the same)")
         from ..data import check_source
 
         check_source(settings.data, calibration=True)
