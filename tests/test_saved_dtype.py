@@ -76,11 +76,15 @@ def test_a_safetensors_source_keeps_its_own_dtype(tiny_dir, tmp_path, capsys):
         (half / name).write_bytes((tiny_dir / name).read_bytes())
     model, _, source = load_model(str(half), progress=False)
     assert source == resolve_model(str(half))
-    assert stored_dtype(model, source) == torch.bfloat16 == model.dtype
+    assert stored_dtype(model, source) == torch.bfloat16 and model.dtype == torch.float32
+    on_gpu, _, _ = load_model(str(half), progress=False, device="cuda")  # not moved: loaded
+    assert on_gpu.dtype == torch.bfloat16  # half precision stays for an accelerator
     out = tmp_path / "pruned"
     code, err = _prune(capsys, "--model", half, "--out", out)
     assert code == 0, err
     assert _dtypes(out) == {torch.bfloat16}
+    report = json.loads((out / "snapprune_report.json").read_text())
+    assert report["dtype"] == "float32" and report["saved_dtype"] == "bfloat16"
 
 
 def test_recovery_of_a_half_precision_model_trains_float32_weights(tiny_dir, tmp_path, capsys):

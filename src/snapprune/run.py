@@ -235,7 +235,8 @@ def _execute(job: Job, out: Path | None, *, bench, overwrite, json_path, resume,
             t = time.perf_counter()
             model, tokenizer, source = load_model(job.model, dtype=job.dtype,
                                                   revision=job.revision,
-                                                  progress=progress and main)
+                                                  progress=progress and main,
+                                                  device=device)
             outcome.save_dtype = (DTYPES[job.dtype] if job.dtype in DTYPES
                                   else stored_dtype(model, source))
             seconds["model_loading_seconds"] = time.perf_counter() - t

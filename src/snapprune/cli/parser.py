@@ -189,7 +189,8 @@ def add_model_args(parser, *, required: bool = True) -> None:
     parser.add_argument("--device", dest="execution.device", default=SUPPRESS, metavar="D",
                         help="compute device: cpu or cuda" + default_text(Execution, "device"))
     parser.add_argument("--dtype", default=SUPPRESS, choices=["auto", *DTYPES],
-                        help="weights' dtype after loading (default: as stored)")
+                        help="weights' dtype after loading, and of the saved safetensors (default: "
+                             "as stored; half precision computes in float32 on a CPU)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars (they are shown when stderr is a terminal)")
 

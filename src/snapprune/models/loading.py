@@ -167,9 +167,12 @@ def load_tokenizer(path: str, *, gguf_file: str | None = None, revision: str | N
 # -- loading ----------------------------------------------------------------------------------
 
 def load_model(spec: str, *, dtype: str = "auto", revision: str | None = None,
-               progress: bool = True):
+               progress: bool = True, device: str = "cpu"):
     """Return ``(model, tokenizer, source)``; the model is on the CPU in eval mode.
-    ``revision``: a Hub branch, tag or commit (Hub models only)."""
+    ``revision``: a Hub branch, tag or commit (Hub models only). ``dtype="auto"`` keeps the
+    stored dtype, except that half-precision weights bound for a CPU ``device`` compute in
+    float32 (CPUs multiply half precision slowly, and calibration statistics want the
+    precision); what is saved keeps the stored dtype (``stored_dtype``)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -213,6 +216,9 @@ def load_model(spec: str, *, dtype: str = "auto", revision: str | None = None,
         model = plain_copy(model)
     if dtype != "auto" and model.dtype != DTYPES[dtype]:
         model = model.to(DTYPES[dtype])
+    elif (dtype == "auto" and str(device).startswith("cpu")
+          and model.dtype in (torch.float16, torch.bfloat16)):
+        model = model.float()
     model.eval()
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -223,9 +229,12 @@ def stored_dtype(model, source: ModelSource) -> torch.dtype:
     """The floating-point type the source checkpoint stores its weights in, which the output
     keeps unless ``--dtype`` asks otherwise: a GGUF file's block-quantised or float16 tensors
     become float16 (its bfloat16 ones bfloat16, an all-float32 file float32); a safetensors
-    model's own dtype (what ``transformers`` loaded with ``dtype="auto"``)."""
-    if not source.gguf_file:
-        return model.dtype
+    model's own dtype, as its config declares it."""
+    if not source.gguf_file:  # the config names it (the model may compute in float32)
+        declared = getattr(model.config, "dtype", None)
+        if isinstance(declared, str):
+            declared = getattr(torch, declared, None)
+        return declared if isinstance(declared, torch.dtype) else model.dtype
     from gguf import GGMLQuantizationType, GGUFReader
 
     kinds = {t.tensor_type for t in GGUFReader(str(Path(source.path) / source.gguf_file)).tensors
