@@ -23,9 +23,13 @@ from snapprune.models.adapters import adapter_for
 from snapprune.models.capture import capture_block_inputs
 from snapprune.models.depth import (
     BlockScore,
+    NoAttention,
+    attention_free,
+    choose_attention,
     choose_blocks,
     cut_blocks,
     depth_model,
+    remove_attention,
     removed_runs,
     score_blocks,
 )
@@ -313,9 +317,10 @@ def test_too_many_blocks_is_refused_before_any_work(deep_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("settings,fragment", [
-    (DepthSettings(blocks=0), "positive integer"),
-    (DepthSettings(score="cosine"), "unknown block score"),
-    (DepthSettings(percdamp=-1.0), "percdamp"),
+    (DepthSettings(blocks=0), "nothing to remove"),
+    (DepthSettings(blocks=-1, attention=2), "integer >= 0"),
+    (DepthSettings(blocks=1, score="cosine"), "unknown block score"),
+    (DepthSettings(blocks=1, percdamp=-1.0), "percdamp"),
 ])
 def test_bad_settings_are_refused(settings, fragment):
     with pytest.raises(SnapPruneError, match=fragment):
@@ -366,3 +371,117 @@ def test_depth_shrink_recover_quantise_in_one_recipe(deep_dir, tmp_path):
         execute(_job(deep_dir, DepthSettings(blocks=1), blockwise), tmp_path / "refused",
                 progress=False, announce=False)
     assert not (tmp_path / "refused").exists()
+
+
+# -- attention sub-layers ------------------------------------------------------------------------
+
+
+def _zero_attention(model, indices: set[int]):
+    """The definition of removing a block's attention: its contribution to the stream is 0."""
+    handles = []
+    for index in indices:
+        def zeroed(_module, _args, output):
+            return (torch.zeros_like(output[0]), *output[1:])
+        handles.append(model.model.layers[index].self_attn.register_forward_hook(zeroed))
+    return handles
+
+
+def test_a_removed_attention_is_the_block_with_attention_adding_nothing():
+    model = _deep_llama()
+    reference = copy.deepcopy(model)
+    for index in (0, 3):
+        remove_attention(model, model.model.layers[index])
+    handles = _zero_attention(reference, {0, 3})
+    ids = token_batch(3, 20)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    for handle in handles:
+        handle.remove()
+    assert isinstance(model.model.layers[3].self_attn, NoAttention)
+    with torch.no_grad():  # the KV cache still counts positions through a block without one
+        full = model(ids[:1]).logits[0, -1]
+        prefix = model(ids[:1, :-1], use_cache=True)
+        step = model(ids[:1, -1:], past_key_values=prefix.past_key_values).logits[0, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_scores_follow_their_definitions():
+    model = _deep_llama(seed=2)
+    blocks = model.model.layers
+    with torch.no_grad():
+        blocks[1].self_attn.o_proj.weight.zero_()
+    ids = token_batch(8, 24)
+    inputs = capture_block_inputs(model, blocks, ids, torch.device("cpu"), 4)
+    scores = score_blocks(model, inputs, torch.device("cpu"), kl=True, attention=True,
+                          progress=False)
+    assert scores[1].attention_angular < 1e-7 and scores[1].attention_kl < 1e-9
+    assert choose_attention(scores, 1, "kl", removed=[]) == [1]
+    assert choose_attention(scores, 1, "angular", removed=[1]) != [1]  # only kept blocks
+    # block 4's attention alone skipped: the KL of the model with its output zeroed
+    with torch.no_grad():
+        full = model(ids[:8]).logits[:, ::4]
+        handles = _zero_attention(model, {4})
+        skipped = model(ids[:8]).logits[:, ::4]
+    for handle in handles:
+        handle.remove()
+    assert scores[4].attention_kl == pytest.approx(kl_from_logits(full, skipped).mean().item(),
+                                                   rel=1e-3)
+    # and its angular distance: between the stream entering and that stream plus o_proj's
+    x = inputs.batches[0]
+    for block in blocks[:4]:
+        x = inputs.run(block, x)
+    seen = {}
+    handle = blocks[4].self_attn.o_proj.register_forward_hook(lambda m, i, o: seen.update(o=o))
+    with torch.no_grad():
+        inputs.run(blocks[4], x)
+    handle.remove()
+    first = angular_distance(x, x + seen["o"]).mean().item()
+    assert first == pytest.approx(scores[4].attention_angular, rel=0.3)
+
+
+def test_removing_attention_repairs_the_blocks_own_mlp():
+    model = _deep_llama(seed=4)
+    _, run = depth_model(model, token_batch(8, 24), DepthSettings(attention=2), progress=False)
+    assert len(run.attention_removed) == 2 and run.removed == []
+    repaired = [r for r in run.repairs if r.attention]
+    assert len(repaired) == 2 and all(r.error_after < r.error_before for r in repaired)
+    assert sum(attention_free(b) for b in model.model.layers) == 2
+
+
+def test_an_attention_free_gguf_is_deci_and_runs_in_llama_cpp(deep_dir, tmp_path):
+    from gguf import GGUFReader
+
+    out = tmp_path / "deci"
+    outcome = execute(_job(deep_dir, DepthSettings(blocks=1, attention=2),
+                           QuantizeSettings("q8_0"), fmt="gguf"),
+                      out, progress=False, announce=False)
+    reader = GGUFReader(str(out / "model.gguf"))
+    assert reader.fields["general.architecture"].contents() == "deci"
+    heads = reader.fields["deci.attention.head_count"].contents()
+    free = [i for i, b in enumerate(outcome.model.model.layers) if attention_free(b)]
+    assert len(heads) == LAYERS - 1 and [i for i, h in enumerate(heads) if h == 0] == free
+    names = {t.name for t in reader.tensors}
+    for i in free:
+        assert f"blk.{i}.attn_q.weight" not in names and f"blk.{i}.attn_norm.weight" not in names
+    if LLAMA_CPP:
+        assert_runs_in_llama_cpp_like(outcome.model, out / "model.gguf")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--attention", "2"], "no standard transformers config"),
+    (["--attention", "6", "--format", "gguf"], "remove at most 5"),
+    (["--blocks", "2", "--attention", "4", "--format", "gguf"], "remove at most 3"),
+])
+def test_attention_requests_that_cannot_be_written_are_refused(deep_dir, tmp_path, capsys, args,
+                                                               fragment):
+    code, err = _run(capsys, "prune-depth", "--model", deep_dir, *args, "--calib", C4_FILE,
+                     "--nsamples", "2", "--seqlen", "16", "--no-eval", "--out", tmp_path / "no")
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "no").exists()
+
+
+def test_attention_removal_needs_the_llama_family():
+    with pytest.raises(SnapPruneError, match="LLaMA family"):
+        depth_model(tiny_model("gpt2"), token_batch(2, 8), DepthSettings(attention=1),
+                    progress=False)

@@ -55,13 +55,18 @@ def test_gguf_loads_in_transformers_with_the_quantisers_exact_values(joint_gguf,
         if ".layers." in name:
             zeros = (theirs[key] == 0).reshape(theirs[key].shape[0], -1, 4).sum(2)
             assert (zeros >= 2).all(), key  # 2:4 survives quantisation and the file
-    # The embedding is on q8_0's grid in memory and in the file alike, within rounding ties
-    # of gguf-py's own q8_0 (llama.cpp's reference quantiser).
+    # The embedding (tied: the output matrix too) is on q8_0's grid in memory and in the file
+    # alike: its block scales searched on the final norm's statistics, so its values are not
+    # gguf-py's formula rounding (llama.cpp's reference quantiser) but as close to the dense
+    # weights: at most one q8_0 step of the block away, and no worse than the formula overall.
     embedding = ours["model.embed_tokens.weight"]
     assert torch.equal(theirs["model.embed_tokens.weight"], embedding)
     dense = AutoModelForCausalLM.from_pretrained(tiny_dir).model.embed_tokens.weight.detach()
     reference = torch.from_numpy(_q8_0_roundtrip(dense))
-    assert (reference != embedding).float().mean() < 0.01
+    step = dense.abs().reshape(dense.shape[0], -1, 32).amax(2, keepdim=True) / 127
+    gap = (embedding - dense).abs().reshape(dense.shape[0], -1, 32)
+    assert (gap <= 1.01 * step).all()
+    assert (embedding - dense).norm() <= 1.05 * (reference - dense).norm()
     report = json.loads((out / "snapprune_report.json").read_text())
     assert report["quantization"]["scheme"] == "q4_0"
     assert report["files"]["model.gguf"] == (out / "model.gguf").stat().st_size

@@ -24,6 +24,8 @@ import torch
 
 from ..engine.schemes import GGUF_SCHEMES
 from ..errors import SnapPruneError
+from ..models.adapters import adapter_for
+from ..models.depth import attention_free
 from .format import Format
 
 FAMILIES = ("llama", "mistral")
@@ -168,6 +170,7 @@ def _file_type(record) -> str:
 def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     from gguf import (
         MODEL_ARCH,
+        MODEL_ARCH_NAMES,
         GGMLQuantizationType,
         GGUFWriter,
         LlamaFileType,
@@ -180,16 +183,24 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     quantized = record.quantized if record is not None else {}
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    # Blocks without attention (prune-depth --attention) are llama.cpp's deci architecture:
+    # per-layer head counts, 0 for an attention-free block, whose norm is not stored either.
+    free = [attention_free(b) for b in adapter_for(model).decoder_blocks(model)]
+    arch = MODEL_ARCH.DECI if any(free) else MODEL_ARCH.LLAMA
     path = directory / FILE_NAME
-    writer = GGUFWriter(path, "llama")
+    writer = GGUFWriter(path, MODEL_ARCH_NAMES[arch])
     writer.add_type("model")
     writer.add_name(f"{Path(job.model).name} (snapprune)")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
+    if any(free):
+        writer.add_head_count([0 if f else heads for f in free])
+        writer.add_head_count_kv([0 if f else kv_heads for f in free])
+    else:
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(kv_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
@@ -205,10 +216,11 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     else:
         note = _build_tokenizer(writer, outcome.tokenizer)
 
-    names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = get_tensor_name_map(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    unused = {f"model.layers.{i}.input_layernorm.weight" for i, f in enumerate(free) if f}
     for name, tensor in model.state_dict().items():
-        if tied and name == "lm_head.weight":
+        if (tied and name == "lm_head.weight") or name in unused:
             continue
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:

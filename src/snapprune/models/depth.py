@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..engine.depth import RepairProblem, angular_distance, kl_from_logits
 from ..errors import SnapPruneError
 from ..memory import peak_bytes
-from .adapters import _get, adapter_for
+from .adapters import _get, adapter_for, head_geometry
 from .blockloop import block_output
 from .capture import BlockInputs, capture_block_inputs
 from .layout import linear_weight, set_linear_weight
@@ -41,6 +41,45 @@ KL_POSITION_STRIDE = 4
 """Every this-many-th position enters the KL (the output matrix is the costly part)."""
 
 
+class NoAttention(nn.Module):
+    """Stands in for a removed attention sub-layer: adds nothing to the stream (the block is
+    ``x + MLP(norm(x))``, llama.cpp's attention-free ``deci`` block). It writes one zero head
+    per position to the KV cache, so that the cache still counts the positions it has seen
+    (transformers reads the length of a generation from the first block's entry)."""
+
+    def __init__(self, layer_idx: int, head_dim: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value")
+                      if kwargs.get(k) is not None), None)  # transformers' names over time
+        if cache is not None:
+            b, t, _ = hidden_states.shape
+            one = hidden_states.new_zeros(b, 1, t, self.head_dim)  # an empty one reads as 0
+            cache.update(one, one, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+def attention_free(block: nn.Module) -> bool:
+    """Whether a block's attention sub-layer was removed (``NoAttention``)."""
+    return any(isinstance(m, NoAttention) for m in block.children())
+
+
+def _attention_parent(model: nn.Module) -> str:
+    return adapter_for(model).attention.o.rpartition(".")[0]
+
+
+def remove_attention(model: nn.Module, block: nn.Module) -> nn.Module:
+    """Replace the block's attention by ``NoAttention``; returns the removed module."""
+    name = _attention_parent(model)
+    removed = getattr(block, name)
+    setattr(block, name, NoAttention(getattr(removed, "layer_idx", 0),
+                                     head_geometry(model.config).head_dim))
+    return removed
+
+
 @dataclass
 class BlockScore:
     index: int
@@ -50,9 +89,16 @@ class BlockScore:
     """ShortGPT's block influence: ``1 − mean cos(x_in, x_out)``."""
     kl: float | None = None
     """Mean KL (nats) of the next-token distributions with this block alone skipped."""
+    attention_angular: float | None = None
+    """The same angular distance across the block's attention sub-layer alone."""
+    attention_kl: float | None = None
+    """The KL with the block's attention sub-layer alone skipped."""
 
     def value(self, score: str) -> float:
         return self.kl if score == "kl" else self.angular
+
+    def attention_value(self, score: str) -> float:
+        return self.attention_kl if score == "kl" else self.attention_angular
 
 
 @dataclass
@@ -67,6 +113,8 @@ class Repair:
     error_after: float
     reason: str = ""
     """Why nothing was re-fitted (empty when repaired)."""
+    attention: bool = False
+    """The block lost its attention sub-layer (its own stream is repaired too)."""
 
 
 @dataclass
@@ -74,6 +122,8 @@ class DepthRun(RunRecord):
     settings: DepthSettings | None = None
     scores: list[BlockScore] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
+    attention_removed: list[int] = field(default_factory=list)
+    """Blocks (numbered as in the full model) whose attention sub-layer was removed."""
     repairs: list[Repair] = field(default_factory=list)
     blocks_before: int = 0
     blocks_after: int = 0
@@ -101,6 +151,17 @@ def check_depth(model: nn.Module, settings: DepthSettings) -> int:
     if settings.blocks >= count:
         raise SnapPruneError(f"--blocks {settings.blocks} would remove every one of the "
                              f"model's {count} decoder blocks; remove at most {count - 1}")
+    if settings.attention:
+        if adapter.family != "llama":
+            raise SnapPruneError(f"removing attention sub-layers needs a block that adds "
+                                 f"attention and MLP to the stream in turn, as llama.cpp's deci "
+                                 f"architecture runs it (the LLaMA family); {adapter.family} is "
+                                 "not: use --blocks")
+        left = count - settings.blocks
+        if settings.attention >= left:
+            raise SnapPruneError(f"--attention {settings.attention} would leave none of the "
+                                 f"{left} kept blocks with attention; remove at most "
+                                 f"{left - 1}")
     return count
 
 
@@ -118,10 +179,14 @@ def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def score_blocks(model: nn.Module, inputs: BlockInputs, device: torch.device, *,
-                 kl: bool = False, progress: bool = True) -> list[BlockScore]:
+                 kl: bool = False, attention: bool = False,
+                 progress: bool = True) -> list[BlockScore]:
     """Every block's angular distance and influence on all calibration windows (one pass of
-    the full model), and with ``kl`` its measured KL on the first ``KL_WINDOWS`` windows."""
-    blocks = adapter_for(model).decoder_blocks(model)
+    the full model), and with ``kl`` its measured KL on the first ``KL_WINDOWS`` windows; with
+    ``attention`` the same measures for each block's attention sub-layer alone (its output is
+    what ``o_proj`` adds to the stream)."""
+    adapter = adapter_for(model)
+    blocks = adapter.decoder_blocks(model)
     stream = [x.to(device) for x in inputs.batches]
     kept_windows, kept = 0, []  # the KL's batches: the streams entering every block
     for x in stream:
@@ -132,35 +197,68 @@ def score_blocks(model: nn.Module, inputs: BlockInputs, device: torch.device, *,
     for index in tqdm(range(len(blocks)), desc="scoring blocks", unit="block",
                       disable=not progress):
         block = blocks[index]
-        angles, cosines, tokens = 0.0, 0.0, 0
-        for b, x in enumerate(stream):
-            out = _run(block, inputs, x)
-            angle = angular_distance(x, out)
-            angles += angle.sum().item()
-            cosines += torch.cos(angle * torch.pi).sum().item()
-            tokens += angle.numel()
-            stream[b] = out
-            if b < len(kept):
-                kept[b].append(out)
-        scores.append(BlockScore(index, angles / tokens, 1.0 - cosines / tokens))
+        seen, handle = (_captured(block.get_submodule(adapter.attention.o)) if attention
+                        else ({}, None))
+        angles, cosines, tokens, attention_angles = 0.0, 0.0, 0, 0.0
+        try:
+            for b, x in enumerate(stream):
+                out = _run(block, inputs, x)
+                angle = angular_distance(x, out)
+                angles += angle.sum().item()
+                cosines += torch.cos(angle * torch.pi).sum().item()
+                tokens += angle.numel()
+                if attention:
+                    added = seen["output"].reshape(x.shape)
+                    attention_angles += angular_distance(x, x + added).sum().item()
+                stream[b] = out
+                if b < len(kept):
+                    kept[b].append(out)
+        finally:
+            if handle is not None:
+                handle.remove()
+        scores.append(BlockScore(index, angles / tokens, 1.0 - cosines / tokens,
+                                 attention_angular=attention_angles / tokens if attention
+                                 else None))
     if kl:
         for index in tqdm(range(len(blocks)), desc="measuring KL", unit="block",
                           disable=not progress):
-            total, positions = 0.0, 0
-            for streams in kept:
-                x = streams[index]  # the stream entering the skipped block
-                for later in range(index + 1, len(blocks)):
-                    x = _run(blocks[later], inputs, x)
-                divergence = kl_from_logits(_logits(model, streams[-1]), _logits(model, x))
-                total += divergence.sum().item()
-                positions += divergence.numel()
-            scores[index].kl = total / positions
+            scores[index].kl = _skipped_kl(model, blocks, inputs, kept, index, index + 1)
+            if attention:
+                original = remove_attention(model, blocks[index])
+                try:
+                    scores[index].attention_kl = _skipped_kl(model, blocks, inputs, kept,
+                                                             index, index)
+                finally:
+                    setattr(blocks[index], _attention_parent(model), original)
     return scores
+
+
+def _skipped_kl(model, blocks, inputs, kept, index: int, first: int) -> float:
+    """The mean KL of the full model's next-token distributions from those of the model run
+    from the stream entering block ``index`` through blocks ``first``… (``index + 1``: block
+    ``index`` skipped; ``index``: run as it now is)."""
+    total, positions = 0.0, 0
+    for streams in kept:
+        x = streams[index]
+        for later in range(first, len(blocks)):
+            x = _run(blocks[later], inputs, x)
+        divergence = kl_from_logits(_logits(model, streams[-1]), _logits(model, x))
+        total += divergence.sum().item()
+        positions += divergence.numel()
+    return total / positions
 
 
 def choose_blocks(scores: list[BlockScore], count: int, score: str) -> list[int]:
     """The ``count`` blocks with the lowest score (ties: the later block), ascending."""
     order = sorted(scores, key=lambda s: (s.value(score), -s.index))
+    return sorted(s.index for s in order[:count])
+
+
+def choose_attention(scores: list[BlockScore], count: int, score: str,
+                     removed: list[int]) -> list[int]:
+    """The ``count`` kept blocks whose attention sub-layer scores lowest, ascending."""
+    candidates = [s for s in scores if s.index not in set(removed)]
+    order = sorted(candidates, key=lambda s: (s.attention_value(score), -s.index))
     return sorted(s.index for s in order[:count])
 
 
@@ -208,15 +306,24 @@ def _adds_straight(block: nn.Module, layer: nn.Module, inputs: BlockInputs,
 @torch.no_grad()
 def repair_and_cut(model: nn.Module, inputs: BlockInputs, removed: list[int],
                    settings: DepthSettings, device: torch.device, *,
-                   progress: bool = True) -> list[Repair]:
-    """Re-fit the output projection before each removed run (when ``settings.repair``), then
-    cut the removed blocks out. ``inputs`` holds the activations entering block 0."""
+                   attention: list[int] = (), progress: bool = True) -> list[Repair]:
+    """Remove the ``attention`` blocks' attention sub-layers and re-fit (when
+    ``settings.repair``) the MLP output projection of each kept block that lost its attention
+    or precedes a removed run, then cut the removed blocks out. ``inputs`` holds the
+    activations entering block 0."""
     adapter = adapter_for(model)
     blocks = adapter.decoder_blocks(model)
     runs = {r[0] - 1: r for r in removed_runs(removed)}
+    changed = sorted({k for k in runs if k >= 0} | set(attention))
     repairs = [Repair(-1, runs[-1], "", math.nan, math.nan, "the run starts at block 0: no "
                       "earlier block writes into the stream")] if -1 in runs else []
-    if settings.repair and len(runs) > (1 if -1 in runs else 0):
+    if not settings.repair:
+        for index in attention:
+            remove_attention(model, blocks[index])
+        repairs += [Repair(k, runs.get(k, ()), "", math.nan, math.nan, "repair switched off",
+                           attention=k in attention) for k in changed]
+        changed = []
+    if changed:
         full = [x.to(device) for x in inputs.batches]
         cut = [x.clone() for x in full]
         index = 0
@@ -228,41 +335,42 @@ def repair_and_cut(model: nn.Module, inputs: BlockInputs, removed: list[int],
                 index += 1
                 bar.update(1)
                 continue
-            if index not in runs:
+            if index not in changed:
                 full = [_run(block, inputs, x) for x in full]
                 cut = [_run(block, inputs, x) for x in cut]
                 index += 1
                 bar.update(1)
                 continue
-            run = runs[index]
+            run = runs.get(index, ())
             targets = []
-            for x in full:
+            for x in full:  # the full model: this block as it was, then the removed run
                 x = _run(block, inputs, x)
                 for later in run:
                     x = _run(blocks[later], inputs, x)
                 targets.append(x)
+            if index in attention:
+                remove_attention(model, block)
             repairs.append(_repair_block(block, adapter.mlp.output, run, index, inputs, cut,
-                                         targets, settings.percdamp))
+                                         targets, settings.percdamp,
+                                         attention=index in attention))
             cut = [_run(block, inputs, x) for x in cut]
             full = targets
-            index = run[-1] + 1
+            index += 1 + len(run)
             bar.update(1 + len(run))
         bar.close()
-    elif not settings.repair:
-        repairs += [Repair(r[0] - 1, r, "", math.nan, math.nan, "repair switched off")
-                    for k, r in runs.items() if k >= 0]
     cut_blocks(model, removed)
     return repairs
 
 
 def _repair_block(block, layer_name: str, run: tuple[int, ...], index: int,
                   inputs: BlockInputs, cut: list[torch.Tensor], targets: list[torch.Tensor],
-                  percdamp: float) -> Repair:
+                  percdamp: float, *, attention: bool = False) -> Repair:
     layer = block.get_submodule(layer_name)
     if not _adds_straight(block, layer, inputs, cut[0]):
         return Repair(index, run, layer_name, math.nan, math.nan,
                       f"{layer_name}'s output does not enter the stream straight (a norm or "
-                      "scale after it): least squares on it would not be exact")
+                      "scale after it): least squares on it would not be exact",
+                      attention=attention)
     weight = linear_weight(layer)
     problem = RepairProblem(weight.shape[1], weight.shape[0], device=weight.device)
     seen, handle = _captured(layer)
@@ -278,7 +386,7 @@ def _repair_block(block, layer_name: str, run: tuple[int, ...], index: int,
     set_linear_weight(layer, (weight.double() + delta).to(weight.dtype))
     after = sum((t - _run(block, inputs, x)).double().pow(2).sum().item()
                 for x, t in zip(cut, targets, strict=True))
-    return Repair(index, run, layer_name, before, after)
+    return Repair(index, run, layer_name, before, after, attention=attention)
 
 
 def cut_blocks(model: nn.Module, removed: list[int]) -> None:
@@ -326,14 +434,17 @@ def depth_model(model: nn.Module, calibration: torch.Tensor | None, settings: De
     try:
         t = time.perf_counter()
         run.scores = score_blocks(model, block_inputs, device, kl=settings.score == "kl",
-                                  progress=progress)
+                                  attention=settings.attention > 0, progress=progress)
         run.calibration_seconds = time.perf_counter() - t
         run.removed = choose_blocks(run.scores, settings.blocks, settings.score)
+        run.attention_removed = choose_attention(run.scores, settings.attention,
+                                                 settings.score, run.removed)
         if log is not None:
-            log(f"removing blocks {run.removed} (lowest {settings.score})")
+            log(f"removing blocks {run.removed} and the attention of blocks "
+                f"{run.attention_removed} (lowest {settings.score})")
         t = time.perf_counter()
         run.repairs = repair_and_cut(model, block_inputs, run.removed, settings, device,
-                                     progress=progress)
+                                     attention=run.attention_removed, progress=progress)
         run.solver_seconds = time.perf_counter() - t
     finally:
         for b in adapter_for(model).decoder_blocks(model):
@@ -353,11 +464,14 @@ def depth_report(run: DepthRun) -> dict:
     return {
         "score": run.settings.score,
         "blocks_before": run.blocks_before, "blocks_after": run.blocks_after,
-        "removed": run.removed,
+        "removed": run.removed, "attention_removed": run.attention_removed,
         "parameters_before": run.parameters_before, "parameters_after": run.parameters_after,
         "scores": [{"block": s.index, "angular_distance": s.angular,
-                    "block_influence": s.influence, "kl": finite(s.kl)} for s in run.scores],
+                    "block_influence": s.influence, "kl": finite(s.kl),
+                    "attention_angular_distance": finite(s.attention_angular),
+                    "attention_kl": finite(s.attention_kl)} for s in run.scores],
         "repairs": [{"block": r.block if r.block >= 0 else None, "removed_after": list(r.removed),
+                     "attention_removed": r.attention,
                      "layer": r.layer or None, "stream_error_before": finite(r.error_before),
                      "stream_error_after": finite(r.error_after),
                      "not_repaired_because": r.reason or None} for r in run.repairs],

@@ -142,14 +142,16 @@ DEPTH_SCORES = ("angular", "kl")
 
 @dataclass(frozen=True)
 class DepthSettings:
-    """What ``prune-depth`` removes: ``blocks`` whole decoder blocks, those whose removal
-    changes the model least by ``score`` (``angular``: the angular distance between the stream
-    entering and leaving the block, one pass; ``kl``: the measured KL divergence of the
-    next-token distributions with the block skipped), then, with ``repair``, the output
-    projection before each removed run re-fitted by least squares to the full model's stream
-    (``percdamp``: its ridge, a fraction of the mean diagonal)."""
+    """What ``prune-depth`` removes: ``blocks`` whole decoder blocks and ``attention``
+    attention sub-layers (of the blocks kept), those whose removal changes the model least by
+    ``score`` (``angular``: the angular distance between the stream entering and leaving the
+    block or sub-layer, one pass; ``kl``: the measured KL divergence of the next-token
+    distributions with it skipped), then, with ``repair``, the MLP output projection of each
+    kept block that lost its attention or precedes removed blocks re-fitted by least squares to
+    the full model's stream (``percdamp``: its ridge, a fraction of the mean diagonal)."""
 
-    blocks: int = 1
+    blocks: int = 0
+    attention: int = 0
     score: str = "angular"
     repair: bool = True
     percdamp: float = 0.01
@@ -170,9 +172,14 @@ class DepthSettings:
         return self
 
     def check(self) -> None:
-        if not isinstance(self.blocks, int) or isinstance(self.blocks, bool) or self.blocks < 1:
-            raise SnapPruneError(f"blocks (decoder blocks to remove) must be a positive "
-                                 f"integer, got {self.blocks!r}")
+        for name in ("blocks", "attention"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SnapPruneError(f"{name} (how many to remove) must be an integer >= 0, "
+                                     f"got {value!r}")
+        if not self.blocks and not self.attention:
+            raise SnapPruneError("nothing to remove: give blocks (whole decoder blocks) and/or "
+                                 "attention (attention sub-layers) a positive count")
         if self.score not in DEPTH_SCORES:
             raise SnapPruneError(f"unknown block score {self.score!r}; choose "
                                  f"{' or '.join(DEPTH_SCORES)}")

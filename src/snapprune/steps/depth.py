@@ -5,7 +5,8 @@ It may come before ``shrink`` or ``prune`` in one job (depth first, then width).
 
 from __future__ import annotations
 
-from ..flags import Command, Flag, number, positive_int
+from ..errors import SnapPruneError
+from ..flags import Command, Flag, integer, number
 from ..models.depth import check_depth, depth_model, depth_report
 from ..models.settings import DEPTH_SCORES, DepthSettings
 from .base import Step, StepContext
@@ -18,12 +19,16 @@ calibration text:
            (how far it turns each token's direction; one pass of the model)
   kl       the measured KL divergence of the next-token distributions with that block alone
            skipped (a pass through the later blocks per candidate, on 8 windows)
-The --blocks lowest are removed. Repair (on unless --no-repair): the MLP output projection of
-the kept block before each removed run is re-fitted by least squares so that the stream it
-leaves reproduces the full model's stream after the removed blocks.
+The --blocks lowest are removed; --attention K removes the attention sub-layers of the K kept
+blocks whose attention changes the stream least (scored the same way): those blocks become
+x + MLP(norm(x)), which llama.cpp runs as its deci architecture (--format gguf).
+Repair (on unless --no-repair): the MLP output projection of each kept block that lost its
+attention or precedes removed blocks is re-fitted by least squares so that the stream it
+leaves reproduces the full model's stream there.
 
 example:
   snapprune prune-depth --model smollm2-135m --blocks 4 --score kl --out runs/smollm2-d26
+  snapprune prune-depth --model smollm2-135m --attention 8 --format gguf --out runs/a8
 """
 
 
@@ -43,7 +48,10 @@ class DepthStep(Step):
         epilog=EPILOG, what="depth pruning", first_group="what to remove",
         groups=("calibration", "evaluation", "output"))
     flags = (
-        Flag("blocks", ("--blocks",), "how many decoder blocks to remove", type=positive_int,
+        Flag("blocks", ("--blocks",), "how many whole decoder blocks to remove",
+             type=integer, metavar="K"),
+        Flag("attention", ("--attention",), "how many attention sub-layers to remove from the "
+             "kept blocks (LLaMA family; written as llama.cpp's deci GGUF)", type=integer,
              metavar="K"),
         Flag("score", ("--score",), "how blocks are ranked: " + ", ".join(DEPTH_SCORES)
              + " (see below)", choices=DEPTH_SCORES),
@@ -52,6 +60,14 @@ class DepthStep(Step):
         Flag("percdamp", ("--percdamp",), "the repair's ridge, fraction of its mean diagonal",
              type=number, metavar="F"),
     )
+
+    def check(self, settings: DepthSettings, job) -> None:
+        settings.check()
+        fmt = job.output.format if job.output is not None else None
+        if settings.attention and fmt not in (None, "gguf"):
+            raise SnapPruneError("blocks without attention have no standard transformers "
+                                 "config: write --format gguf (llama.cpp's deci "
+                                 "architecture runs them), or remove whole blocks only")
 
     def check_model(self, settings: DepthSettings, job, model) -> None:
         check_depth(model, settings)
@@ -72,20 +88,28 @@ class DepthStep(Step):
         return block_pass.account(run)
 
     def log_line(self, run, *, fused: bool = False) -> str:
-        return (f"removed blocks {run.removed} ({run.blocks_before} -> {run.blocks_after}): "
+        attention = (f", attention of blocks {run.attention_removed}"
+                     if run.attention_removed else "")
+        return (f"removed blocks {run.removed}{attention} ({run.blocks_before} -> "
+                f"{run.blocks_after} blocks): "
                 f"{run.parameters_before:,} -> {run.parameters_after:,} parameters in "
                 f"{run.total_seconds:.1f}s")
 
     def summary(self, run) -> str:
         repaired = sum(1 for r in run.repairs if not r.reason)
+        attention = (f", attention removed from blocks "
+                     f"{', '.join(map(str, run.attention_removed))}" if run.attention_removed
+                     else "")
         return (f"depth ({run.settings.score}): blocks {run.blocks_before} → {run.blocks_after} "
-                f"(removed {', '.join(map(str, run.removed))}; {repaired} output projection(s) "
+                f"(removed {', '.join(map(str, run.removed)) or 'none'}{attention}; {repaired} "
+                f"output projection(s) "
                 f"repaired); parameters {run.parameters_before:,} → {run.parameters_after:,} "
                 f"(-{1 - run.parameters_after / max(1, run.parameters_before):.1%})")
 
     def report(self, run) -> dict:
         return {"method": run.settings.method, "pattern": "blocks",
-                "settings": {"blocks": run.settings.blocks, "score": run.settings.score,
+                "settings": {"blocks": run.settings.blocks,
+                             "attention": run.settings.attention, "score": run.settings.score,
                              "repair": run.settings.repair,
                              "percdamp": run.settings.percdamp},
                 "depth": depth_report(run)}
