@@ -18,7 +18,7 @@ from ..errors import SnapPruneError
 from .layout import is_prunable
 
 
-def _get(root: nn.Module, path: str) -> nn.Module | None:
+def module_at(root: nn.Module, path: str) -> nn.Module | None:
     module: object = root
     for part in path.split("."):
         module = getattr(module, part, None)
@@ -105,7 +105,7 @@ class Adapter:
         return self.attention is None and self.mlp is None
 
     def decoder_blocks(self, model: nn.Module) -> nn.ModuleList:
-        blocks = _get(model, self.blocks)
+        blocks = module_at(model, self.blocks)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             raise SnapPruneError(
                 f"{type(model).__name__} has no decoder blocks at {self.blocks}; "
@@ -150,7 +150,7 @@ class Adapter:
 
     def matches(self, model: nn.Module) -> bool:
         """The family's paths and groups exist in this model (block 0 stands for all)."""
-        blocks = _get(model, self.blocks)
+        blocks = module_at(model, self.blocks)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             return False
         names = {n for n, _ in blocks[0].named_modules()}
@@ -166,8 +166,8 @@ class Adapter:
             "family": self.family,
             "generic_adapter": self.generic,
             "blocks": f"{self.blocks} ({len(blocks)})",
-            "embeddings": [p for p in self.embeddings if _get(model, p) is not None],
-            "final_norm": self.final_norm if self.final_norm and _get(model, self.final_norm)
+            "embeddings": [p for p in self.embeddings if module_at(model, p) is not None],
+            "final_norm": self.final_norm if self.final_norm and module_at(model, self.final_norm)
             else None,
             "groups": self.layer_roles(blocks[0]),
             "uncovered_parameters": uncovered,

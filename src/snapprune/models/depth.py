@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..engine.depth import RepairProblem, angular_distance, kl_from_logits
 from ..errors import SnapPruneError
 from ..memory import peak_bytes
-from .adapters import _get, adapter_for, head_geometry
+from .adapters import adapter_for, head_geometry, module_at
 from .blockloop import block_output
 from .capture import BlockInputs, capture_block_inputs
 from .layout import linear_weight, set_linear_weight
@@ -171,7 +171,7 @@ def _run(block: nn.Module, inputs: BlockInputs, x: torch.Tensor) -> torch.Tensor
 
 def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     adapter = adapter_for(model)
-    norm = _get(model, adapter.final_norm) if adapter.final_norm else None
+    norm = module_at(model, adapter.final_norm) if adapter.final_norm else None
     if norm is not None:
         hidden = norm(hidden)
     return model.get_output_embeddings()(hidden[:, ::KL_POSITION_STRIDE])
@@ -401,7 +401,7 @@ def cut_blocks(model: nn.Module, removed: list[int]) -> None:
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = position
     parent_path, _, name = adapter.blocks.rpartition(".")
-    parent = _get(model, parent_path) if parent_path else model
+    parent = module_at(model, parent_path) if parent_path else model
     setattr(parent, name, new)
     config = model.config
     setattr(config, _layer_count_key(config), len(kept))
