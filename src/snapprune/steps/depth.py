@@ -40,7 +40,6 @@ class DepthStep(Step):
     verb = "remove blocks"
     removes_weights = True
     changes = frozenset({"blocks"})
-    suggest_rank = 4
     command = Command(
         "prune-depth", help="remove whole decoder blocks (scored, repaired): a shallower model",
         description="Score every decoder block on calibration text, remove the least useful "
@@ -113,9 +112,3 @@ class DepthStep(Step):
                              "repair": run.settings.repair,
                              "percdamp": run.settings.percdamp},
                 "depth": depth_report(run)}
-
-    def next_step(self, job, where) -> str | None:
-        if set(job.kinds) <= {"prune", "shrink", "quantize"}:
-            return (f"  snapprune prune-depth --model {job.model} --blocks 4 --score kl --out "
-                    f"{where}-depth      # fewer blocks: smaller and faster everywhere")
-        return None
