@@ -75,8 +75,8 @@ def fallback(scheme: str, cols: int, why: str) -> Choice:
     if scheme in FALLBACK and holds(FALLBACK[scheme], cols):
         return Choice(FALLBACK[scheme], f"{why}; rows of {cols} are not whole super-blocks of "
                       f"256, so {FALLBACK[scheme]} (llama.cpp's fallback for {scheme})")
-    raise SnapPruneError(f"{scheme} cannot hold rows of {cols} inputs (llama.cpp's blocks need "
-                         "multiples of 32); shrink with multiple_of 32 or 64")
+    raise SnapPruneError(f"{scheme} cannot hold rows of {cols} inputs (llama.cpp's blocks of 32 "
+                         "need a multiple of 32); shrink with multiple_of 32 or 64")
 
 
 def more_bits(i: int, n: int) -> bool:
