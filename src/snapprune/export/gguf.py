@@ -16,8 +16,10 @@ the tokenizer's files with gguf-py's vocab classes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from ..engine.schemes import GGUF_SCHEMES
 from ..errors import SnapPruneError
 from ..models.adapters import adapter_for
 from ..models.depth import attention_free
+from ..models.layout import linear_weight
 from .format import Format
 
 FAMILIES = ("llama", "mistral")
@@ -167,6 +170,38 @@ def _file_type(record) -> str:
     return record.scheme.block.file_type
 
 
+@dataclass(frozen=True)
+class BlockWidths:
+    heads: int
+    kv_heads: int
+    ffn: int
+
+
+def block_widths(model, head_dim: int) -> list[BlockWidths]:
+    """Each decoder block's query and key/value heads (0 without attention) and MLP width, as
+    its layers hold them."""
+    adapter = adapter_for(model)
+    out = []
+    for block in adapter.decoder_blocks(model):
+        ffn = linear_weight(block.get_submodule(adapter.mlp.output)).shape[1]
+        if attention_free(block):
+            out.append(BlockWidths(0, 0, ffn))
+            continue
+        rows = [linear_weight(block.get_submodule(n)).shape[0] // head_dim
+                for n in (adapter.attention.q, adapter.attention.k)]
+        out.append(BlockWidths(rows[0], rows[1], ffn))
+    return out
+
+
+def _block_index(layer: str) -> int | None:
+    """``model.layers.7.self_attn.q_proj`` → 7."""
+    parts = layer.split(".")
+    for a, b in itertools.pairwise(parts):
+        if a == "layers" and b.isdigit():
+            return int(b)
+    return None
+
+
 def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     from gguf import (
         MODEL_ARCH,
@@ -181,12 +216,16 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     config = model.config
     record = outcome.run_of("quantize")
     quantized = record.quantized if record is not None else {}
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    # Blocks without attention (prune-depth --attention) are llama.cpp's deci architecture:
-    # per-layer head counts, 0 for an attention-free block, whose norm is not stored either.
-    free = [attention_free(b) for b in adapter_for(model).decoder_blocks(model)]
-    arch = MODEL_ARCH.DECI if any(free) else MODEL_ARCH.LLAMA
+    head_dim = (getattr(config, "head_dim", None)
+                or config.hidden_size // config.num_attention_heads)
+    # Blocks without attention (prune-depth --attention) or of their own widths (shrink
+    # --allocation sensitivity) are llama.cpp's deci architecture: per-layer head counts and
+    # FFN widths, read from the layers themselves; an attention-free block has 0 heads and no
+    # stored norm.
+    widths = block_widths(model, head_dim)
+    free = [w.heads == 0 for w in widths]
+    varied = len({(w.heads, w.kv_heads, w.ffn) for w in widths}) > 1
+    arch = MODEL_ARCH.DECI if varied else MODEL_ARCH.LLAMA
     path = directory / FILE_NAME
     writer = GGUFWriter(path, MODEL_ARCH_NAMES[arch])
     writer.add_type("model")
@@ -194,13 +233,14 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    if any(free):
-        writer.add_head_count([0 if f else heads for f in free])
-        writer.add_head_count_kv([0 if f else kv_heads for f in free])
+    if varied:
+        writer.add_feed_forward_length([w.ffn for w in widths])
+        writer.add_head_count([w.heads for w in widths])
+        writer.add_head_count_kv([w.kv_heads for w in widths])
     else:
-        writer.add_head_count(heads)
-        writer.add_head_count_kv(kv_heads)
+        writer.add_feed_forward_length(widths[0].ffn)
+        writer.add_head_count(widths[0].heads)
+        writer.add_head_count_kv(widths[0].kv_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
@@ -227,8 +267,11 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
             raise SnapPruneError(f"{name} has no GGUF name in llama.cpp's llama architecture; "
                                  "write hf")
         layer = name.removesuffix(".weight")
-        rows_heads = heads if layer.endswith("q_proj") else (
-            kv_heads if layer.endswith("k_proj") else None)
+        block = _block_index(layer)
+        rows_heads = None
+        if block is not None and layer.endswith(("q_proj", "k_proj")):
+            own = widths[block]
+            rows_heads = own.heads if layer.endswith("q_proj") else own.kv_heads
         if layer in quantized and name.endswith(".weight"):
             q = quantized[layer]
             parts = (q.codes, q.scales, q.zeros, q.supers)

@@ -88,12 +88,18 @@ class PruneSettings(MethodChoice):
                               self.blocksize, self.metric)
 
 
+WIDTH_ALLOCATIONS = ("uniform", "sensitivity")
+
+
 @dataclass(frozen=True)
 class ShrinkSettings(MethodChoice):
     """What ``shrink`` removes: fractions of MLP neurons and of query heads. The new MLP width
     is a multiple of ``multiple_of``: 32 by default, the smallest width every output format
     quantises whole (llama.cpp's blocks of 32, the common group size 32); a GPU kernel that
-    wants 64 or 128, or a group of 128, asks for it."""
+    wants 64 or 128, or a group of 128, asks for it. ``allocation``: every block loses the same
+    share (``uniform``, a standard config), or each block's share follows its measured
+    sensitivity, the same total removed (``sensitivity``: per-block widths, written as
+    llama.cpp's deci GGUF)."""
 
     method: str = "thanos"
     mlp: float = 0.0
@@ -102,12 +108,19 @@ class ShrinkSettings(MethodChoice):
     percdamp: float = 0.01
     multiple_of: int = 32
     alpha: float = 0.0
+    allocation: str = "uniform"
 
     kind: ClassVar[str] = "shrink"
 
     @property
     def pattern(self) -> str:
         return "width"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """The sensitivity allocation measures errors on calibration text, whatever the
+        method."""
+        return self.allocation == "sensitivity" or super().needs_calibration
 
     def resolved(self) -> ShrinkSettings:
         """A copy naming every value the run uses (metric), for records."""
@@ -135,6 +148,9 @@ class ShrinkSettings(MethodChoice):
         if not isinstance(self.multiple_of, int) or self.multiple_of < 1:
             raise SnapPruneError(f"multiple_of must be a positive integer, "
                                  f"got {self.multiple_of}")
+        if self.allocation not in WIDTH_ALLOCATIONS:
+            raise SnapPruneError(f"unknown allocation {self.allocation!r}; choose one of "
+                                 f"{', '.join(WIDTH_ALLOCATIONS)}")
 
 
 DEPTH_SCORES = ("angular", "kl")

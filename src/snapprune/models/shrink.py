@@ -26,7 +26,7 @@ from ..errors import SnapPruneError
 from ..memory import peak_bytes
 from .adapters import Adapter, adapter_for, head_geometry
 from .blockloop import run_blocks
-from .capture import BATCH_SIZE
+from .capture import BATCH_SIZE, capture_block_inputs
 from .checkpoint_files import empty_model
 from .layout import is_conv1d, linear_weight, set_linear_weight
 from .loading import with_weights
@@ -42,6 +42,7 @@ from .records import LayerRecord, RunRecord
 from .settings import QuantizeSettings, ShrinkSettings
 from .slots import output_statistics
 from .targets import layer_roles, target_layers
+from .width_sensitivity import Sensitivity, check_sensitivity, measure_and_allocate
 
 
 @dataclass(frozen=True)
@@ -57,20 +58,45 @@ class WidthPlan:
     head_dim: int
     groups: int
     """Head groups that lose the same count (key/value groups under GQA, else 1)."""
+    mlp_blocks: tuple[int, ...] = ()
+    """Each block's own MLP width (``--allocation sensitivity``); empty: ``mlp_new`` in all."""
+    heads_blocks: tuple[int, ...] = ()
+    """Each block's own query-head count; empty: ``heads_new`` in all."""
 
     @property
     def mlp_removed(self) -> int:
+        """Neurons each block loses under the uniform plan (the total's share per block)."""
         return self.mlp_old - self.mlp_new
 
     @property
     def heads_removed_per_group(self) -> int:
         return (self.heads_old - self.heads_new) // self.groups
 
+    @property
+    def uniform(self) -> bool:
+        """Every block the same widths: a standard config."""
+        return len(set(self.mlp_blocks)) <= 1 and len(set(self.heads_blocks)) <= 1
+
+    def mlp_at(self, block: int) -> int:
+        return self.mlp_blocks[block] if self.mlp_blocks else self.mlp_new
+
+    def heads_at(self, block: int) -> int:
+        return self.heads_blocks[block] if self.heads_blocks else self.heads_new
+
+    def kv_at(self, block: int) -> int:
+        """Key/value heads: kept under GQA, else one per query head."""
+        return self.kv_old if self.kv_new == self.kv_old else self.heads_at(block)
+
     def describe(self) -> dict:
-        return {"mlp": {"old": self.mlp_old, "new": self.mlp_new},
-                "heads": {"old": self.heads_old, "new": self.heads_new,
-                          "kv_old": self.kv_old, "kv_new": self.kv_new,
-                          "head_dim": self.head_dim}}
+        out = {"mlp": {"old": self.mlp_old, "new": self.mlp_new},
+               "heads": {"old": self.heads_old, "new": self.heads_new,
+                         "kv_old": self.kv_old, "kv_new": self.kv_new,
+                         "head_dim": self.head_dim}}
+        if self.mlp_blocks:
+            out["mlp"]["per_block"] = list(self.mlp_blocks)
+        if self.heads_blocks:
+            out["heads"]["per_block"] = list(self.heads_blocks)
+        return out
 
 
 def mlp_width(config, adapter: Adapter) -> int:
@@ -124,8 +150,19 @@ def plan_width(model: nn.Module, settings: ShrinkSettings) -> WidthPlan:
                 f"its {size} query heads removed); lower heads")
         heads_new = geometry.heads - removed * groups
         kv_new = geometry.kv_heads if grouped else heads_new
+    if settings.allocation == "sensitivity":
+        check_sensitivity(model, settings, mlp_old)
     return WidthPlan(mlp_old, mlp_new, geometry.heads, heads_new, geometry.kv_heads, kv_new,
                      geometry.head_dim, groups)
+
+
+def allocated(plan: WidthPlan, found: Sensitivity, blocks: int) -> WidthPlan:
+    """``plan`` with each block's own widths from the sensitivity allocation."""
+    mlp = tuple(plan.mlp_old - k * found.mlp_unit for k in found.mlp_counts)
+    heads = tuple(plan.heads_old - k * plan.groups for k in found.head_counts)
+    if len(mlp) not in (0, blocks) or len(heads) not in (0, blocks):
+        raise SnapPruneError("the allocation does not cover every block; please report this")
+    return dataclasses.replace(plan, mlp_blocks=mlp, heads_blocks=heads)
 
 
 @dataclass(kw_only=True)
@@ -141,6 +178,8 @@ class ShrinkRun(RunRecord):
     bytes_before: int = 0
     bytes_after: int = 0
     quantization: QuantizeRun | None = None
+    sensitivity: Sensitivity | None = None
+    """What ``--allocation sensitivity`` measured and chose."""
 
 
 def _sizes(model: nn.Module) -> tuple[int, int]:
@@ -185,18 +224,33 @@ def shrink_model(
     params, nbytes = _sizes(model)
     run = ShrinkRun(settings=settings, plan=plan, parameters_before=params,
                     bytes_before=nbytes, architecture=adapter.describe(model))
+    if settings.allocation == "sensitivity":
+        if block_inputs is None:
+            if calibration is None:
+                raise SnapPruneError("the sensitivity allocation needs calibration data")
+            block_inputs = capture_block_inputs(model, blocks, calibration, device, batch_size)
+        run.sensitivity = measure_and_allocate(model, block_inputs, plan, settings, device,
+                                               progress=progress)
+        run.plan = plan = allocated(plan, run.sensitivity, len(blocks))
+        if log:
+            log(f"per-block MLP widths {list(plan.mlp_blocks)}, heads {list(plan.heads_blocks)}")
     mlp_out = adapter.mlp.output
     attn_out = adapter.attention.o
     layers: dict[int, dict[str, nn.Module]] = {}
+    widths: dict[str, int] = {}  # each consumer's input width once cut out
     for index, block in enumerate(blocks):
         modules = dict(block.named_modules())
         named = {}
-        if plan.mlp_removed:
-            named[f"{adapter.blocks}.{index}.{mlp_out}"] = modules[mlp_out]
-        if plan.heads_new < plan.heads_old:
-            named[f"{adapter.blocks}.{index}.{attn_out}"] = modules[attn_out]
+        if plan.mlp_at(index) < plan.mlp_old:
+            name = f"{adapter.blocks}.{index}.{mlp_out}"
+            named[name] = modules[mlp_out]
+            widths[name] = plan.mlp_at(index)
+        if plan.heads_at(index) < plan.heads_old:
+            name = f"{adapter.blocks}.{index}.{attn_out}"
+            named[name] = modules[attn_out]
+            widths[name] = plan.heads_at(index) * plan.head_dim
         layers[index] = named
-    consumers = {name for named in layers.values() for name in named}
+    consumers = set(widths)
     if quantize is not None:
         refuse_under_ranks()
         layers = target_layers(model, quantize.include, quantize.exclude)
@@ -207,8 +261,7 @@ def shrink_model(
         run.quantization = QuantizeRun(
             settings=quantize, layer_errors=True,
             scale_dtype=str(scale_dtype_for(model)).removeprefix("torch."),
-            plan=plan_types(model, layers, quantize,
-                            widths=_cut_widths(plan, consumers, mlp_out)))
+            plan=plan_types(model, layers, quantize, widths=widths))
     roles = layer_roles(model)
 
     def step(index: int, named: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
@@ -220,12 +273,14 @@ def shrink_model(
                 continue
             is_mlp = name.endswith("." + mlp_out)
             if is_mlp:
-                chooser = lambda s: lowest_units(s, 1, plan.mlp_removed)  # noqa: E731
-                fraction = plan.mlp_removed / plan.mlp_old
+                count = plan.mlp_old - plan.mlp_at(index)
+                chooser = lambda s, k=count: lowest_units(s, 1, k)  # noqa: E731
+                fraction = count / plan.mlp_old
             else:
-                chooser = lambda s: lowest_units(  # noqa: E731
-                    s, plan.head_dim, plan.heads_removed_per_group, plan.groups)
-                fraction = 1 - plan.heads_new / plan.heads_old
+                count = (plan.heads_old - plan.heads_at(index)) // plan.groups
+                chooser = lambda s, k=count: lowest_units(  # noqa: E731
+                    s, plan.head_dim, k, plan.groups)
+                fraction = 1 - plan.heads_at(index) / plan.heads_old
             result = prune_weight(
                 linear_weight(module), stats.get(name), method=settings.method,
                 pattern="structured", sparsity=fraction, metric=settings.metric,
@@ -296,12 +351,6 @@ def _slice_layer(state: dict, prefix: str, module: nn.Module, keep: torch.Tensor
         state[f"{prefix}.bias"] = _keep(state[f"{prefix}.bias"], 0, keep)
 
 
-def _cut_widths(plan: WidthPlan, consumers: set[str], mlp_out: str) -> dict[str, int]:
-    """The input width each layer that loses units will have once they are cut out."""
-    return {name: plan.mlp_new if name.endswith("." + mlp_out) else
-            plan.heads_new * plan.head_dim for name in consumers}
-
-
 def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
             removed: dict[int, dict[str, list[int]]],
             quantized: dict | None = None) -> nn.Module:
@@ -310,15 +359,18 @@ def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
     ``quantized`` (layer name → ``QuantizedLayer``): the codes of layers that lose output
     units lose the same rows (those that lose input columns were quantised cut out)."""
     config = copy.deepcopy(model.config)
-    if plan.mlp_removed:
-        setattr(config, adapter.mlp_width_key, plan.mlp_new)
-    if plan.heads_new < plan.heads_old:
-        config.num_attention_heads = plan.heads_new
+    blocks = adapter.decoder_blocks(model)
+    every = range(len(blocks))
+    widest = max(plan.mlp_at(i) for i in every)  # the uniform width, or the widest block's
+    most = max(every, key=plan.heads_at)
+    if widest < plan.mlp_old:
+        setattr(config, adapter.mlp_width_key, widest)
+    if plan.heads_at(most) < plan.heads_old:
+        config.num_attention_heads = plan.heads_at(most)
         setattr(config, adapter.head_dim_key, plan.head_dim)
         if hasattr(config, "num_key_value_heads"):
-            config.num_key_value_heads = plan.kv_new
+            config.num_key_value_heads = plan.kv_at(most)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    blocks = adapter.decoder_blocks(model)
     for index, block in enumerate(blocks):
         modules = dict(block.named_modules())
         prefix = f"{adapter.blocks}.{index}"
@@ -339,12 +391,51 @@ def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
                 _slice_codes(quantized, f"{prefix}.{name}", keep)
             _slice_layer(state, f"{prefix}.{att.o}", modules[att.o], keep, outputs=False)
     smaller = empty_model(config, model.dtype)
+    if not plan.uniform:
+        _resize_blocks(smaller, adapter, plan)
     missing, unexpected = with_weights(smaller, state, strict=False)
     tied = set(getattr(smaller, "_tied_weights_keys", None) or ())
     if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
         raise SnapPruneError(f"the cut-out model does not match its config (missing {missing}, "
                              f"unexpected {unexpected}); please report this")
     return smaller.eval()
+
+
+def _meta_linear(old: nn.Module, inputs: int, outputs: int) -> nn.Linear:
+    return nn.Linear(inputs, outputs, bias=getattr(old, "bias", None) is not None,
+                     device="meta", dtype=linear_weight(old).dtype)
+
+
+def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, child, new)
+
+
+def _resize_blocks(model: nn.Module, adapter: Adapter, plan: WidthPlan) -> None:
+    """Give each block of an empty model (built with the widest block's config) its own MLP
+    width and head count: layers of those shapes (on the meta device, to be assigned) and the
+    attention's query heads per key/value head."""
+    for index, block in enumerate(adapter.decoder_blocks(model)):
+        modules = dict(block.named_modules())
+        width = plan.mlp_at(index)
+        for name in adapter.mlp.inputs:
+            old = modules[name]
+            _replace(block, name, _meta_linear(old, linear_weight(old).shape[1], width))
+        old = modules[adapter.mlp.output]
+        _replace(block, adapter.mlp.output,
+                 _meta_linear(old, width, linear_weight(old).shape[0]))
+        att = adapter.attention
+        heads, kv = plan.heads_at(index), plan.kv_at(index)
+        for name, rows in ((att.q, heads), (att.k, kv), (att.v, kv)):
+            old = modules[name]
+            _replace(block, name, _meta_linear(old, linear_weight(old).shape[1],
+                                               rows * plan.head_dim))
+        old = modules[att.o]
+        _replace(block, att.o, _meta_linear(old, heads * plan.head_dim,
+                                            linear_weight(old).shape[0]))
+        attention = block.get_submodule(att.o.rpartition(".")[0])
+        if hasattr(attention, "num_key_value_groups"):
+            attention.num_key_value_groups = heads // kv
 
 
 def _slice_codes(quantized: dict | None, name: str, keep: torch.Tensor) -> None:
@@ -360,10 +451,43 @@ def _complement(removed: list[int], total: int) -> torch.Tensor:
 
 def width_report(run: ShrinkRun) -> dict:
     """The width section of the JSON report: old and new widths, parameters and bytes."""
-    return {**run.plan.describe(),
+    extra = {"sensitivity": run.sensitivity.describe()} if run.sensitivity else {}
+    return {**run.plan.describe(), **extra,
             "parameters": {"before": run.parameters_before, "after": run.parameters_after,
                            "removed_fraction": 1 - run.parameters_after
                            / max(1, run.parameters_before)},
             "bytes": {"before": run.bytes_before, "after": run.bytes_after},
             "removed_units": {str(k): v for k, v in run.removed.items()},
             "settings": dataclasses.asdict(run.settings)}
+
+
+def plot_widths(run: ShrinkRun, path) -> bool:
+    """Each block's kept MLP width and query heads against the uniform plan's, one PNG;
+    ``False`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    plan = run.plan
+    count = max(len(plan.mlp_blocks), len(plan.heads_blocks))
+    blocks = list(range(count))
+    panels = [(label, [at(i) for i in blocks], old, new) for label, at, old, new, on in (
+        ("MLP neurons kept", plan.mlp_at, plan.mlp_old, plan.mlp_new, plan.mlp_blocks),
+        ("query heads kept", plan.heads_at, plan.heads_old, plan.heads_new, plan.heads_blocks))
+        if on]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), squeeze=False)
+    for ax, (label, values, old, new) in zip(axes[:, 0], panels, strict=True):
+        ax.bar(blocks, values, color="tab:blue")
+        ax.axhline(new, color="tab:red", ls="--", lw=1, label=f"uniform ({new})")
+        ax.axhline(old, color="grey", ls=":", lw=1, label=f"dense ({old})")
+        ax.set_ylabel(label)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[-1, 0].set_xlabel("decoder block")
+    axes[0, 0].set_title(f"shrink --allocation sensitivity ({run.settings.method})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -7,11 +7,12 @@ from __future__ import annotations
 import time
 
 from ..engine import METRICS, method_names, prune_weight
+from ..errors import SnapPruneError
 from ..flags import Command, Flag, default_text, fraction, number, positive_int
 from ..models.adapters import adapter_for
 from ..models.layout import linear_weight
-from ..models.settings import ShrinkSettings
-from ..models.shrink import plan_width, shrink_model, width_report
+from ..models.settings import WIDTH_ALLOCATIONS, ShrinkSettings
+from ..models.shrink import plan_width, plot_widths, shrink_model, width_report
 from .base import EstimatePart, Probe, Step, StepContext
 from .prune import fused_quantization, joint_pass, weight_step_report
 
@@ -25,8 +26,18 @@ MLP width is rounded to --multiple-of; with grouped-query attention every key/va
 the same number of query heads. Heads need a config with its own head_dim (LLaMA family);
 OPT, GPT-2 and GPT-NeoX shrink their MLP only.
 
+--allocation sensitivity removes the same total, but each block its own share: one pass of the
+dense model measures, at a few counts per block, the output error the method's cut leaves as a
+share of the stream leaving the block, and the counts with the least summed error are chosen
+(each block keeps at least 10 % of its neurons and one head per group). Blocks of different
+widths have no standard transformers config: write --format gguf (llama.cpp's deci
+architecture, LLaMA family). The report lists every block's widths and a plot shows them
+(widths.png).
+
 example:
   snapprune shrink --model smollm2-135m --method thanos --mlp 0.3 --out runs/smollm2-mlp30
+  snapprune shrink --model smollm2-135m --mlp 0.3 --allocation sensitivity --format gguf \
+      --out runs/smollm2-mlp30s
 """
 
 
@@ -59,9 +70,20 @@ class ShrinkStep(Step):
              "method's own)", metavar="NAME", show_default=False),
         Flag("percdamp", ("--percdamp",), "Hessian damping, fraction of its mean diagonal",
              type=number, metavar="F"),
+        Flag("allocation", ("--allocation",), "uniform: every block loses the same share; "
+             "sensitivity: each block its own, from measured errors (see below)",
+             choices=WIDTH_ALLOCATIONS),
         Flag("alpha", ("--alpha",), "must be 0: outlier rows cannot be cut out (see prune "
              "--alpha)", type=number, metavar="A", show_default=False),
     )
+
+    def check(self, settings: ShrinkSettings, job) -> None:
+        settings.check()
+        fmt = job.output.format if job.output is not None else None
+        if settings.allocation == "sensitivity" and fmt not in (None, "gguf"):
+            raise SnapPruneError("blocks of different widths have no standard transformers "
+                                 "config: write --format gguf (llama.cpp's deci architecture "
+                                 "runs them), or use --allocation uniform")
 
     def check_model(self, settings: ShrinkSettings, job, model) -> None:
         plan_width(model, settings)
@@ -99,18 +121,12 @@ class ShrinkStep(Step):
         return fused_quantization(run)
 
     def log_line(self, run, *, fused: bool = False) -> str:
-        plan = run.plan
-        return (f"shrank MLP {plan.mlp_old} -> {plan.mlp_new} neurons, heads {plan.heads_old} "
-                f"-> {plan.heads_new}: {run.parameters_before:,} -> {run.parameters_after:,} "
-                f"parameters in {run.total_seconds:.1f}s (solver {run.solver_seconds:.1f}s)")
+        return (f"shrank {', '.join(_widths(run.plan))}: {run.parameters_before:,} -> "
+                f"{run.parameters_after:,} parameters in {run.total_seconds:.1f}s (solver "
+                f"{run.solver_seconds:.1f}s)")
 
     def summary(self, run) -> str:
-        plan = run.plan
-        parts = []
-        if plan.mlp_new != plan.mlp_old:
-            parts.append(f"MLP {plan.mlp_old} → {plan.mlp_new} neurons")
-        if plan.heads_new != plan.heads_old:
-            parts.append(f"heads {plan.heads_old} → {plan.heads_new}")
+        parts = _widths(run.plan)
         return (f"{run.settings.method} shrink: {', '.join(parts)}; parameters "
                 f"{run.parameters_before:,} → {run.parameters_after:,} "
                 f"(-{1 - run.parameters_after / max(1, run.parameters_before):.1%})")
@@ -118,8 +134,30 @@ class ShrinkStep(Step):
     def report(self, run) -> dict:
         return {**weight_step_report(run, None), "width": width_report(run)}
 
+    def files(self, run, directory) -> list[str]:
+        if run.sensitivity is None:
+            return []
+        return ["widths.png"] if plot_widths(run, directory / "widths.png") else []
+
     def next_step(self, job, where) -> str | None:
         if set(job.kinds) <= {"prune"}:
             return (f"  snapprune shrink --model {job.model} --method thanos --mlp 0.3 --out "
                     f"{where}-mlp30      # smaller and faster in every runtime")
         return None
+
+
+def _widths(plan) -> list[str]:
+    """What changed, per block where the blocks differ (``MLP 1536 → 928–1408 neurons``)."""
+    def span(values: list[int]) -> str:
+        low, high = min(values), max(values)
+        return f"{low}" if low == high else f"{low}–{high} (per block)"
+
+    blocks = range(max(len(plan.mlp_blocks), len(plan.heads_blocks), 1))
+    parts = []
+    mlp = [plan.mlp_at(i) for i in blocks]
+    heads = [plan.heads_at(i) for i in blocks]
+    if mlp != [plan.mlp_old] * len(mlp):
+        parts.append(f"MLP {plan.mlp_old} → {span(mlp)} neurons")
+    if heads != [plan.heads_old] * len(heads):
+        parts.append(f"heads {plan.heads_old} → {span(heads)}")
+    return parts
