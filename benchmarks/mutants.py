@@ -38,6 +38,7 @@ RECOVERY_TESTS = ("tests/test_recovery.py",)
 KQUANT_TESTS = ("tests/test_kquants.py",)
 MIX_TESTS = ("tests/test_mixes.py",)
 DEPTH_TESTS = ("tests/test_depth.py",)
+WIDTH_TESTS = ("tests/test_width_allocation.py",)
 
 
 @dataclass(frozen=True)
@@ -308,10 +309,10 @@ MUTANTS = (
     Mutant("weighted-rtn-on-the-formula",
            "weighted-rtn rounds on the formula's scales",
            "engine/quantizers.py",
-           (("    values, codes, params = round_to_nearest(w, scheme, scale_dtype, mask, "
-             "importance)\n",
-             "    values, codes, params = round_to_nearest(w, scheme, scale_dtype, mask, "
-             "None)\n"),),
+           (("    params = scheme.fit_all(w if mask is None else w.masked_fill(mask, 0.0), "
+             "scale_dtype,\n                            importance)\n",
+             "    params = scheme.fit_all(w if mask is None else w.masked_fill(mask, 0.0), "
+             "scale_dtype,\n                            None)\n"),),
            QUANT_TESTS),
     Mutant("asym-zero-point-not-integer",
            "the asymmetric zero point left unrounded",
@@ -446,6 +447,49 @@ MUTANTS = (
            "models/depth.py",
            (("            cache.update(one, one, self.layer_idx)", "            pass"),),
            DEPTH_TESTS),
+    # shrink --allocation sensitivity: the costs, the allocation, the heterogeneous model.
+    Mutant("widths-allocation-maximises",
+           "the allocation picks the most costly counts instead of the least",
+           "engine/widths.py",
+           (("        best, pick = candidate.min(dim=1)",
+             "        best, pick = candidate.max(dim=1)"),),
+           WIDTH_TESTS),
+    Mutant("widths-curve-steps",
+           "a cost curve is read as a step (the lower measured count) instead of linearly",
+           "engine/widths.py",
+           (("                return ca + (cb - ca) * (count - a) / (b - a)",
+             "                return ca"),), WIDTH_TESTS),
+    Mutant("widths-cost-not-over-the-stream",
+           "a block's cost is the layer's relative error, not its share of the stream",
+           "models/width_sensitivity.py",
+           (("        costs.append(result.error * output_energy / stream_energy)",
+             "        costs.append(result.error)"),), WIDTH_TESTS),
+    Mutant("widths-stream-not-propagated",
+           "every block is measured on the first block's inputs",
+           "models/width_sensitivity.py",
+           (("            stream.batches[b] = out.to(x.device, x.dtype)", "            pass"),),
+           WIDTH_TESTS),
+    Mutant("widths-share-unbounded",
+           "a block may lose up to 90 % whatever the uniform share",
+           "models/width_sensitivity.py",
+           (("min(MOST_REMOVED, SPREAD * share)", "MOST_REMOVED"),), WIDTH_TESTS),
+    Mutant("widths-kv-groups-kept",
+           "a block with fewer query heads keeps the widest block's heads per key/value head",
+           "models/shrink.py",
+           (("            attention.num_key_value_groups = heads // kv", "            pass"),),
+           WIDTH_TESTS),
+    Mutant("widths-gguf-one-ffn-width",
+           "the deci GGUF states one FFN width for every block",
+           "export/gguf.py",
+           (("        writer.add_feed_forward_length([w.ffn for w in widths])",
+             "        writer.add_feed_forward_length(config.intermediate_size)"),), WIDTH_TESTS),
+    Mutant("widths-gguf-rope-order-global-heads",
+           "q/k rows are reordered for llama.cpp's rope with the config's head count, not the "
+           "block's",
+           "export/gguf.py",
+           (("            rows_heads = own.heads if layer.endswith(\"q_proj\") else own.kv_heads",
+             "            rows_heads = (config.num_attention_heads if layer.endswith(\"q_proj\")"
+             " else own.kv_heads)"),), WIDTH_TESTS),
     Mutant("recovery-gradients-not-masked",
            "recovery lets pruned weights train (gradients not masked)",
            "recovery.py",

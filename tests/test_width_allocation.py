@@ -151,9 +151,10 @@ def test_the_heterogeneous_model_equals_the_model_with_units_zeroed(method):
     model = _llama()
     ids = token_batch(4, 32)
     model.model.layers[1].mlp.down_proj.weight.mul_(30.0)  # widths that differ
+    model.model.layers[3].self_attn.o_proj.weight.mul_(30.0)  # and head counts
     smaller, run = shrink_model(model, ids, _settings(method=method), progress=False)
     plan = run.plan
-    assert not plan.uniform
+    assert len(set(plan.mlp_blocks)) > 1 and len(set(plan.heads_blocks)) > 1
     for index, block in enumerate(smaller.model.layers):
         assert block.mlp.down_proj.in_features == plan.mlp_at(index)
         assert block.mlp.gate_proj.out_features == plan.mlp_at(index)
@@ -173,8 +174,12 @@ def llama_dir(tmp_path_factory, tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     out = tmp_path_factory.mktemp("heads8_llama")
     model = _llama(len(tokenizer))
-    with torch.no_grad():
+    with torch.no_grad():  # blocks that cost more to cut: widths and head counts differ
         model.model.layers[2].mlp.down_proj.weight.mul_(30.0)
+        model.model.layers[4].self_attn.o_proj.weight.mul_(30.0)
+        for block in model.model.layers:  # sharp attention: llama.cpp's rope order matters
+            block.self_attn.q_proj.weight.mul_(8.0)
+            block.self_attn.k_proj.weight.mul_(8.0)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -201,6 +206,7 @@ def test_per_block_widths_are_written_as_deci_and_run_in_llama_cpp(llama_dir, tm
     kv = reader.fields["deci.attention.head_count_kv"].contents()
     assert ffn == [b.mlp.down_proj.in_features for b in layers] and len(set(ffn)) > 1
     assert heads == [b.self_attn.q_proj.out_features // 32 for b in layers]
+    assert heads[4] == 8 and len(set(heads)) > 1
     assert kv == [2] * LAYERS
     shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}
     for i, block in enumerate(layers):
