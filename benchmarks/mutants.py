@@ -39,6 +39,7 @@ KQUANT_TESTS = ("tests/test_kquants.py",)
 MIX_TESTS = ("tests/test_mixes.py",)
 DEPTH_TESTS = ("tests/test_depth.py",)
 WIDTH_TESTS = ("tests/test_width_allocation.py",)
+OWL_TESTS = ("tests/test_owl.py",)
 
 
 @dataclass(frozen=True)
@@ -490,6 +491,29 @@ MUTANTS = (
            (("            rows_heads = own.heads if layer.endswith(\"q_proj\") else own.kv_heads",
              "            rows_heads = (config.num_attention_heads if layer.endswith(\"q_proj\")"
              " else own.kv_heads)"),), WIDTH_TESTS),
+    # prune --allocation owl.
+    Mutant("owl-most-outliers-pruned-most",
+           "the blocks with the most outliers get the highest sparsity",
+           "engine/owl.py",
+           (("    sparsity = 1 - (density - density.mean() + (1 - target))",
+             "    sparsity = density - density.mean() + target"),), OWL_TESTS),
+    Mutant("owl-norm-not-square-rooted",
+           "the outlier score multiplies by the squared input norm instead of the norm",
+           "engine/owl.py",
+           (("torch.float32).sqrt()[None, :]", "torch.float32)[None, :]"),), OWL_TESTS),
+    Mutant("owl-own-sparsity-ignored",
+           "every layer is pruned to the target, not its block's OWL sparsity",
+           "models/prune.py",
+           (("        sparsity=settings.resolved_sparsity if sparsity is None else sparsity,",
+             "        sparsity=settings.resolved_sparsity,"),), OWL_TESTS),
+    Mutant("owl-stream-not-propagated",
+           "every block's ratio is measured on the first block's inputs",
+           "models/owl.py",
+           (("        propagate(block, stream, device)\n", ""),), OWL_TESTS),
+    Mutant("owl-threshold-ignored",
+           "an outlier is any score above the mean, whatever the threshold",
+           "engine/owl.py",
+           (("(flat > threshold * flat.mean())", "(flat > flat.mean())"),), OWL_TESTS),
     Mutant("recovery-gradients-not-masked",
            "recovery lets pruned weights train (gradients not masked)",
            "recovery.py",

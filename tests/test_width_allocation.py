@@ -47,7 +47,7 @@ def _settings(**changes) -> ShrinkSettings:
 
 def _random_curve(generator: torch.Generator, limit: int, points: int) -> CostCurve:
     counts = sorted({0, limit, *torch.randint(1, limit, (points,), generator=generator).tolist()})
-    costs = [0.0] + torch.rand(len(counts) - 1, generator=generator).mul(3).tolist()
+    costs = [0.0, *torch.rand(len(counts) - 1, generator=generator).mul(3).tolist()]
     return CostCurve(tuple(counts), tuple(costs))  # not monotone, not convex
 
 

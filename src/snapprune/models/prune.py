@@ -14,10 +14,12 @@ from torch import nn
 from ..engine import LayerStats, PruneResult, get_method, parse_pattern, prune_weight
 from ..errors import SnapPruneError
 from ..memory import peak_bytes
+from . import collectives
 from .adapters import adapter_for
 from .blockloop import record_ranks, run_blocks
-from .capture import BATCH_SIZE, BlockInputs, home_device
+from .capture import BATCH_SIZE, BlockInputs, capture_block_inputs, home_device
 from .layout import input_width, linear_weight, set_linear_weight
+from .owl import OwlAllocation, owl_allocation
 from .quantize import (
     QuantizeRun,
     plan_types,
@@ -40,6 +42,8 @@ class PruneRun(RunRecord):
     settings: PruneSettings
     roles: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
     quantization: QuantizeRun | None = None
+    owl: OwlAllocation | None = None
+    """The per-block sparsities of ``--allocation owl``."""
 
 
 def check_model_for_pruning(layers: dict[int, dict[str, nn.Module]], settings: PruneSettings,
@@ -94,13 +98,15 @@ def needs_hessian(settings: PruneSettings, layer_errors: bool,
 
 
 def prune_layer(name: str, module: nn.Module, stats: LayerStats | None,
-                settings: PruneSettings, run: PruneRun, log) -> PruneResult:
+                settings: PruneSettings, run: PruneRun, log,
+                sparsity: float | None = None) -> PruneResult:
     """Prune one layer in place, record it, return the result (mask: ``True`` = removed;
-    the factor it used)."""
+    the factor it used). ``sparsity``: its own (OWL's per block), else the settings'."""
     role = run.roles.get(name, "")
     result = prune_weight(
         linear_weight(module), stats, method=settings.method,
-        sparsity=settings.resolved_sparsity, pattern=settings.pattern, alpha=settings.alpha,
+        sparsity=settings.resolved_sparsity if sparsity is None else sparsity,
+        pattern=settings.pattern, alpha=settings.alpha,
         blocksize=settings.blocksize, percdamp=settings.percdamp, metric=settings.metric,
         error=run.layer_errors,
     )
@@ -170,11 +176,26 @@ def prune_model(
             plan=plan_types(model, layers, quantize))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if settings.allocation == "owl":
+        if collectives.current().active:
+            raise SnapPruneError("OWL's dense pass runs in one process; prune with "
+                                 "--allocation owl without torchrun")
+        if block_inputs is None:
+            if calibration is None:
+                raise SnapPruneError("OWL needs calibration data for the activations' norms")
+            block_inputs = capture_block_inputs(model, adapter_for(model).decoder_blocks(model),
+                                                calibration, device, batch_size)
+        run.owl = owl_allocation(model, layers, block_inputs, settings, device,
+                                 progress=progress)
+        if log:
+            log("OWL sparsities per block: " + ", ".join(f"{s:.3f}"
+                                                         for s in run.owl.sparsities))
 
-    def prune_block(_index: int, named: dict[str, nn.Module],
+    def prune_block(index: int, named: dict[str, nn.Module],
                     stats: dict[str, LayerStats]) -> None:
+        own = run.owl.sparsities[index] if run.owl is not None else None
         for name, module in named.items():
-            result = prune_layer(name, module, stats.get(name), settings, run, log)
+            result = prune_layer(name, module, stats.get(name), settings, run, log, own)
             if run.quantization is not None:
                 same = result.percdamp is not None and quantize.percdamp == settings.percdamp
                 quantize_layer(name, module, stats.get(name), quantize, run.quantization, log,

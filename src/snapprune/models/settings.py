@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from ..engine import METRICS, check_settings, get_method
 from ..engine.mixes import Mix, parse_mix
+from ..engine.owl import owl_sparsities
 from ..engine.quantizers import get_quantizer, scales_for
 from ..engine.schemes import Scheme, parse_scheme
 from ..errors import SnapPruneError
@@ -38,6 +39,9 @@ def check_percdamp(percdamp: float) -> None:
                              f"must be a finite number >= 0, got {percdamp!r}; 0.01 is usual")
 
 
+PRUNE_ALLOCATIONS = ("uniform", "owl")
+
+
 @dataclass(frozen=True)
 class PruneSettings(MethodChoice):
     """Everything that decides the pruned weights (besides the model and calibration data).
@@ -53,6 +57,9 @@ class PruneSettings(MethodChoice):
     metric: str | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    allocation: str = "uniform"
+    owl_lambda: float = 0.08
+    owl_threshold: float = 5.0
 
     kind: ClassVar[str] = "prune"
     DEFAULT_SPARSITY: ClassVar[float] = 0.5
@@ -78,14 +85,32 @@ class PruneSettings(MethodChoice):
         _, target = self.check()
         return replace(self, sparsity=target, metric=self.resolved_metric)
 
+    @property
+    def needs_calibration(self) -> bool:
+        """OWL reads the activations' norms, whatever the method."""
+        return self.allocation == "owl" or super().needs_calibration
+
     def check(self):
         """Refuse a bad request before any work; return ``(pattern, target sparsity)``."""
         check_percdamp(self.percdamp)
         sparsity = self.sparsity
         if sparsity is None and ":" not in str(self.pattern):
             sparsity = self.DEFAULT_SPARSITY
-        return check_settings(self.method, self.pattern, sparsity, self.alpha,
-                              self.blocksize, self.metric)
+        checked = check_settings(self.method, self.pattern, sparsity, self.alpha,
+                                 self.blocksize, self.metric)
+        if self.allocation not in PRUNE_ALLOCATIONS:
+            raise SnapPruneError(f"unknown allocation {self.allocation!r}; choose one of "
+                                 f"{', '.join(PRUNE_ALLOCATIONS)}")
+        if self.allocation == "owl":
+            if checked[0].kind != "unstructured":
+                raise SnapPruneError(f"OWL spreads an unstructured sparsity over the blocks; "
+                                     f"the {self.pattern} pattern fixes each layer's: use "
+                                     "--allocation uniform")
+            if not (math.isfinite(self.owl_threshold) and self.owl_threshold > 0):
+                raise SnapPruneError(f"the OWL outlier threshold must be > 0 (times the mean "
+                                     f"score; 5 is OWL's), got {self.owl_threshold}")
+            owl_sparsities([0.0, 1.0], checked[1], self.owl_lambda)  # the widest spread fits
+        return checked
 
 
 WIDTH_ALLOCATIONS = ("uniform", "sensitivity")

@@ -222,6 +222,10 @@ def stream_prune(
     (``outputs.check_output_dir``).
     """
     start_time = time.perf_counter()
+    if settings.allocation != "uniform":
+        raise SnapPruneError("OWL's per-block sparsities need a pass of the whole dense model "
+                             "before pruning, which a streamed run does not hold: load the "
+                             "model in memory (no --stream) or use --allocation uniform")
     if not settings.needs_calibration:
         raise SnapPruneError("streaming is for calibrated methods; magnitude pruning reads each "
                              "layer once: load the model and prune it in memory (no streaming)")

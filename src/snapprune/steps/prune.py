@@ -10,7 +10,7 @@ from ..engine import METRICS, get_method, method_names, prune_weight
 from ..flags import Command, Flag, default_text, fraction, number, positive_int
 from ..models.layout import linear_weight
 from ..models.prune import check_model_for_pruning, prune_model
-from ..models.settings import PruneSettings
+from ..models.settings import PRUNE_ALLOCATIONS, PruneSettings
 from ..models.targets import target_layers
 from .base import EstimatePart, Probe, Step, StepContext
 
@@ -20,6 +20,11 @@ patterns:
   N:M           N of every M consecutive inputs removed in each row; the sparsity is N/M
   structured    whole input channels removed; --sparsity is each layer's total and --alpha the
                 fraction of output rows kept dense (outliers)
+
+allocation (unstructured): uniform gives every layer --sparsity; owl (Yin et al., 2024) gives
+  each decoder block its own, from the share of its weights whose Wanda score |W|·‖x‖ exceeds
+  --owl-threshold × the block's mean (measured in one pass of the dense model): the blocks'
+  sparsities span 2 × --owl-lambda and average --sparsity, the most outliers pruned least.
 
 model (--model): a local directory saved with save_pretrained, a .gguf file, a Hub id
   (e.g. HuggingFaceTB/SmolLM2-135M), or the alias smollm2-135m (the GGUF file shipped in the
@@ -120,6 +125,13 @@ class PruneStep(Step):
         Flag("percdamp", ("--percdamp",), "Hessian damping, fraction of its mean diagonal",
              type=number, metavar="F"),
         Flag("metric", ("--metric",), _metric_help, metavar="NAME", show_default=False),
+        Flag("allocation", ("--allocation",), "uniform: every layer the same sparsity; owl: "
+             "each block its own, by its outlier ratio (see below)",
+             choices=PRUNE_ALLOCATIONS),
+        Flag("owl_lambda", ("--owl-lambda",), "OWL: the blocks' sparsities span 2 × this",
+             type=number, metavar="L"),
+        Flag("owl_threshold", ("--owl-threshold",), "OWL: an outlier scores above this × its "
+             "block's mean", type=number, metavar="M"),
         Flag("include", ("--include",), "only layers whose name matches (glob or name part, "
              "e.g. mlp, *q_proj); repeatable", action="append", metavar="PAT",
              show_default=False),
@@ -189,8 +201,13 @@ class PruneStep(Step):
 
     def summary(self, run) -> str:
         settings = run.settings
+        owl = (f" (OWL: blocks {min(run.owl.sparsities):.1%}–{max(run.owl.sparsities):.1%})"
+               if run.owl is not None else "")
         return (f"{settings.method} {settings.pattern}: sparsity {run.achieved_sparsity:.1%} "
-                f"of the {len(run.layers)} pruned layers' weights")
+                f"of the {len(run.layers)} pruned layers' weights{owl}")
 
     def report(self, run) -> dict:
-        return weight_step_report(run, run.settings.resolved_sparsity)
+        out = weight_step_report(run, run.settings.resolved_sparsity)
+        if run.owl is not None:
+            out["allocation"] = run.owl.describe(run.settings)
+        return out
