@@ -2,13 +2,15 @@
 
 One pass of the dense model over the calibration windows gathers, block by block, the
 statistics of the layers that consume the removable units (``down_proj`` for neurons,
-``o_proj`` for heads) and the mean squared norm of the residual stream leaving the block. At
-a few removal counts per block the method's structured solve (the one ``shrink`` then runs)
-is applied to a copy of the layer, and its measured output error is divided by that stream
-energy: the share of the block's output the cut disturbs, comparable across depth (the
-stream grows through the model, so an equal absolute error matters less late). The counts
-with the least summed cost for the same total removal as the uniform plan
-(``engine.widths.allocate_counts``) become each block's width.
+``o_proj`` for heads). At a few removal counts per block the method's structured solve (the
+one ``shrink`` then runs) is applied to a copy of the layer, and the cost of that cut is the
+mean over tokens of ``‖(Ŵ−W) a_t‖² / ‖x_t‖²``, ``a_t`` the layer's input and ``x_t`` the stream
+leaving the block: each token's perturbation relative to its own stream. Every later block and
+the output head read a token through its own RMS norm, so that ratio is what they see; and a
+few tokens with massive activations (whose stream norm is hundreds of times the others') do
+not swamp the mean, as they would a ratio of means. The counts with the least summed cost for
+the same total removal as the uniform plan (``engine.widths.allocate_counts``) become each
+block's width.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ class Sensitivity:
                      "costs": [v if math.isfinite(v) else None for v in c.costs]}
                     for c in items]
 
-        return {"cost": "measured output error of the consuming layer / mean squared norm "
-                        "of the stream leaving the block",
+        return {"cost": "mean over tokens of the cut layer's output error / the squared "
+                        "norm of that token's stream leaving the block",
                 "mlp_unit": self.mlp_unit, "mlp_units_removed": self.mlp_counts,
                 "heads_removed_per_group": self.head_counts,
                 "mlp_curves": curves(self.mlp), "head_curves": curves(self.heads),
@@ -91,12 +93,12 @@ def _counts(limit: int) -> tuple[int, ...]:
 
 def _cost_curve(weight: torch.Tensor, stats: LayerStats, settings: ShrinkSettings,
                 counts: tuple[int, ...], unit_size: int, per_unit: int, groups: int,
-                stream_energy: float) -> CostCurve:
+                relative: torch.Tensor) -> CostCurve:
     """The cost at each count: ``per_unit`` units of ``unit_size`` columns per count, in each
-    of ``groups`` groups, removed by the method's structured solve."""
+    of ``groups`` groups, removed by the method's structured solve; ``relative`` is
+    ``1/N Σ_t a_t a_tᵀ / ‖x_t‖²``, so the cost of a change ``Δ`` is ``tr(Δ G Δᵀ)``."""
     w = weight.to(torch.float32)
-    h = stats.hessian.to(w.device, torch.float32)
-    output_energy = float(((w @ h) * w).sum()) / 2  # mean ‖Wx‖² per token (H = 2/N Σxxᵀ)
+    g = relative.to(w.device, torch.float32)
     costs = [0.0]
     columns = w.shape[1]
     for count in counts[1:]:
@@ -104,10 +106,39 @@ def _cost_curve(weight: torch.Tensor, stats: LayerStats, settings: ShrinkSetting
         result = prune_weight(
             w, stats, method=settings.method, pattern="structured",
             sparsity=removed * unit_size * groups / columns, metric=settings.metric,
-            percdamp=settings.percdamp,
+            percdamp=settings.percdamp, error=False,
             choose_columns=lambda s, r=removed: lowest_units(s, unit_size, r, groups))
-        costs.append(result.error * output_energy / stream_energy)
+        delta = result.weight.to(torch.float32) - w
+        costs.append(float(((delta @ g) * delta).sum()))
     return CostCurve(counts, tuple(costs))
+
+
+def _relative_inputs(block: nn.Module, named: dict[str, nn.Module], stream: BlockInputs,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """Run the block on every batch, each layer's inputs weighted by ``1/‖x_t‖²`` of the
+    stream leaving the block: ``1/N Σ_t a_t a_tᵀ / ‖x_t‖²`` per layer. The stream is replaced
+    by the block's output (propagated)."""
+    seen: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+    hooks = [module.register_forward_hook(
+        lambda _m, inp, _o, n=name: seen.update({n: inp[0].detach()}))
+        for name, module in named.items()]
+    tokens = 0
+    try:
+        for b, x in enumerate(stream.batches):
+            out = block_output(stream.run(block, x.to(device))).to(torch.float32)
+            weights = 1.0 / out.pow(2).sum(-1).reshape(-1).clamp_min(1e-30)
+            for name, a in seen.items():
+                a = a.reshape(-1, a.shape[-1]).to(torch.float32)
+                term = (a * weights[:, None]).T @ a
+                sums[name] = sums[name] + term if name in sums else term
+            tokens += weights.numel()
+            stream.batches[b] = out.to(x.device, x.dtype)
+            seen.clear()
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return {name: total / max(1, tokens) for name, total in sums.items()}
 
 
 @torch.no_grad()
@@ -140,21 +171,17 @@ def measure_and_allocate(model: nn.Module, inputs: BlockInputs, plan, settings: 
         if heads_total:
             named[adapter.attention.o] = modules[adapter.attention.o]
         stats = gather_layer_stats(block, named, stream, device)
-        energy, tokens = 0.0, 0
-        for b, x in enumerate(stream.batches):
-            out = block_output(stream.run(block, x.to(device)))
-            energy += float(out.to(torch.float32).pow(2).sum())
-            tokens += out.shape[0] * out.shape[1]
-            stream.batches[b] = out.to(x.device, x.dtype)
-        energy = energy / max(1, tokens) or 1.0
+        relative = _relative_inputs(block, named, stream, device)
         if mlp_total:
-            found.mlp.append(_cost_curve(
-                linear_weight(named[adapter.mlp.output]), stats[adapter.mlp.output], settings,
-                mlp_counts, 1, settings.multiple_of, 1, energy))
+            name = adapter.mlp.output
+            found.mlp.append(_cost_curve(linear_weight(named[name]), stats[name], settings,
+                                         mlp_counts, 1, settings.multiple_of, 1,
+                                         relative[name]))
         if heads_total:
-            found.heads.append(_cost_curve(
-                linear_weight(named[adapter.attention.o]), stats[adapter.attention.o],
-                settings, head_counts, plan.head_dim, 1, plan.groups, energy))
+            name = adapter.attention.o
+            found.heads.append(_cost_curve(linear_weight(named[name]), stats[name], settings,
+                                           head_counts, plan.head_dim, 1, plan.groups,
+                                           relative[name]))
         block.to(home)
     if mlp_total:
         found.mlp_counts = allocate_counts(found.mlp, mlp_total)
