@@ -133,6 +133,36 @@ def _optimum(errors, sizes, budget):
     return best[budget]
 
 
+def test_a_types_error_is_its_definition_on_the_sampled_rows(monkeypatch):
+    """``type_errors``: ``‖(Ŵ−W)X‖² / ‖WX‖²`` (float64 here) on evenly spaced rows, ``Ŵ`` each
+    block (super-block) rounded on its grid searched by the Hessian diagonal, fitted alone."""
+    from problems import make_problem
+
+    from snapprune.engine.schemes import parse_scheme
+    from snapprune.models import allocation
+
+    monkeypatch.setattr(allocation, "SAMPLE_ROWS", 7)
+    problem = make_problem(20, 512, tokens=1024, seed=8)
+    rows = torch.tensor([0, 3, 6, 10, 13, 16, 19])  # 7 of 20, evenly spaced
+    assert torch.equal(allocation.sample_rows(20), rows)
+    h = problem.stats.hessian.double()
+    w = problem.weight[rows]
+    types = ["q4_0", "iq4_nl", "q5_1", "q8_0", "q2_k", "q3_k", "iq4_xs", "q5_k"]
+    errors = allocation.type_errors(problem.weight, problem.stats, types)
+    v = torch.diagonal(problem.stats.hessian).float()
+    for t in types:
+        scheme = parse_scheme(t)
+        span, group = scheme.fit_width(512), scheme.group_width(512)
+        params = [p for s in range(0, 512, span)
+                  for p in scheme.fit_groups(w[:, s:s + span], importance=v[s:s + span])]
+        q = torch.cat([scheme.values(scheme.codes(w[:, g * group:(g + 1) * group], p), p)
+                       for g, p in enumerate(params)], 1).double()
+        e = q - w.double()
+        expected = float(((e @ h) * e).sum() / ((w.double() @ h) * w.double()).sum())
+        assert errors[t] == pytest.approx(expected, rel=1e-4)
+    assert errors["q8_0"] < errors["q5_1"] < errors["q4_0"] < errors["q2_k"]
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_the_allocation_fits_the_budget_and_is_near_the_exact_optimum(seed):
     """Many tensors, as in a model: the Lagrangian sweep and the greedy fill come within 2 %

@@ -10,11 +10,11 @@ import pytest
 import torch
 from problems import make_problem
 
-from snapprune import SnapPruneError
+from snapprune import LayerStats, SnapPruneError
 from snapprune.engine.blocks import IQ4_NL_LEVELS
 from snapprune.engine.factor import damped_hessian, inverse_cholesky_upper
 from snapprune.engine.quantizers import quantize_weight
-from snapprune.engine.schemes import GroupParams, Scheme, parse_scheme
+from snapprune.engine.schemes import GGUF_SCHEMES, GroupParams, Scheme, parse_scheme
 
 PERCDAMP = 0.01
 
@@ -205,6 +205,52 @@ def test_weighted_rtn_rounds_on_the_searched_grid_and_beats_plain_rtn(name):
     assert weighted.error < plain.error
     gptq = quantize_weight(problem.weight, problem.stats, scheme)
     assert gptq.error < weighted.error
+
+
+@pytest.mark.parametrize("name", [*GGUF_SCHEMES, "w4g64", "w8", "w4g32-asym"])
+@pytest.mark.parametrize("searched", [False, True])
+def test_all_groups_fitted_at_once_are_each_span_fitted_alone(name, searched, monkeypatch):
+    """``fit_all`` (one batched fit, in chunks of rows) is exactly ``fit_groups`` span by span,
+    and RTN on it rounds each group, pruned weights on the grid's zero, as GPTQ's groups do."""
+    from snapprune.engine import schemes
+
+    scheme = parse_scheme(name)
+    searched = searched and scheme.searchable
+    cols = 2 * max(scheme.fit_width(128), 64)  # two super-blocks, or two to four groups
+    width = scheme.fit_width(cols)  # one fit's columns: a group, a super-block, or the row
+    problem = make_problem(21, cols, tokens=512, seed=12)
+    gen = torch.Generator().manual_seed(1)
+    w = problem.weight * torch.exp(torch.randn(21, 1, generator=gen))
+    w[0], w[1, :40] = 0.0, 0.0  # an empty row, empty blocks
+    x = problem.inputs.clone()
+    x[:, :40] = 0.0  # columns calibration never reached
+    stats = LayerStats.from_inputs(x)
+    importance = torch.diagonal(stats.hessian).float() if searched else None
+
+    def span_by_span(weight):
+        return [p for start in range(0, cols, width)
+                for p in scheme.fit_groups(weight[:, start:start + width], torch.float16,
+                                           None if importance is None else
+                                           importance[start:start + width])]
+
+    monkeypatch.setattr(schemes, "FIT_BATCH", 8 * cols)  # chunks of 8 rows: 8, 8 and 5
+    together, alone = scheme.fit_all(w, torch.float16, importance), span_by_span(w)
+    assert len(together) == len(alone) == scheme.groups(cols)
+    for a, b in zip(together, alone, strict=True):
+        for x, y in ((a.scale, b.scale), (a.zero, b.zero), (a.d, b.d), (a.dmin, b.dmin)):
+            assert (x is None) == (y is None)
+            assert x is None or torch.equal(x, y)
+    if scheme.exact_zero:  # RTN on those grids, with pruned weights
+        mask = torch.rand(21, cols, generator=gen) < 0.3
+        result = quantize_weight(w, stats, scheme, mask=mask, error=False,
+                                 method="weighted-rtn" if searched else "rtn")
+        group = scheme.group_width(cols)
+        for g, p in enumerate(span_by_span(w.masked_fill(mask, 0.0))):
+            part = slice(g * group, (g + 1) * group)
+            codes = torch.where(mask[:, part], scheme.zero_code(p)[:, None],
+                                scheme.codes(w[:, part], p))
+            assert torch.equal(result.codes[:, part].float(), codes)
+            assert torch.equal(result.weight[:, part], scheme.values(codes, p))
 
 
 def test_scale_choices_that_cannot_work_are_refused():

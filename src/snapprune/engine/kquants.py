@@ -149,29 +149,31 @@ class SuperBlockType(BlockType):
     def _split(self, w: torch.Tensor) -> torch.Tensor:
         return w.reshape(-1, self.sub)
 
-    def _sub_importance(self, importance: torch.Tensor, rows: int) -> torch.Tensor:
-        v = importance.to(torch.float32).clamp(min=0).reshape(1, self.subs, self.sub)
-        return v.expand(rows, -1, -1).reshape(-1, self.sub)
-
     def fit(self, w: torch.Tensor) -> SuperParams:  # type: ignore[override]
-        """The data-free grid of each row of ``w`` (rows × 256): each sub-block's formula,
-        then the integer sub-scales on ``d`` = the largest over the widest integer."""
-        w = w.to(torch.float32)
+        """The data-free grid of each row of ``w`` (… × 256: any leading shape, e.g. rows ×
+        super-blocks, each fitted on its own): each sub-block's formula, then the integer
+        sub-scales on ``d`` = the largest over the widest integer."""
+        lead = w.shape[:-1]
+        w = w.to(torch.float32).reshape(-1, QK_K)
         rows = w.shape[0]
         p = self.grid.formula(self._split(w))
         scale = p.scale.reshape(rows, self.subs)
         zero = None if p.zero is None else p.zero.reshape(rows, self.subs)
-        return self._on_integers(scale, zero, *self._factors(scale, zero))
+        return _shaped(self._on_integers(scale, zero, *self._factors(scale, zero)), lead)
 
     def search(self, w: torch.Tensor, importance: torch.Tensor) -> SuperParams:  # type: ignore[override]
-        """Each row's grid minimising the ``importance``-weighted error (rows × 256,
-        ``importance`` (256,)), never worse than ``fit``'s."""
-        w = w.to(torch.float32)
+        """Each row's grid minimising the ``importance``-weighted error, never worse than
+        ``fit``'s. ``w`` … × 256 (any leading shape: each row of each super-block fitted on
+        its own, so a layer's super-blocks are searched in one call, in fewer and larger
+        tensor operations); ``importance`` broadcast to ``w``: (256,), or per leading index
+        (rows × super-blocks × 256 against (super-blocks, 256): each its own columns)."""
+        lead = w.shape[:-1]
+        w = w.to(torch.float32).reshape(-1, QK_K)
         rows = w.shape[0]
-        v = importance.to(torch.float32).clamp(min=0)
+        v = importance.to(torch.float32).clamp(min=0).expand(*lead, QK_K).reshape(rows, QK_K)
         best = self.fit(w)
         best_error = self.weighted_error(w, best, v)
-        p = self.grid.search(self._split(w), self._sub_importance(v, rows))
+        p = self.grid.search(self._split(w), self._split(v))
         scale = p.scale.reshape(rows, self.subs)
         zero = None if p.zero is None else p.zero.reshape(rows, self.subs)
         d, dmin = self._factors(scale, zero)
@@ -184,7 +186,7 @@ class SuperBlockType(BlockType):
                 better = error < best_error
                 best = _choose(better, candidate, best)
                 best_error = torch.where(better, error, best_error)
-        return best
+        return _shaped(best, lead)
 
     def _factors(self, scale, zero) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Unrounded ``d`` (and ``dmin``): the largest sub-scale (minimum) on the widest
@@ -213,23 +215,26 @@ class SuperBlockType(BlockType):
 
     def _refit_factors(self, w, p: SuperParams, v) -> SuperParams:
         """For the codes ``p`` gives, the weighted least-squares ``d`` (and ``dmin``) with the
-        integer sub-scales fixed, float16-stored; a singular system keeps ``p``'s."""
+        integer sub-scales fixed, float16-stored; a singular system keeps ``p``'s. ``v``:
+        (256,) or per row (rows × 256)."""
         rows = w.shape[0]
         sc, m = self._integers(p)
         codes = self.codes(self._split(w), _flat(p)).reshape(rows, self.subs, self.sub)
         ww = w.reshape(rows, self.subs, self.sub)
-        vv = v.reshape(1, self.subs, self.sub)
+        vv = v.reshape(-1, self.subs, self.sub)
+        # The weighted products share their first factor (``v · a``), computed once.
         if not self.affine:
             basis = self.level(codes) * sc[..., None]
-            top, bottom = (vv * basis * ww).sum((1, 2)), (vv * basis * basis).sum((1, 2))
+            vb = vv * basis
+            top, bottom = (vb * ww).sum((1, 2)), (vb * basis).sum((1, 2))
             ok = bottom > 0
             d = torch.where(ok, top / torch.where(ok, bottom, 1.0), p.d)
             return self._rebuilt(sc, None, d, None)
         a = codes * sc[..., None]
         b = -m[..., None].expand_as(a)
-        aa, ab, bb = ((vv * a * a).sum((1, 2)), (vv * a * b).sum((1, 2)),
-                      (vv * b * b).sum((1, 2)))
-        aw, bw = (vv * a * ww).sum((1, 2)), (vv * b * ww).sum((1, 2))
+        va, vb = vv * a, vv * b
+        aa, ab, bb = (va * a).sum((1, 2)), (va * b).sum((1, 2)), (vb * b).sum((1, 2))
+        aw, bw = (va * ww).sum((1, 2)), (vb * ww).sum((1, 2))
         det = aa * bb - ab * ab
         ok = det > 1e-12 * (aa * bb).clamp(min=1e-30)
         safe = torch.where(ok, det, 1.0)
@@ -245,11 +250,11 @@ class SuperBlockType(BlockType):
         return SuperParams(d[:, None] * sc, -(dmin[:, None] * m), d, dmin)
 
     def weighted_error(self, w, params, importance):  # type: ignore[override]
-        """Per row, ``Σ_j v_j (w_j − q_j)²`` over the super-block (``params``: SuperParams)."""
-        rows = w.shape[0]
+        """Per row, ``Σ_j v_j (w_j − q_j)²`` over the super-block (``params``: SuperParams;
+        ``w`` … × 256, ``importance`` broadcast to it)."""
         ws = self._split(w)
         flat = _flat(params)
-        error = (ws - self.values(self.codes(ws, flat), flat)).reshape(rows, QK_K)
+        error = (ws - self.values(self.codes(ws, flat), flat)).reshape(w.shape)
         return (error * error * importance).sum(-1)
 
     # -- the grid as a linear function of ``d`` (and ``dmin``): the refit after GPTQ ----------
@@ -309,6 +314,15 @@ class SuperBlockType(BlockType):
             None if dmin is None else dmin.to(torch.float16).numpy())
         assert data.shape == (n, self.block_bytes), data.shape
         return data.reshape(rows, -1)
+
+
+def _shaped(p: SuperParams, lead: torch.Size) -> SuperParams:
+    """``p`` (per row of a 2-D batch) with the leading shape ``lead`` of the weights fitted."""
+    def shape(x: torch.Tensor | None, *tail: int) -> torch.Tensor | None:
+        return None if x is None else x.reshape(*lead, *tail)
+
+    return SuperParams(shape(p.scale, p.scale.shape[-1]), shape(p.zero, p.scale.shape[-1]),
+                       shape(p.d), shape(p.dmin))
 
 
 def _flat(p: SuperParams) -> Params:

@@ -39,6 +39,9 @@ from .kquants import SUPER_BLOCK_TYPES
 
 GGUF_BLOCK = BLOCK
 """Values per llama.cpp quantisation block."""
+FIT_BATCH = 1 << 16
+"""Weights per batched fit on CPU (``Scheme.fit_all``): the search's tensors then stay in
+cache and still amortise its per-call cost (larger batches measured slower per weight)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,39 @@ class Scheme:
         return [GroupParams(p.scale[:, j], None if p.zero is None else p.zero[:, j], p.d,
                             p.dmin) for j in range(self.block.subs)]
 
+    def fit_all(self, w: torch.Tensor, scale_dtype: torch.dtype = torch.float16,
+                importance: torch.Tensor | None = None) -> list[GroupParams]:
+        """Every group's grid of ``w`` (rows × cols), in natural order: exactly what
+        ``fit_groups`` gives span by span (``engine.gptq.group_params``). A block type fits
+        each row of each span on its own, so the spans are a batch dimension: one search call
+        for all of them (on CPU, per ``FIT_BATCH`` weights of rows) instead of one per span,
+        since the search is many small tensor operations whose cost is more per call than
+        per weight (``importance``: (cols,), each span gets its part)."""
+        cols = w.shape[1]
+        if self.block is None:  # compressed-tensors' formulas: cheap, and the last may be short
+            width = self.group_width(cols)
+            return [self.fit(w[:, start:start + width], scale_dtype,
+                             None if importance is None else importance[start:start + width])
+                    for start in range(0, cols, width)]
+        self.check_width(cols)
+        rows = w.shape[0]
+        step = rows if w.is_cuda else max(1, FIT_BATCH // cols)
+        parts = [self._fit_spans(w[r:r + step], importance) for r in range(0, rows, step)]
+        return parts[0] if len(parts) == 1 else [_cat_rows(g) for g in zip(*parts, strict=True)]
+
+    def _fit_spans(self, w: torch.Tensor, importance: torch.Tensor | None) -> list[GroupParams]:
+        """``fit_all`` of a block type on some rows: the spans as a batch dimension."""
+        cols, span = w.shape[1], self.block.span
+        spans = w.to(torch.float32).reshape(w.shape[0], cols // span, span)
+        p = self.block.fit(spans) if importance is None else self.block.search(
+            spans, importance.reshape(cols // span, span))
+        if self.block.subs == 1:  # Params: rows × spans
+            return [GroupParams(p.scale[:, s], None if p.zero is None else p.zero[:, s])
+                    for s in range(cols // span)]
+        return [GroupParams(p.scale[:, s, j], None if p.zero is None else p.zero[:, s, j],
+                            p.d[:, s], None if p.dmin is None else p.dmin[:, s])
+                for s in range(cols // span) for j in range(self.block.subs)]
+
     def fit(self, w: torch.Tensor, scale_dtype: torch.dtype = torch.float16,
             importance: torch.Tensor | None = None) -> GroupParams:
         """The grid of each row of ``w`` (rows × group columns, float32). ``importance``
@@ -201,6 +237,15 @@ class Scheme:
         if self.block is not None:
             return self.block.zero_code(Params(params.scale, params.zero))
         return torch.zeros_like(params.scale) if self.symmetric else params.zero
+
+
+def _cat_rows(parts: tuple[GroupParams, ...]) -> GroupParams:
+    """One group's grid from its grids on consecutive chunks of rows."""
+    def cat(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if values[0] is None else torch.cat(values)  # type: ignore[arg-type]
+
+    return GroupParams(torch.cat([p.scale for p in parts]), cat([p.zero for p in parts]),
+                       cat([p.d for p in parts]), cat([p.dmin for p in parts]))
 
 
 def _rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
