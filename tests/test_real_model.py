@@ -132,13 +132,14 @@ LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 @pytest.mark.skipif(not LLAMA_CPP, reason="needs llama-cpp-python (pip install "
                     "'snapprune[llama]', which builds llama.cpp)")
-@pytest.mark.parametrize("steps", ["quantize", "shrink+quantize"])
+@pytest.mark.parametrize("steps", ["quantize", "shrink+quantize", "sensitivity+quantize"])
 def test_smollm2_gguf_runs_in_llama_cpp_at_snapprunes_perplexity(steps, tmp_path,
                                                                  smollm2_wheel):
-    """The GGUF file of SmolLM2 (dense, or shrunk: MLP 30%, heads 9 → 6) at q4_0, in
-    llama.cpp, on the same token windows: perplexity within 1% of snapprune's evaluation of
-    the same weights (llama.cpp rounds activations to 8 bits in its q4_0 products), and in
-    transformers' GGUF loader with the very same weights."""
+    """The GGUF file of SmolLM2 (dense, or shrunk: MLP 30%, heads 9 → 6, uniformly or each
+    block its own widths, the deci architecture) at q4_0, in llama.cpp, on the same token
+    windows: perplexity within 1% of snapprune's evaluation of the same weights (llama.cpp
+    rounds activations to 8 bits in its q4_0 products), and in transformers' GGUF loader
+    (which has no deci) with the very same weights."""
     from transformers import AutoModelForCausalLM
 
     from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
@@ -147,9 +148,11 @@ def test_smollm2_gguf_runs_in_llama_cpp_at_snapprunes_perplexity(steps, tmp_path
 
     chosen = (QuantizeSettings("q4_0", method="rtn"),)
     windows = 4
-    if steps == "shrink+quantize":  # enough text that the shrunk model is not a wreck (ppl
+    if steps != "quantize":  # enough text that the shrunk model is not a wreck (ppl
         # ~245 with 4 windows, where llama.cpp's 8-bit activations alone move it 1.5 %)
-        chosen = (ShrinkSettings("thanos", mlp=0.3, heads=0.34), *chosen)
+        allocation = "sensitivity" if steps.startswith("sensitivity") else "uniform"
+        chosen = (ShrinkSettings("thanos", mlp=0.3, heads=0.34, allocation=allocation),
+                  *chosen)
         windows = 16
     out = tmp_path / "model"
     outcome = execute(Job(model="smollm2-135m", steps=chosen,
@@ -167,6 +170,12 @@ def test_smollm2_gguf_runs_in_llama_cpp_at_snapprunes_perplexity(steps, tmp_path
     # found: a known open defect, bounded here at 2 % until it is.
     bound = 0.01 if steps == "quantize" else 0.02
     assert abs(theirs / ours - 1) < bound, (theirs, ours)
+    if steps.startswith("sensitivity"):
+        from gguf import GGUFReader
+
+        widths = GGUFReader(str(out / "model.gguf")).fields["deci.feed_forward_length"]
+        assert len(set(widths.contents())) > 1
+        return
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")
     state = outcome.model.state_dict()
     for name, value in loaded.state_dict().items():
