@@ -310,10 +310,10 @@ MUTANTS = (
     Mutant("weighted-rtn-on-the-formula",
            "weighted-rtn rounds on the formula's scales",
            "engine/quantizers.py",
-           (("    params = scheme.fit_all(w if mask is None else w.masked_fill(mask, 0.0), "
-             "scale_dtype,\n                            importance)\n",
-             "    params = scheme.fit_all(w if mask is None else w.masked_fill(mask, 0.0), "
-             "scale_dtype,\n                            None)\n"),),
+           (("    values, codes, params = round_to_nearest(w, scheme, scale_dtype, mask, "
+             "importance)\n",
+             "    values, codes, params = round_to_nearest(w, scheme, scale_dtype, mask, "
+             "None)\n"),),
            QUANT_TESTS),
     Mutant("asym-zero-point-not-integer",
            "the asymmetric zero point left unrounded",

@@ -36,12 +36,10 @@ def _part(importance: torch.Tensor | None, start: int, stop: int) -> torch.Tenso
 def group_params(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,
                  mask: torch.Tensor | None = None,
                  importance: torch.Tensor | None = None) -> list[GroupParams]:
-    """Every group's grid, fitted on ``weight`` (masked entries counted as 0)."""
+    """Every group's grid, fitted on ``weight`` (masked entries counted as 0), all spans in
+    one batched fit (``Scheme.fit_all``: the same grids as span by span)."""
     w = weight if mask is None else weight.masked_fill(mask, 0.0)
-    width = scheme.fit_width(w.shape[1])
-    return [p for start in range(0, w.shape[1], width)
-            for p in scheme.fit_groups(w[:, start : start + width], scale_dtype,
-                                       _part(importance, start, start + width))]
+    return scheme.fit_all(w, scale_dtype, importance)
 
 
 def round_to_nearest(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype,

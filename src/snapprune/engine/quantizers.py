@@ -19,7 +19,7 @@ import torch
 from ..errors import SnapPruneError
 from .core import reconstruction_error
 from .factor import damped_hessian, inverse_cholesky_upper
-from .gptq import gptq_blockwise
+from .gptq import gptq_blockwise, round_to_nearest
 from .refit import refit_block_scales
 from .schemes import GroupParams, Scheme, parse_scheme
 from .stats import LayerStats
@@ -112,21 +112,7 @@ def scales_for(quantizer: Quantizer, scheme: Scheme, scales: str | None) -> str:
 
 
 def _round_to_nearest(w, stats, scheme, *, scale_dtype, mask, importance, **_options):
-    """RTN (``engine.gptq.round_to_nearest``: grids fitted on the weights with pruned ones
-    counted as 0, pruned weights on the grid's zero), with every group's grid fitted in one
-    batched call (``Scheme.fit_all``) rather than span by span: the same grids, without a
-    search call per block (``--target-size`` measures every candidate type this way)."""
-    params = scheme.fit_all(w if mask is None else w.masked_fill(mask, 0.0), scale_dtype,
-                            importance)
-    width = scheme.group_width(w.shape[1])
-    codes, values = torch.empty_like(w), torch.empty_like(w)
-    for g, p in enumerate(params):
-        part = slice(g * width, (g + 1) * width)
-        codes[:, part] = scheme.codes(w[:, part], p)
-        if mask is not None:
-            codes[:, part] = torch.where(mask[:, part], scheme.zero_code(p)[:, None],
-                                         codes[:, part])
-        values[:, part] = scheme.values(codes[:, part], p)
+    values, codes, params = round_to_nearest(w, scheme, scale_dtype, mask, importance)
     return values, codes, params, None
 
 
