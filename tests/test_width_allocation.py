@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import C4_FILE
 from test_cli import _run
+from test_depth import _job as depth_job
 from test_export import LLAMA_CPP, assert_runs_in_llama_cpp_like
 from tiny_models import tiny_model, token_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from snapprune.engine.widths import CostCurve, allocate_counts
 from snapprune.errors import SnapPruneError
-from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
 from snapprune.models.blockloop import block_output
 from snapprune.models.capture import capture_block_inputs
 from snapprune.models.settings import QuantizeSettings, ShrinkSettings
@@ -185,11 +185,8 @@ def llama_dir(tmp_path_factory, tokenizer_dir):
     return out
 
 
-def _job(model_dir, *steps, fmt="gguf") -> Job:
-    return Job(model=str(model_dir), steps=steps,
-               calibration=CalibrationSpec(str(C4_FILE), 8, 32),
-               evaluation=EvaluationSpec(ppl=(), dense=False),
-               output=OutputSpec(format=fmt, samples=False))
+def _job(model_dir, *steps, fmt="gguf"):
+    return depth_job(model_dir, *steps, fmt=fmt)
 
 
 def test_per_block_widths_are_written_as_deci_and_run_in_llama_cpp(llama_dir, tmp_path):

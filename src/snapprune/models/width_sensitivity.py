@@ -16,6 +16,7 @@ block's width.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -146,8 +147,6 @@ def measure_and_allocate(model: nn.Module, inputs: BlockInputs, plan, settings: 
                          device: torch.device, *, progress: bool = True) -> Sensitivity:
     """The dense pass measuring every block's cost curves, then the allocation with the
     uniform ``plan``'s total. ``inputs`` (the first block's) are left as they were."""
-    import time
-
     start = time.perf_counter()
     adapter = adapter_for(model)
     blocks = adapter.decoder_blocks(model)
