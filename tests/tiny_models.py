@@ -10,11 +10,13 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    OlmoeConfig,
     OPTConfig,
     Phi3Config,
     PhiConfig,
     Qwen2Config,
     Qwen2MoeConfig,
+    Qwen3MoeConfig,
 )
 
 VOCAB = 512
@@ -55,10 +57,25 @@ def _moe_configs(vocab: int) -> dict:
         "mixtral": MixtralConfig(num_local_experts=4, **common),
         "qwen2_moe": Qwen2MoeConfig(num_experts=4, moe_intermediate_size=32,
                                     shared_expert_intermediate_size=64, **common),
+        "qwen3_moe": Qwen3MoeConfig(num_experts=4, moe_intermediate_size=32, head_dim=16,
+                                    **common),
+        "olmoe": OlmoeConfig(num_experts=4, **common),
     }
 
 
 MOE_FAMILIES = tuple(_moe_configs(VOCAB))
+
+
+def tiny_unsupported_moe(seed: int = 0):
+    """A mixture of experts of a family snapprune has no adapter for (Granite-MoE)."""
+    from transformers import GraniteMoeConfig
+
+    torch.manual_seed(seed)
+    config = GraniteMoeConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              num_local_experts=4, num_experts_per_tok=2,
+                              max_position_embeddings=256)
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def tiny_moe_model(family: str, seed: int = 0):

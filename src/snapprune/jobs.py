@@ -19,6 +19,8 @@ from .data import AUTO, DEFAULT_EVALUATION, check_source, default_windows
 from .data import resolve_calibration_source as _resolve_source
 from .errors import SnapPruneError
 from .models.capture import ACTIVATION_PLACES, BATCH_SIZE
+from .models.experts import MIN_TOKENS as MOE_MIN_TOKENS
+from .models.experts import CalibrationPolicy
 from .models.loading import DTYPES
 
 RECIPE_VERSION = 1
@@ -37,6 +39,11 @@ class CalibrationSpec:
     nsamples: int | None = None
     seqlen: int | None = None
     seed: int = 0
+    moe: str = "routed"
+    """Mixtures of experts: each expert's statistics from its ``routed`` tokens, or from
+    every token (``all-experts``); see ``models.experts``."""
+    moe_min_tokens: int = MOE_MIN_TOKENS
+    """Routed tokens below which an expert falls back to every token's statistics."""
 
     def resolved(self) -> tuple[CalibrationSpec, str | None]:
         """The spec with every value named (a Hub probe for ``auto``), and a note to print
@@ -57,6 +64,7 @@ class CalibrationSpec:
         if not isinstance(self.seed, int):
             raise SnapPruneError(f"calibration seed must be an integer, got {self.seed!r}")
         check_source(self.source, calibration=True)
+        CalibrationPolicy(self.moe, self.moe_min_tokens).check()
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,14 @@ def _perplexities(evaluated) -> dict:
     return {k: asdict(v) for k, v in (evaluated.perplexity if evaluated else {}).items()}
 
 
+def expert_calibration(records: dict[int, list[dict]]) -> dict:
+    """Per block, what each expert's statistics came from, and how many fell back."""
+    fallbacks = sum(e["statistics"] != "routed" for block in records.values()
+                    for module in block for e in module["per_expert"])
+    return {"fallback_experts": fallbacks,
+            "blocks": {str(index): block for index, block in sorted(records.items())}}
+
+
 def build_report(outcome, *, argv: list[str] | None, calibration_ids, files: dict | None = None,
                  saved_to: Path | None = None, streamed: bool = False) -> dict:
     """The report of ``outcome`` (a ``run.Outcome``), whole, in strict-JSON-able values: each
@@ -110,6 +118,8 @@ def build_report(outcome, *, argv: list[str] | None, calibration_ids, files: dic
             from .eval.perplexity import capped_seqlen
 
             calibration["seqlen"] = capped_seqlen(outcome.model, job.calibration.seqlen)
+        if "experts" not in report.get("architecture", {}):
+            calibration.pop("moe"), calibration.pop("moe_min_tokens")  # dense: no meaning
         calibration["ids_sha256"] = (ids_digest(calibration_ids)
                                      if calibration_ids is not None else None)
         report["calibration"] = calibration
@@ -138,6 +148,8 @@ def build_report(outcome, *, argv: list[str] | None, calibration_ids, files: dic
             },
             "peak_memory_bytes": run.peak_memory_bytes,
         })
+        if run.experts:
+            report["experts"] = expert_calibration(run.experts)
         if run.ranks:
             report["ranks"] = run.ranks
     else:

@@ -26,7 +26,7 @@ from .engine import determinism
 from .errors import SnapPruneError
 from .generate import DEFAULT_PROMPTS
 from .jobs import Job, recipe_text
-from .models import collectives
+from .models import collectives, experts
 from .outputs import (
     RECIPE_NAME,
     REPORT_NAME,
@@ -226,7 +226,8 @@ def _execute(job: Job, out: Path | None, *, bench, overwrite, json_path, resume,
     for note in notes:
         if main:
             log(note)
-    with determinism.deterministic(job.execution.deterministic):
+    with determinism.deterministic(job.execution.deterministic), \
+            experts.calibration(job.calibration.moe, job.calibration.moe_min_tokens):
         outcome = Outcome(job, None, None, notes=notes)
         seconds = outcome.seconds
         if bench is None:

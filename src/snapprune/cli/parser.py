@@ -23,6 +23,7 @@ from ..flags import (
 from ..generate import COMMAND_TOKENS, DEFAULT_PROMPTS
 from ..jobs import CalibrationSpec, EvaluationSpec, Execution, OutputSpec
 from ..models.capture import ACTIVATION_PLACES
+from ..models.experts import CALIBRATIONS as MOE_CALIBRATIONS
 from ..models.loading import DTYPES
 from ..steps import REGISTRY, Step, step_named
 from ..version import __version__
@@ -97,6 +98,12 @@ CALIBRATION = (
          metavar="L", show_default=False),
     Flag("calibration.seed", ("--seed",), "seed of the window sampling", type=integer,
          metavar="S"),
+    Flag("calibration.moe", ("--moe-calibration",), "mixtures of experts: each expert's "
+         "statistics from the tokens routed to it, or from every token sent through every "
+         "expert (statistics only; the model still routes)", choices=MOE_CALIBRATIONS),
+    Flag("calibration.moe_min_tokens", ("--moe-min-tokens",), "an expert routed fewer "
+         "calibration tokens than N gets every token's statistics instead (stated per expert "
+         "in the report)", type=positive_int, metavar="N"),
     Flag("execution.batch_size", ("--batch-size",), "calibration windows per forward pass; "
          "speed only", type=positive_int, metavar="N"),
     Flag("execution.activations", ("--activations",), "where calibration activations live "

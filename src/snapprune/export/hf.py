@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from ..models.adapters import fused_experts
 from .format import Format
 
 
@@ -23,6 +24,14 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     model in memory keeps its own dtype."""
     before = {p.name for p in directory.iterdir()}
     model, dtype = outcome.model, outcome.save_dtype
+    with fused_experts(model):
+        _save(model, dtype, directory)
+    if outcome.tokenizer is not None:
+        outcome.tokenizer.save_pretrained(directory)
+    return sorted({p.name for p in directory.iterdir()} - before), []
+
+
+def _save(model, dtype, directory: Path) -> None:
     if dtype is None or dtype == model.dtype:
         model.save_pretrained(directory, safe_serialization=True)
     else:
@@ -32,9 +41,6 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
         config = copy.deepcopy(model.config)  # it names the model's dtype: name the file's
         config.dtype = dtype
         config.save_pretrained(directory)
-    if outcome.tokenizer is not None:
-        outcome.tokenizer.save_pretrained(directory)
-    return sorted({p.name for p in directory.iterdir()} - before), []
 
 
 FORMAT = Format("hf", check_job, check_model, write)

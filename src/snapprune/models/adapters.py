@@ -9,12 +9,15 @@ by a rule (norms, the groups' biases) or reported. A generic fallback finds the 
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..errors import SnapPruneError
+from .experts import MoE, expert_count, fold_experts, unfold_experts
 from .layout import is_prunable
 
 
@@ -99,6 +102,11 @@ class Adapter:
     head_dim_key: str | None = None
     """Config field fixing the head width apart from the hidden size: only then can whole
     heads be cut out and the config stay standard (``snapprune shrink --heads``)."""
+    moe: MoE | None = None
+    """A mixture of experts: its router (never pruned) and experts (pruned one by one, each on
+    its routed tokens); ``mlp`` then names the dense blocks' MLP, and a shared expert's
+    projections are declared in ``shared``."""
+    shared: MLP | None = None
 
     @property
     def generic(self) -> bool:
@@ -119,9 +127,17 @@ class Adapter:
             named = {n: "linear" for n, m in block.named_modules() if is_prunable(m)}
         else:
             declared = {**(self.attention.roles() if self.attention else {}),
-                        **(self.mlp.roles() if self.mlp else {})}
+                        **(self.mlp.roles() if self.mlp else {}),
+                        **(self.shared.roles() if self.shared else {}),
+                        **(self.moe.roles(block) if self.moe else {})}
             named = {n: declared[n] for n, _ in block.named_modules() if n in declared}
-        return {n: r for n, r in named.items() if n not in self.never_prune}
+        return {n: r for n, r in named.items() if n not in self.kept_whole}
+
+    @property
+    def kept_whole(self) -> tuple[str, ...]:
+        """Block-relative modules that keep every weight: the declared ones and the MoE's
+        router and gates."""
+        return self.never_prune + ((self.moe.router, *self.moe.never_prune) if self.moe else ())
 
     def coverage(self, block: nn.Module) -> tuple[dict[str, str], list[str]]:
         """Every parameter of ``block`` with the rule that covers it, and those none covers.
@@ -138,7 +154,7 @@ class Adapter:
                 full = f"{module_name}.{pname}" if module_name else pname
                 if module_name in roles:
                     rules[full] = f"{roles[module_name]} {pname}"
-                elif module_name in self.never_prune:
+                elif module_name in self.kept_whole:
                     rules[full] = "never pruned"
                 elif is_norm(module):
                     rules[full] = "norm"
@@ -154,9 +170,11 @@ class Adapter:
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             return False
         names = {n for n, _ in blocks[0].named_modules()}
-        declared = {**(self.attention.roles() if self.attention else {}),
-                    **(self.mlp.roles() if self.mlp else {})}
-        return all(name in names for name in declared)
+        attention = self.attention.roles() if self.attention else {}
+        mlp = self.mlp.roles() if self.mlp else {}
+        has_mlp = all(name in names for name in mlp) or (
+            self.moe is not None and self.moe.experts in names)
+        return all(name in names for name in attention) and has_mlp
 
     def describe(self, model: nn.Module) -> dict:
         """Where things are and what each rule covers, for the report."""
@@ -172,6 +190,10 @@ class Adapter:
             "groups": self.layer_roles(blocks[0]),
             "uncovered_parameters": uncovered,
         }
+        if self.moe is not None:
+            out["experts"] = {"router": self.moe.router, "experts": self.moe.experts,
+                              "count": expert_count(model.config, self.moe),
+                              "top_k": getattr(model.config, self.moe.top_k_key, None)}
         if self.attention is not None:
             geometry = head_geometry(model.config)
             out["heads"] = {"heads": geometry.heads, "kv_heads": geometry.kv_heads,
@@ -195,6 +217,25 @@ ADAPTERS = (
         mlp=_GATED_MLP,
         mlp_width_key="intermediate_size",
         head_dim_key="head_dim",
+    ),
+    Adapter(
+        "qwen3_moe", ("qwen3_moe", "olmoe"), "model.layers",
+        ("model.embed_tokens", "model.rotary_emb"), "model.norm",
+        attention=_LLAMA_ATTENTION, mlp=_GATED_MLP,
+        moe=MoE(router="mlp.gate", experts="mlp.experts", count_key="num_experts"),
+    ),
+    Adapter(
+        "qwen2_moe", ("qwen2_moe",), "model.layers", ("model.embed_tokens", "model.rotary_emb"),
+        "model.norm", attention=_LLAMA_ATTENTION, mlp=_GATED_MLP,
+        shared=MLP(inputs=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+                   output="mlp.shared_expert.down_proj"),
+        moe=MoE(router="mlp.gate", experts="mlp.experts", count_key="num_experts",
+                never_prune=("mlp.shared_expert_gate",)),
+    ),
+    Adapter(
+        "mixtral", ("mixtral",), "model.layers", ("model.embed_tokens", "model.rotary_emb"),
+        "model.norm", attention=_LLAMA_ATTENTION,
+        moe=MoE(router="mlp.gate", experts="mlp.experts", count_key="num_local_experts"),
     ),
     Adapter(
         "phi3",
@@ -233,13 +274,14 @@ ADAPTERS = (
     ),
 )
 
+MOE_FAMILIES = tuple(t for a in ADAPTERS if a.moe is not None for t in a.model_types)
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def refuse_mixture_of_experts(model: nn.Module, blocks: nn.ModuleList) -> None:
-    """Mixture-of-experts blocks need per-expert statistics (only the tokens routed to each
-    expert) and must never prune their routers; until that exists they are refused, never
-    pruned partly or silently skipped."""
+    """A mixture of experts needs per-expert statistics and its router kept whole, which only
+    a family adapter knows how to do: without one it is refused, never pruned partly or
+    silently skipped."""
     config = getattr(model, "config", None)
     experts = next((getattr(config, k) for k in _EXPERT_COUNT_KEYS
                     if isinstance(getattr(config, k, None), int) and getattr(config, k) > 1),
@@ -250,10 +292,25 @@ def refuse_mixture_of_experts(model: nn.Module, blocks: nn.ModuleList) -> None:
     what = f"{experts} experts" if experts else "fused expert weights"
     detail = f" ({', '.join(fused[:2])}{', …' if len(fused) > 2 else ''})" if fused else ""
     raise SnapPruneError(
-        f"{type(model).__name__} is a mixture-of-experts model ({what}{detail}); snapprune "
-        "prunes dense decoders only: per-expert statistics and router handling are not "
-        "implemented"
+        f"{type(model).__name__} is a mixture-of-experts model ({what}{detail}) of a family "
+        f"snapprune has no adapter for; supported mixtures: {', '.join(MOE_FAMILIES)}"
     )
+
+
+@contextlib.contextmanager
+def fused_experts(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with its experts fused again in the body (transformers' own layout, which
+    ``save_pretrained`` writes as the Hub's per-expert checkpoint keys), unfolded after."""
+    adapter = adapter_for(model)
+    if adapter.moe is None:
+        yield model
+        return
+    blocks = adapter.decoder_blocks(model)
+    fold_experts(blocks, adapter.moe)
+    try:
+        yield model
+    finally:
+        unfold_experts(blocks, adapter.moe)
 
 
 def _generic_adapter(model: nn.Module) -> Adapter:
@@ -280,13 +337,21 @@ once per model however often a run asks."""
 
 def adapter_for(model: nn.Module) -> Adapter:
     """The family adapter for ``model`` by ``config.model_type`` when its groups are all
-    there; else the generic fallback. Mixture-of-experts models are refused."""
+    there; else the generic fallback. A mixture of experts of a family with an adapter has its
+    fused experts unfolded into per-expert linear layers (``experts.unfold_experts``); one
+    without an adapter is refused."""
     found = _FOUND.get(model)
     if found is not None:
+        if found.moe is not None:
+            unfold_experts(found.decoder_blocks(model), found.moe)
         return found
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     adapter = next((a for a in ADAPTERS if model_type in a.model_types and a.matches(model)),
                    None) or _generic_adapter(model)
-    refuse_mixture_of_experts(model, adapter.decoder_blocks(model))
+    if adapter.moe is not None:
+        expert_count(model.config, adapter.moe)
+        unfold_experts(adapter.decoder_blocks(model), adapter.moe)
+    else:
+        refuse_mixture_of_experts(model, adapter.decoder_blocks(model))
     _FOUND[model] = adapter
     return adapter

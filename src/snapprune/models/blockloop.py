@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..engine import LayerStats, determinism
 from ..errors import SnapPruneError
-from . import collectives
+from . import collectives, experts
 from .adapters import adapter_for
 from .capture import BATCH_SIZE, BlockInputs, activation_home, capture_block_inputs, home_device
 from .records import RunRecord
@@ -32,13 +32,28 @@ def gather_layer_stats(
     device: torch.device,
     *,
     hessian: bool = True,
+    expert_records: list[dict] | None = None,
 ) -> dict[str, LayerStats]:
     """Run ``block`` on every input with hooks on its layers; one ``LayerStats`` per layer
     (with the Hessian unless ``hessian=False``).
 
     Layers fed the very same tensor (q/k/v, gate/up) share one accumulation: their statistics
-    are identical, so computing them once saves most of the hooks' cost.
+    are identical, so computing them once saves most of the hooks' cost. Experts see their
+    routed tokens, under ``experts.current_policy()``; what each saw is appended to
+    ``expert_records``.
     """
+    stats, records = experts.gather_with_experts(
+        block, named, lambda layers: _gather(block, layers, inputs, device, hessian))
+    if expert_records is not None:
+        expert_records.extend(records)
+    missing = [name for name in named if name not in stats]
+    if missing:
+        raise SnapPruneError(f"layers {missing} never ran during calibration; exclude them")
+    return stats
+
+
+def _gather(block: nn.Module, named: dict[str, nn.Module], inputs: BlockInputs,
+            device: torch.device, hessian: bool) -> dict[str, LayerStats]:
     stats: dict[str, LayerStats] = {}
     seen: dict[int, tuple[torch.Tensor, str]] = {}  # holds inputs alive: ids stay unique
 
@@ -68,9 +83,6 @@ def gather_layer_stats(
             handle.remove()
     for item in stats.values():
         item.finish()
-    missing = [name for name in named if name not in stats]
-    if missing:
-        raise SnapPruneError(f"layers {missing} never ran during calibration; exclude them")
     return stats
 
 
@@ -150,7 +162,11 @@ def run_blocks(
         block = blocks[index].to(device)
         named = layers[index]
         t = time.perf_counter()
-        stats = gather_layer_stats(block, named, inputs, device, hessian=hessian)
+        records: list[dict] = []
+        stats = gather_layer_stats(block, named, inputs, device, hessian=hessian,
+                                   expert_records=records)
+        if records:
+            run.experts[index] = records
         group.sum_stats(stats)
         run.calibration_seconds += time.perf_counter() - t
 

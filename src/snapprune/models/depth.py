@@ -408,6 +408,11 @@ def cut_blocks(model: nn.Module, removed: list[int]) -> None:
     types = getattr(config, "layer_types", None)
     if isinstance(types, list) and len(types) == len(blocks):
         config.layer_types = [types[i] for i in kept]
+    if adapter.moe is not None and hasattr(config, "mlp_only_layers"):
+        # Qwen-MoE says which blocks are dense by index (and a step): name the kept ones.
+        config.mlp_only_layers = [p for p, block in enumerate(new)
+                                  if module_at(block, adapter.moe.experts) is None]
+        config.decoder_sparse_step = 1
 
 
 def depth_model(model: nn.Module, calibration: torch.Tensor | None, settings: DepthSettings,

@@ -41,6 +41,9 @@ class RunRecord:
     """Per process under ``torchrun``: its rank, activations, solver and calibration seconds,
     peak memory (empty for one process)."""
     architecture: dict = field(default_factory=dict)
+    experts: dict[int, list[dict]] = field(default_factory=dict)
+    """Per block of a mixture of experts: each expert's routed calibration tokens and where
+    its statistics came from (``experts.gather_with_experts``)."""
     data_seconds: float = 0.0
     """Making the calibration token ids (reading and tokenising the text), once per
     workbench."""

@@ -1,0 +1,276 @@
+"""Mixtures of experts: each expert pruned and quantised on exactly the tokens routed to it.
+
+References are written from transformers' own fused modules: a hook on the original (fused)
+experts module records what the router sent where, and each expert's inputs are routed by hand
+from that record — never through snapprune's per-expert layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import C4_FILE
+from tiny_models import MOE_FAMILIES, tiny_moe_model, token_batch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from snapprune import SnapPruneError, prune_model
+from snapprune.engine import LayerStats, determinism, prune_weight
+from snapprune.engine.quantizers import quantize_weight
+from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
+from snapprune.models import experts
+from snapprune.models.adapters import adapter_for, fused_experts
+from snapprune.models.blockloop import gather_layer_stats
+from snapprune.models.capture import capture_block_inputs
+from snapprune.models.quantize import quantize_model
+from snapprune.models.settings import PruneSettings, QuantizeSettings
+from snapprune.models.targets import target_layers
+from snapprune.run import execute
+
+CALIBRATION = token_batch(8, 32)
+
+
+def _routed_by_hand(family: str, block: int = 0):
+    """``(hidden states, top-k index, top-k weights, fused module)`` entering block
+    ``block``'s experts in the original fused model, run with transformers' eager loop."""
+    model = tiny_moe_model(family)
+    model.config._experts_implementation = "eager"
+    fused = model.model.layers[block].mlp.experts
+    seen = {}
+
+    def record(_module, args):
+        seen.setdefault("calls", []).append([a.detach().clone() for a in args])
+
+    handle = fused.register_forward_pre_hook(record)
+    with torch.no_grad():
+        for start in range(0, CALIBRATION.shape[0], 8):
+            model(CALIBRATION[start:start + 8], use_cache=False)
+    handle.remove()
+    hidden, index, weights = (torch.cat(parts).detach()
+                              for parts in zip(*seen["calls"], strict=True))
+    return hidden, index, weights, fused
+
+
+def _expert_inputs(hidden, index, fused, expert: int):
+    """The inputs of an expert's gate/up and down projections, routed from the record."""
+    x = hidden[(index == expert).any(-1)]
+    width = fused.gate_up_proj.shape[1] // 2
+    gate, up = fused.gate_up_proj[expert, :width], fused.gate_up_proj[expert, width:]
+    return x, (fused.act_fn(x @ gate.T) * (x @ up.T)).detach()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_unfolded_experts_compute_the_fused_model_and_fold_back_unchanged(family):
+    reference = tiny_moe_model(family)
+    reference.config._experts_implementation = "eager"
+    model = tiny_moe_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = adapter_for(model)
+    assert adapter.moe is not None and adapter.family != "generic"
+    roles = adapter.layer_roles(model.model.layers[0])
+    assert roles["mlp.experts.3.down_proj"] == "expert.out"
+    assert roles["mlp.experts.0.gate_proj"] == roles["mlp.experts.0.up_proj"] == "expert.in"
+    assert adapter.moe.router not in roles  # the router is never pruned
+    assert adapter.coverage(model.model.layers[0])[1] == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(CALIBRATION[:2]).logits,
+                                   reference(CALIBRATION[:2]).logits, rtol=0, atol=0)
+    with fused_experts(model):
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+    assert isinstance(model.model.layers[0].mlp.experts, experts.ExpertLinears)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_each_experts_statistics_are_those_of_the_tokens_routed_to_it(family):
+    hidden, index, _, fused = _routed_by_hand(family)
+    model = tiny_moe_model(family)
+    blocks = adapter_for(model).decoder_blocks(model)
+    inputs = capture_block_inputs(model, blocks, CALIBRATION, torch.device("cpu"))
+    named = target_layers(model)[0]
+    records: list[dict] = []
+    stats = gather_layer_stats(blocks[0], named, inputs, torch.device("cpu"),
+                               expert_records=records)
+    counts = [e["tokens"] for e in records[0]["per_expert"]]
+    for expert in range(fused.gate_up_proj.shape[0]):
+        x, a = _expert_inputs(hidden, index, fused, expert)
+        assert counts[expert] == x.shape[0] > 0
+        for name, inputs_by_hand in (("gate_proj", x), ("up_proj", x), ("down_proj", a)):
+            got = stats[f"model.layers.0.mlp.experts.{expert}.{name}"]
+            want = LayerStats.from_inputs(inputs_by_hand)
+            assert got.nsamples == want.nsamples
+            torch.testing.assert_close(got.hessian, want.hessian, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got.sq_norms, want.sq_norms, rtol=1e-4, atol=1e-6)
+
+
+def test_a_starved_expert_falls_back_to_every_tokens_statistics_and_says_so():
+    hidden, index, _, fused = _routed_by_hand("mixtral")
+    counts = [int((index == e).any(-1).sum()) for e in range(4)]
+    starved = min(range(4), key=counts.__getitem__)
+    model = tiny_moe_model("mixtral")
+    blocks = adapter_for(model).decoder_blocks(model)
+    inputs = capture_block_inputs(model, blocks, CALIBRATION, torch.device("cpu"))
+    named = target_layers(model)[0]
+    records: list[dict] = []
+    with experts.calibration("routed", min_tokens=counts[starved] + 1):
+        stats = gather_layer_stats(blocks[0], named, inputs, torch.device("cpu"),
+                                   expert_records=records)
+    per_expert = records[0]["per_expert"]
+    assert [e["statistics"] for e in per_expert] == [
+        "all tokens" if e == starved or counts[e] <= counts[starved] else "routed"
+        for e in range(4)]
+    width = fused.gate_up_proj.shape[1] // 2
+    gate = fused.gate_up_proj[starved, :width]
+    up = fused.gate_up_proj[starved, width:]
+    every = fused.act_fn(hidden @ gate.T) * (hidden @ up.T)
+    for name, x in (("gate_proj", hidden), ("down_proj", every)):
+        got = stats[f"model.layers.0.mlp.experts.{starved}.{name}"]
+        torch.testing.assert_close(got.hessian, LayerStats.from_inputs(x).hessian,
+                                   rtol=1e-4, atol=1e-5)
+    routed = [e for e in range(4) if counts[e] > counts[starved]]
+    x, _ = _expert_inputs(hidden, index, fused, routed[0])
+    assert stats[f"model.layers.0.mlp.experts.{routed[0]}.gate_proj"].nsamples == x.shape[0]
+
+
+def test_sending_every_token_through_every_expert_leaves_the_block_output_routed():
+    model = tiny_moe_model("qwen3_moe")
+    module = adapter_for(model).decoder_blocks(model)[0].mlp.experts
+    hidden = torch.randn(40, 64)
+    index = torch.randint(0, 4, (40, 2))
+    index[:, 1] = (index[:, 0] + 1) % 4
+    weights = torch.rand(40, 2)
+    with torch.no_grad():
+        routed = module(hidden, index, weights)
+        module.all_tokens = frozenset(range(4))
+        every = module(hidden, index, weights)
+        module.all_tokens = frozenset()
+    torch.testing.assert_close(every, routed, rtol=0, atol=1e-6)
+
+
+def _settings_kwargs(settings: PruneSettings) -> dict:
+    return dict(sparsity=settings.resolved_sparsity, pattern=settings.pattern,
+                alpha=settings.alpha, blocksize=settings.blocksize, percdamp=settings.percdamp,
+                metric=settings.metric)
+
+
+@pytest.mark.parametrize("method", ["thanos", "sparsegpt", "wanda"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_per_expert_pruning_equals_the_dense_layer_result_on_the_routed_inputs(family, method):
+    hidden, index, _, fused = _routed_by_hand(family)
+    model = tiny_moe_model(family)
+    settings = PruneSettings(method=method, sparsity=0.5)
+    prune_model(model, CALIBRATION, settings, progress=False, layer_errors=False)
+    width = fused.gate_up_proj.shape[1] // 2
+    for expert in (0, 3):
+        x, a = _expert_inputs(hidden, index, fused, expert)
+        for name, weight, inputs in (
+                ("gate_proj", fused.gate_up_proj[expert, :width], x),
+                ("down_proj", fused.down_proj[expert], a)):
+            want = prune_weight(weight.detach().clone(), LayerStats.from_inputs(inputs),
+                                method=method, error=False, **_settings_kwargs(settings))
+            got = model.get_submodule(f"model.layers.0.mlp.experts.{expert}.{name}").weight
+            assert torch.equal(got == 0, want.weight == 0), (expert, name)
+            torch.testing.assert_close(got, want.weight, rtol=1e-3, atol=1e-4)
+    router = tiny_moe_model(family).model.layers[0].mlp.gate.weight
+    assert torch.equal(model.model.layers[0].mlp.gate.weight, router)
+
+
+def test_per_expert_gptq_equals_the_dense_layer_result_on_the_routed_inputs():
+    hidden, index, _, fused = _routed_by_hand("qwen3_moe")
+    model = tiny_moe_model("qwen3_moe")
+    settings = QuantizeSettings(scheme="w4g32")
+    # Rounding is discontinuous: both sides sum their statistics exactly (float64), so that
+    # no last-bit difference in the Hessian flips a code.
+    with determinism.deterministic():
+        quantize_model(model, CALIBRATION, settings, progress=False, layer_errors=False)
+    for expert in (1, 2):
+        _, a = _expert_inputs(hidden, index, fused, expert)
+        want = quantize_weight(fused.down_proj[expert].detach().clone(),
+                               LayerStats.from_inputs(a, deterministic=True), "w4g32",
+                               method="gptq",
+                               blocksize=settings.blocksize, percdamp=settings.percdamp,
+                               scale_dtype=torch.float16, error=False, scales=settings.scales)
+        got = model.get_submodule(f"model.layers.0.mlp.experts.{expert}.down_proj").weight
+        torch.testing.assert_close(got, want.weight, rtol=1e-3, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory, tokenizer_dir):
+    out = tmp_path_factory.mktemp("qwen2_moe")
+    config = copy.deepcopy(tiny_moe_model("qwen2_moe").config)
+    config.vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def _job(model_dir, *steps, fmt="hf", **calibration) -> Job:
+    return Job(model=str(model_dir), steps=steps,
+               calibration=CalibrationSpec(str(C4_FILE), 8, 32, **calibration),
+               evaluation=EvaluationSpec(ppl=(), dense=False),
+               output=OutputSpec(format=fmt, samples=False))
+
+
+def test_a_pruned_and_quantised_moe_reloads_in_transformers_with_the_same_logits(moe_dir,
+                                                                                   tmp_path):
+    out = tmp_path / "pruned"
+    steps = (PruneSettings(method="thanos", sparsity=0.5), QuantizeSettings(scheme="w4g32"))
+    outcome = execute(_job(moe_dir, *steps), out, progress=False, announce=False)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = token_batch(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, outcome.model(ids).logits)
+    report = json.loads((out / "snapprune_report.json").read_text())
+    assert report["architecture"]["experts"]["count"] == 4
+    blocks = report["experts"]["blocks"]
+    assert set(blocks) == {"0", "1"} and report["experts"]["fallback_experts"] >= 0
+    assert sum(e["tokens"] for e in blocks["0"][0]["per_expert"]) == 8 * 32 * 2
+    expert = loaded.model.layers[1].mlp.experts.down_proj[2]
+    assert abs((expert == 0).float().mean().item() - 0.5) < 0.01
+
+
+def test_all_experts_calibration_is_recorded_for_every_expert(moe_dir, tmp_path):
+    out = tmp_path / "all"
+    execute(_job(moe_dir, PruneSettings(method="wanda", sparsity=0.5), moe="all-experts"),
+            out, progress=False, announce=False)
+    report = json.loads((out / "snapprune_report.json").read_text())
+    assert report["recipe"]["calibration"]["moe"] == "all-experts"
+    assert report["experts"]["fallback_experts"] == 2 * 4
+    assert {e["statistics"] for b in report["experts"]["blocks"].values()
+            for e in b[0]["per_expert"]} == {"all tokens"}
+
+
+def test_bad_moe_calibration_settings_are_refused_in_one_line():
+    with pytest.raises(SnapPruneError, match="MoE calibration"):
+        CalibrationSpec(moe="every").check()
+    with pytest.raises(SnapPruneError, match="moe-min-tokens"):
+        dataclasses.replace(CalibrationSpec(), moe_min_tokens=0).check()
+
+
+def test_removing_a_block_renumbers_which_blocks_are_dense(tokenizer_dir, tmp_path):
+    """Qwen-MoE names its dense blocks by index: after a block is removed they must still be
+    the same blocks, or the reloaded model builds experts where there were none."""
+    from snapprune.models.settings import DepthSettings
+
+    config = copy.deepcopy(tiny_moe_model("qwen3_moe").config)
+    config.num_hidden_layers, config.mlp_only_layers = 4, [2]
+    config.intermediate_size = 96
+    config.vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "src")
+    outcome = execute(_job(tmp_path / "src", DepthSettings(blocks=1, score="angular")),
+                      tmp_path / "out", progress=False, announce=False)
+    removed = json.loads((tmp_path / "out" / "snapprune_report.json").read_text())[
+        "depth"]["removed"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    kept = [i for i in range(4) if i not in removed]
+    assert removed[0] < 2, "the test needs a removed block before the dense one"
+    assert loaded.config.mlp_only_layers == [kept.index(2)]
+    ids = token_batch(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, outcome.model(ids).logits)
