@@ -117,3 +117,21 @@ def sharded_dir(tmp_path_factory, tiny_dir):
     AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(out, max_shard_size="200KB")
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def moe_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny random Qwen2-MoE (4 experts, top-2, a shared expert) with the test tokenizer."""
+    import copy
+
+    import torch
+    from tiny_models import tiny_moe_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("qwen2_moe")
+    config = copy.deepcopy(tiny_moe_model("qwen2_moe").config)
+    config.vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out

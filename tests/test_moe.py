@@ -197,17 +197,6 @@ def test_per_expert_gptq_equals_the_dense_layer_result_on_the_routed_inputs():
         torch.testing.assert_close(got, want.weight, rtol=1e-3, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory, tokenizer_dir):
-    out = tmp_path_factory.mktemp("qwen2_moe")
-    config = copy.deepcopy(tiny_moe_model("qwen2_moe").config)
-    config.vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-    return out
-
-
 def _job(model_dir, *steps, fmt="hf", **calibration) -> Job:
     return Job(model=str(model_dir), steps=steps,
                calibration=CalibrationSpec(str(C4_FILE), 8, 32, **calibration),

@@ -19,6 +19,7 @@ import snapprune
 from snapprune.jobs import CalibrationSpec, EvaluationSpec, Execution, Job, OutputSpec
 from snapprune.models.settings import (
     DepthSettings,
+    ExpertSettings,
     PruneSettings,
     QuantizeSettings,
     RecoverSettings,
@@ -31,6 +32,7 @@ PACKAGE = Path(snapprune.__file__).parent
 
 TINY = {
     "prune-depth": (DepthSettings(blocks=1, score="kl"), ["--blocks", "1", "--score", "kl"]),
+    "prune-experts": (ExpertSettings(keep=0.5), ["--keep", "0.5"]),
     "prune": (PruneSettings("thanos", "2:4"), ["--method", "thanos", "--pattern", "2:4"]),
     "shrink": (ShrinkSettings(mlp=0.5, multiple_of=16), ["--mlp", "0.5", "--multiple-of", "16"]),
     "quantize": (QuantizeSettings("w4g16"), ["--scheme", "w4g16"]),
@@ -40,7 +42,9 @@ TINY = {
                  str(C4_FILE), "--loss", "lm"]),
 }
 """A tiny job of every step kind, as settings and as the flags of its command. A kind added
-to the registry without an entry here fails ``test_every_kind_has_a_tiny_job``."""
+to the registry without an entry here fails ``test_every_kind_has_a_tiny_job``. Each runs on
+the tiny LLaMA, but for kinds of mixtures of experts (``MOE_KINDS``), on the tiny Qwen2-MoE."""
+MOE_KINDS = ("prune-experts",)
 
 COMMON = ["--calib", str(C4_FILE), "--nsamples", "2", "--seqlen", "16", "--eval", WIKI_TEST,
           "--eval-seqlen", "32", "--max-windows", "1", "--deterministic", "--no-samples",
@@ -64,9 +68,10 @@ def test_every_kind_has_a_tiny_job():
 
 
 @pytest.mark.parametrize("kind", sorted(TINY))
-def test_every_kind_runs_alike_through_execute_the_cli_and_a_recipe(kind, tiny_dir, tmp_path,
+def test_every_kind_runs_alike_through_execute_the_cli_and_a_recipe(kind, request, tmp_path,
                                                                      capsys):
     settings, flags = TINY[kind]
+    tiny_dir = request.getfixturevalue("moe_dir" if kind in MOE_KINDS else "tiny_dir")
     calibrated = kind != "recover"  # recovery trains on its own text, has no calibration
     common = COMMON if calibrated else COMMON[6:]
     if kind == "recover":  # the teacher: the dense model itself (a tiny job needs no report)

@@ -146,6 +146,9 @@ class ExpertLinears(nn.Module):
         fused.gate_up_proj = nn.Parameter(gate_up.new_empty(0), requires_grad=False)
         fused.down_proj = nn.Parameter(down.new_empty(0), requires_grad=False)
         object.__setattr__(self, "fused", fused)
+        self.order = list(range(self.num_experts))
+        """The expert at each routing position: the router's row ``p`` scores ``order[p]``
+        (the identity, except while ``prune-experts`` measures a removal)."""
         self.tokens = [0] * self.num_experts
         self.all_tokens: frozenset[int] = frozenset()
 
@@ -158,8 +161,8 @@ class ExpertLinears(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
-        for e in range(self.num_experts):
-            token, slot = torch.where(top_k_index == e)
+        for position, e in enumerate(self.order):
+            token, slot = torch.where(top_k_index == position)
             self.tokens[e] += token.numel()
             if e in self.all_tokens:
                 y = self[e](hidden_states)[token]
@@ -170,6 +173,18 @@ class ExpertLinears(nn.Module):
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
 
+    def keep(self, kept: list[int]) -> None:
+        """Only the experts ``kept`` remain, in that order, renumbered from 0 (the router's
+        rows must be cut to the same list)."""
+        experts = [self[e] for e in kept]
+        for key in list(self._modules):
+            del self._modules[key]
+        for position, expert in enumerate(experts):
+            self.add_module(str(position), expert)
+        self.num_experts = len(experts)
+        self.order = list(range(self.num_experts))
+        self.tokens = [0] * self.num_experts
+
     def fold(self) -> nn.Module:
         """The fused module, holding the current weights again."""
         gate_up = torch.stack([torch.cat([self[e].gate_proj.weight, self[e].up_proj.weight])
@@ -177,6 +192,7 @@ class ExpertLinears(nn.Module):
         down = torch.stack([self[e].down_proj.weight for e in range(self.num_experts)])
         self.fused.gate_up_proj = nn.Parameter(gate_up.detach(), requires_grad=False)
         self.fused.down_proj = nn.Parameter(down.detach(), requires_grad=False)
+        self.fused.num_experts = self.num_experts
         return self.fused
 
 

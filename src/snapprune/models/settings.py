@@ -229,6 +229,68 @@ class DepthSettings:
         check_percdamp(self.percdamp)
 
 
+EXPERT_SCORES = ("reap", "frequency", "error")
+EXPERT_ALLOCATIONS = ("uniform", "sensitivity")
+
+
+@dataclass(frozen=True)
+class ExpertSettings:
+    """What ``prune-experts`` removes from a mixture of experts: whole experts (their router
+    rows with them). The budget: ``keep`` (the fraction of each block's experts kept, on
+    average) or ``remove`` (experts removed per block, on average). ``score`` ranks a block's
+    experts (``reap``: REAP's router-weighted output norm over the expert's routed tokens;
+    ``frequency``: its share of routed tokens; ``error``: the measured change of the block's
+    output with that expert alone removed). ``allocation``: ``uniform`` removes the same count
+    from every block, ``sensitivity`` gives each block its own count from the measured cost of
+    removing its lowest-ranked experts (least summed cost for the same total). ``merge``:
+    each removed expert averaged, by routed tokens, into the kept expert whose weights are
+    most similar (an ablation)."""
+
+    keep: float | None = None
+    remove: int | None = None
+    score: str = "reap"
+    allocation: str = "uniform"
+    merge: bool = False
+
+    kind: ClassVar[str] = "prune-experts"
+    needs_calibration: ClassVar[bool] = True
+
+    @property
+    def method(self) -> str:
+        return f"experts-{self.score}"
+
+    @property
+    def pattern(self) -> str:
+        return "experts"
+
+    def resolved(self) -> ExpertSettings:
+        self.check()
+        return self
+
+    def removed_per_block(self, experts: int) -> float:
+        """Experts removed from a block of ``experts``, on average."""
+        return experts * (1 - self.keep) if self.keep is not None else float(self.remove)
+
+    def check(self) -> None:
+        if (self.keep is None) == (self.remove is None):
+            raise SnapPruneError("say how many experts to remove: keep (fraction kept) or "
+                                 "remove (experts per block), one of them")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(
+                self.keep, (int, float)) or not 0 < self.keep < 1):
+            raise SnapPruneError(f"keep must be a fraction in (0, 1), got {self.keep!r}")
+        if self.remove is not None and (isinstance(self.remove, bool) or not isinstance(
+                self.remove, int) or self.remove < 1):
+            raise SnapPruneError(f"remove must be a positive integer, got {self.remove!r}")
+        if self.score not in EXPERT_SCORES:
+            raise SnapPruneError(f"unknown expert score {self.score!r}; choose one of "
+                                 f"{', '.join(EXPERT_SCORES)}")
+        if self.allocation not in EXPERT_ALLOCATIONS:
+            raise SnapPruneError(f"unknown allocation {self.allocation!r}; choose one of "
+                                 f"{', '.join(EXPERT_ALLOCATIONS)}")
+        if not isinstance(self.merge, bool):
+            raise SnapPruneError(f"merge must be true or false, got {self.merge!r}")
+
+
 @dataclass(frozen=True)
 class QuantizeSettings:
     """Weight quantisation of the decoder blocks' linear layers: the scheme (``engine.schemes``:
