@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -26,7 +27,7 @@ from snapprune.models.adapters import adapter_for, fused_experts
 from snapprune.models.blockloop import gather_layer_stats
 from snapprune.models.capture import capture_block_inputs
 from snapprune.models.quantize import quantize_model
-from snapprune.models.settings import PruneSettings, QuantizeSettings
+from snapprune.models.settings import ExpertSettings, PruneSettings, QuantizeSettings
 from snapprune.models.targets import target_layers
 from snapprune.run import execute
 
@@ -263,3 +264,109 @@ def test_removing_a_block_renumbers_which_blocks_are_dense(tokenizer_dir, tmp_pa
     ids = token_batch(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, outcome.model(ids).logits)
+
+
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+def _close_in_llama_cpp(model, path) -> None:
+    """llama.cpp's logits for 48 tokens against the model in memory: llama.cpp rounds the
+    activations to 8 bits in its q4_0 products, which also moves tokens near a top-k tie to
+    another expert — close, not equal."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    ids = torch.randint(0, 500, (48,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    try:
+        llm.eval(ids)
+        theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0]
+    gap = float((theirs - ours).abs().mean() / ours.abs().mean())
+    agree = float((theirs.argmax(1) == ours.argmax(1)).float().mean())
+    assert gap < 0.06 and agree > 0.9, (gap, agree)
+
+
+def _gguf_ready_moe(family: str, tokenizer_dir, directory, **change):
+    """A tiny MoE of ``family`` as llama.cpp's architecture for it runs it (top-k weights
+    renormalised or not as its graph does), weights widened so the logits are not flat."""
+    from snapprune.export.gguf import ARCHS
+
+    config = copy.deepcopy(tiny_moe_model(family).config)
+    config.vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    if hasattr(config, "norm_topk_prob"):
+        config.norm_topk_prob = ARCHS[family].normalised_top_k
+    if ARCHS[family].whole_key_norm:
+        config.num_key_value_heads = config.num_attention_heads
+    for key, value in change.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "embed" not in name:
+                param.mul_(3.0)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="needs llama-cpp-python (pip install "
+                    "'snapprune[llama]', which builds llama.cpp)")
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_an_expert_pruned_pruned_quantised_gguf_runs_in_llama_cpp(family, tokenizer_dir,
+                                                                   tmp_path):
+    """Experts removed, the rest pruned and quantised to q4_0, written as llama.cpp's own
+    mixture architecture: llama.cpp's logits follow the model in memory, and its perplexity
+    on the same windows is within 1 % of snapprune's evaluation of the same weights."""
+    from gguf import GGUFReader
+
+    from snapprune.data import evaluation_ids
+    from snapprune.eval.llama import llama_cpp_perplexity
+    from snapprune.export.gguf import ARCHS
+
+    source = _gguf_ready_moe(family, tokenizer_dir, tmp_path / "source")
+    out = tmp_path / "gguf"
+    steps = (ExpertSettings(remove=1), PruneSettings(method="thanos", sparsity=0.5),
+             QuantizeSettings(scheme="q4_0"))
+    job = dataclasses.replace(_job(source, *steps, fmt="gguf"), evaluation=EvaluationSpec(
+        ppl=("wikitext2-test",), seqlen=64, max_windows=8, dense=False))
+    outcome = execute(job, out, progress=False, announce=False)
+    reader = GGUFReader(str(out / "model.gguf"))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    assert arch == ARCHS[family].name.lower()
+    assert int(reader.fields[f"{arch}.expert_count"].parts[-1][0]) == 3
+    tensors = {t.name: t for t in reader.tensors}
+    assert tensors["blk.1.ffn_down_exps.weight"].tensor_type.name == "Q4_0"
+    assert list(tensors["blk.1.ffn_gate_inp.weight"].shape) == [64, 3]
+    _close_in_llama_cpp(outcome.model, out / "model.gguf")
+    ours = outcome.evaluated.perplexity["wikitext2-test"].perplexity
+    ids = evaluation_ids("wikitext2-test", outcome.tokenizer)
+    windows = [ids[i * 64:(i + 1) * 64].tolist() for i in range(8)]
+    theirs = llama_cpp_perplexity(out / "model.gguf", windows)
+    assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
+
+
+@pytest.mark.parametrize(("family", "change", "fragment"), [
+    ("qwen3_moe", {"norm_topk_prob": False}, "renormalises"),
+    ("olmoe", {"num_key_value_heads": 2}, "as many key/value heads"),
+    ("qwen2_moe", {"mlp_only_layers": [1]}, "dense MLP"),
+])
+def test_a_mixture_llama_cpp_cannot_hold_is_refused_before_any_work(family, change, fragment,
+                                                                     tokenizer_dir, tmp_path,
+                                                                     capsys):
+    from snapprune.cli import main
+
+    source = _gguf_ready_moe(family, tokenizer_dir, tmp_path / "source", **change)
+    out = tmp_path / "out"
+    capsys.readouterr()  # the source's writing
+    code = main([str(a) for a in ("quantize", "--model", source, "--scheme", "q8_0",
+                                  "--method", "rtn", "--format", "gguf", "--out", out,
+                                  "--quiet", "--no-eval", "--no-samples")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+    assert not out.exists()

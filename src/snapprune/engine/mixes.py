@@ -29,8 +29,9 @@ FALLBACK = {"iq4_xs": "iq4_nl", "q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0",
 
 KINDS = {"attention.q": "attn_q", "attention.k": "attn_k", "attention.v": "attn_v",
          "attention.o": "attn_output", "attention.qkv": "attn_qkv", "mlp.in": "ffn_up",
-         "mlp.out": "ffn_down"}
-"""snapprune's layer roles as llama.cpp's tensor kinds (gate and up share the rules)."""
+         "mlp.out": "ffn_down", "expert.in": "ffn_up", "expert.out": "ffn_down"}
+"""snapprune's layer roles as llama.cpp's tensor kinds (gate and up share the rules; a block's
+experts are one stacked tensor in llama.cpp, so its rules see one per layer, as here)."""
 OUTPUT, TOKEN_EMBD = "output", "token_embd"
 
 CANDIDATES = ("q2_k", "q3_k", "q4_0", "iq4_nl", "iq4_xs", "q4_1", "q4_k", "q5_0", "q5_1",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,35 @@ import torch
 
 from ..engine.schemes import GGUF_SCHEMES
 from ..errors import SnapPruneError
-from ..models.adapters import adapter_for
+from ..models.adapters import adapter_for, module_at
 from ..models.depth import attention_free
+from ..models.experts import ExpertLinears
 from ..models.layout import linear_weight
 from .format import Format
 
-FAMILIES = ("llama", "mistral")
-"""``config.model_type`` values written as llama.cpp's ``llama`` architecture."""
+
+@dataclass(frozen=True)
+class Arch:
+    """What llama.cpp's architecture for a family does: its name (gguf-py's ``MODEL_ARCH``),
+    whether its rope pairs halves of each head as transformers does (``neox``: no row
+    reordering), and for a mixture of experts whether its graph renormalises the top-k router
+    weights (the model's own ``norm_topk_prob`` must say the same)."""
+
+    name: str
+    neox: bool = False
+    normalised_top_k: bool | None = None
+    whole_key_norm: bool = False
+    """Its key norm spans the whole hidden width (OLMoE): as many key/value heads as query
+    heads."""
+
+
+ARCHS = {"llama": Arch("LLAMA"), "mistral": Arch("LLAMA"),
+         "mixtral": Arch("LLAMA", normalised_top_k=True),
+         "qwen3_moe": Arch("QWEN3MOE", neox=True, normalised_top_k=True),
+         "qwen2_moe": Arch("QWEN2MOE", neox=True, normalised_top_k=False),
+         "olmoe": Arch("OLMOE", neox=True, normalised_top_k=False, whole_key_norm=True)}
+"""``config.model_type`` → the llama.cpp architecture it is written as."""
+FAMILIES = tuple(ARCHS)
 FILE_NAME = "model.gguf"
 
 
@@ -49,8 +72,10 @@ def check_model(model, job) -> None:
     config = model.config
     if config.model_type not in FAMILIES:
         raise SnapPruneError(
-            f"the GGUF writer covers the LLaMA family ({', '.join(FAMILIES)}), not "
+            f"the GGUF writer covers {', '.join(FAMILIES)}, not "
             f"{config.model_type}; write hf and convert with llama.cpp's convert_hf_to_gguf.py")
+    if adapter_for(model).moe is not None:
+        _check_mixture(model, job)
     scaling = getattr(config, "rope_scaling", None) or {}
     kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
     if kind not in ("default", None):
@@ -59,6 +84,42 @@ def check_model(model, job) -> None:
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(config, flag, False):
             raise SnapPruneError(f"{flag} is not in llama.cpp's llama architecture; write hf")
+
+
+def _check_mixture(model, job) -> None:
+    """What llama.cpp's mixture architectures cannot hold, refused in one line."""
+    config, adapter = model.config, adapter_for(model)
+    arch = ARCHS[config.model_type]
+    name = arch.name.lower()
+    normalised = bool(getattr(config, "norm_topk_prob", True))
+    if normalised != arch.normalised_top_k:
+        raise SnapPruneError(
+            f"llama.cpp's {name} {'always' if arch.normalised_top_k else 'never'} renormalises "
+            f"the top-k router weights, this model's config (norm_topk_prob={normalised}) "
+            "does not say the same; write hf")
+    if arch.whole_key_norm and config.num_key_value_heads != config.num_attention_heads:
+        raise SnapPruneError(
+            f"llama.cpp's {name} normalises keys over the whole hidden width, which needs as "
+            f"many key/value heads as query heads ({config.num_key_value_heads} against "
+            f"{config.num_attention_heads}); write hf")
+    counts = []
+    for index, block in enumerate(adapter.decoder_blocks(model)):
+        experts = module_at(block, adapter.moe.experts)
+        if not isinstance(experts, ExpertLinears):
+            raise SnapPruneError(f"block {index} has a dense MLP among mixture blocks, which "
+                                 f"llama.cpp's {name} cannot hold; write hf")
+        if attention_free(block):
+            raise SnapPruneError(f"block {index} has no attention, which llama.cpp's {name} "
+                                 "cannot hold; write hf")
+        counts.append(len(experts))
+    if len(set(counts)) > 1:
+        raise SnapPruneError("blocks with different expert counts: llama.cpp holds one expert "
+                             "count per model; prune experts with --allocation uniform")
+    quantize = job.settings("quantize")
+    if quantize is not None and quantize.sized:
+        raise SnapPruneError("--target-size chooses a type per tensor, but a GGUF stores each "
+                             "block's experts as one tensor of one type: use a mix (q4_k_m) "
+                             "or one type for mixtures of experts")
 
 
 def rope_theta(config) -> float:
@@ -203,29 +264,28 @@ def _block_index(layer: str) -> int | None:
 
 
 def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
-    from gguf import (
-        MODEL_ARCH,
-        MODEL_ARCH_NAMES,
-        GGMLQuantizationType,
-        GGUFWriter,
-        LlamaFileType,
-        get_tensor_name_map,
-    )
+    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter, LlamaFileType, get_tensor_name_map
 
     model, job = outcome.model, outcome.job
     config = model.config
+    adapter = adapter_for(model)
     record = outcome.run_of("quantize")
     quantized = record.quantized if record is not None else {}
+    family = ARCHS[config.model_type]
     head_dim = (getattr(config, "head_dim", None)
                 or config.hidden_size // config.num_attention_heads)
-    # Blocks without attention (prune-depth --attention) or of their own widths (shrink
-    # --allocation sensitivity) are llama.cpp's deci architecture: per-layer head counts and
-    # FFN widths, read from the layers themselves; an attention-free block has 0 heads and no
-    # stored norm.
-    widths = block_widths(model, head_dim)
+    if adapter.moe is None:
+        # Blocks without attention (prune-depth --attention) or of their own widths (shrink
+        # --allocation sensitivity) are llama.cpp's deci architecture: per-layer head counts
+        # and FFN widths, read from the layers themselves; an attention-free block has 0 heads
+        # and no stored norm.
+        widths = block_widths(model, head_dim)
+    else:
+        widths = [BlockWidths(config.num_attention_heads, config.num_key_value_heads,
+                              _expert_width(model, adapter))] * config.num_hidden_layers
     free = [w.heads == 0 for w in widths]
     varied = len({(w.heads, w.kv_heads, w.ffn) for w in widths}) > 1
-    arch = MODEL_ARCH.DECI if varied else MODEL_ARCH.LLAMA
+    arch = MODEL_ARCH.DECI if varied else MODEL_ARCH[family.name]
     path = directory / FILE_NAME
     writer = GGUFWriter(path, MODEL_ARCH_NAMES[arch])
     writer.add_type("model")
@@ -238,9 +298,12 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
         writer.add_head_count([w.heads for w in widths])
         writer.add_head_count_kv([w.kv_heads for w in widths])
     else:
-        writer.add_feed_forward_length(widths[0].ffn)
+        writer.add_feed_forward_length(getattr(config, "intermediate_size", widths[0].ffn)
+                                       if adapter.moe is not None else widths[0].ffn)
         writer.add_head_count(widths[0].heads)
         writer.add_head_count_kv(widths[0].kv_heads)
+    if adapter.moe is not None:
+        _add_mixture(writer, model, adapter, widths[0].ffn)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
@@ -259,26 +322,27 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     names = get_tensor_name_map(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     unused = {f"model.layers.{i}.input_layernorm.weight" for i, f in enumerate(free) if f}
+    experts: dict[str, list[tuple[int, str, torch.Tensor]]] = {}
     for name, tensor in model.state_dict().items():
         if (tied and name == "lm_head.weight") or name in unused:
             continue
+        merged = _merged_expert_name(name, adapter)
+        if merged is not None:  # one expert's projection: stacked with its block's others
+            experts.setdefault(merged[0], []).append((merged[1], name, tensor))
+            continue
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
-            raise SnapPruneError(f"{name} has no GGUF name in llama.cpp's llama architecture; "
-                                 "write hf")
+            raise SnapPruneError(f"{name} has no GGUF name in llama.cpp's {family.name.lower()} "
+                                 "architecture; write hf")
         layer = name.removesuffix(".weight")
         block = _block_index(layer)
         rows_heads = None
-        if block is not None and layer.endswith(("q_proj", "k_proj")):
+        if not family.neox and block is not None and layer.endswith(("q_proj", "k_proj")):
             own = widths[block]
             rows_heads = own.heads if layer.endswith("q_proj") else own.kv_heads
         if layer in quantized and name.endswith(".weight"):
-            q = quantized[layer]
-            parts = (q.codes, q.scales, q.zeros, q.supers)
-            if rows_heads is not None:
-                parts = tuple(None if p is None else _permute(p, rows_heads) for p in parts)
-            data = q.scheme.block.pack(*parts)
-            writer.add_tensor(target, data, raw_dtype=GGMLQuantizationType[q.scheme.gguf_type])
+            data, kind = _packed(quantized[layer], rows_heads)
+            writer.add_tensor(target, data, raw_dtype=kind)
             continue
         value = tensor.detach().to(torch.float32)
         if rows_heads is not None:
@@ -287,11 +351,88 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
             writer.add_tensor(target, value.numpy())
         else:
             writer.add_tensor(target, value.to(torch.float16).numpy())
+    for merged, parts in experts.items():
+        _add_experts(writer, merged, sorted(parts, key=lambda part: part[0]), quantized)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return [FILE_NAME], [note] if note else []
+
+
+def _packed(q, rows_heads: int | None):
+    """A quantised layer's bytes in its block type (rows reordered for llama's rope), with the
+    ``raw_dtype`` gguf-py needs."""
+    from gguf import GGMLQuantizationType
+
+    parts = (q.codes, q.scales, q.zeros, q.supers)
+    if rows_heads is not None:
+        parts = tuple(None if p is None else _permute(p, rows_heads) for p in parts)
+    return q.scheme.block.pack(*parts), GGMLQuantizationType[q.scheme.gguf_type]
+
+
+def _expert_width(model, adapter) -> int:
+    block = adapter.decoder_blocks(model)[0]
+    return linear_weight(module_at(block, adapter.moe.experts)[0].down_proj).shape[1]
+
+
+def _add_mixture(writer, model, adapter, width: int) -> None:
+    """The mixture's keys: expert count, experts per token, their width (and the shared
+    expert's); llama.cpp reads the top-k renormalisation and gating from the architecture."""
+    config = model.config
+    block = adapter.decoder_blocks(model)[0]
+    writer.add_expert_count(len(module_at(block, adapter.moe.experts)))
+    writer.add_expert_used_count(int(getattr(config, adapter.moe.top_k_key)))
+    writer.add_expert_feed_forward_length(width)
+    if adapter.shared is not None:
+        shared = linear_weight(block.get_submodule(adapter.shared.output)).shape[1]
+        writer.add_expert_shared_feed_forward_length(shared)
+
+
+_EXPERT_TENSORS = {"gate_proj": "FFN_GATE_EXP", "up_proj": "FFN_UP_EXP",
+                   "down_proj": "FFN_DOWN_EXP"}
+"""An expert projection (as ``ExpertLinears`` names it) → llama.cpp's stacked tensor."""
+
+
+def _merged_expert_name(name: str, adapter) -> tuple[str, int] | None:
+    """``model.layers.3.mlp.experts.5.gate_proj.weight`` → (``blk.3.ffn_gate_exps.weight``,
+    5): the stacked tensor it goes into, and the expert."""
+    from gguf import MODEL_TENSOR, TENSOR_NAMES
+
+    if adapter.moe is None:
+        return None
+    head = re.escape(adapter.blocks) + r"\.(\d+)\." + re.escape(adapter.moe.experts)
+    found = re.fullmatch(head + r"\.(\d+)\.(\w+)\.weight", name)
+    if found is None:
+        return None
+    block, expert, projection = found.groups()
+    if projection not in _EXPERT_TENSORS:
+        raise SnapPruneError(f"{name} has no GGUF name in llama.cpp; write hf")
+    tensor = TENSOR_NAMES[MODEL_TENSOR[_EXPERT_TENSORS[projection]]].format(bid=int(block))
+    return f"{tensor}.weight", int(expert)
+
+
+def _add_experts(writer, target: str, parts, quantized) -> None:
+    """A block's experts of one projection as one tensor (experts × rows × columns), in one
+    type: the quantiser's codes packed expert by expert, else float16."""
+    import numpy as np
+
+    layers = [name.removesuffix(".weight") for _, name, _ in parts]
+    if all(layer in quantized for layer in layers):
+        types = {quantized[layer].scheme.gguf_type for layer in layers}
+        if len(types) > 1:
+            raise SnapPruneError(f"{target}: the experts of one block were quantised to "
+                                 f"{', '.join(sorted(types))}, but GGUF stores them as one "
+                                 "tensor of one type; quantise them alike")
+        packed = [_packed(quantized[layer], None) for layer in layers]
+        writer.add_tensor(target, np.stack([data for data, _ in packed]),
+                          raw_dtype=packed[0][1])
+        return
+    if any(layer in quantized for layer in layers):
+        raise SnapPruneError(f"{target}: some experts of a block are quantised and some are "
+                             "not; GGUF stores them as one tensor of one type")
+    writer.add_tensor(target, torch.stack([t.detach().to(torch.float16)
+                                           for _, _, t in parts]).numpy())
 
 
 FORMAT = Format("gguf", check_job, check_model, write)
