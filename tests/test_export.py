@@ -174,7 +174,7 @@ def test_bad_quantisation_requests_are_refused_before_loading(args, fragment, tm
 
 
 @pytest.mark.parametrize("family,args,fragment", [
-    ("gpt2", ["quantize", "--scheme", "q4_0", "--format", "gguf"], "the GGUF writer covers llama, mistral"),
+    ("gpt2", ["quantize", "--scheme", "q4_0", "--format", "gguf"], "writer covers llama, mistral"),
     ("llama", ["quantize", "--scheme", "q4_0", "--include", "o_proj", "--format", "gguf"],
      None),
     ("phi3", ["quantize", "--scheme", "q8_0"], None),

@@ -370,3 +370,61 @@ def test_a_mixture_llama_cpp_cannot_hold_is_refused_before_any_work(family, chan
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and fragment in lines[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_a_streamed_moe_equals_the_one_pruned_in_memory(family, tmp_path):
+    """Block by block from the checkpoint's shards (Mixtral's stored as
+    ``block_sparse_moe.experts.N.w1``, Qwen's as the model names them), each expert on its
+    routed tokens: the very tensors of the in-memory run, under the checkpoint's own names."""
+    from safetensors.torch import load_file
+
+    from snapprune.models.streaming import stream_prune
+
+    source = tmp_path / "source"
+    tiny_moe_model(family).save_pretrained(source, max_shard_size="100KB")
+    settings = PruneSettings(method="thanos", sparsity=0.5)
+    run = stream_prune(source, tmp_path / "out", lambda _model: CALIBRATION, settings,
+                       progress=False)
+    assert run.experts and sorted(run.experts) == [0, 1]
+    reference = tiny_moe_model(family)
+    prune_model(reference, CALIBRATION, settings, progress=False)
+    got = {}
+    for path in sorted((tmp_path / "out").glob("*.safetensors")):
+        got.update(load_file(path))
+    stored = set(load_file(next(source.glob("*.safetensors"))))
+    assert set(got) >= stored and len(got) == sum(
+        len(load_file(p)) for p in source.glob("*.safetensors"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(CALIBRATION[:2]).logits,
+                                   reference(CALIBRATION[:2]).logits, rtol=0, atol=0)
+
+
+def test_a_killed_streamed_moe_run_resumes_to_byte_identical_output(moe_dir, tmp_path, capsys,
+                                                                     one_thread):
+    from test_cli import _run
+    from test_streaming import _cli, _cli_args
+
+    from snapprune.models import streaming
+    from snapprune.models.streaming import CRASH_ENV, partial_dir
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(moe_dir).save_pretrained(sharded,
+                                                                  max_shard_size="300KB")
+    AutoTokenizer.from_pretrained(moe_dir).save_pretrained(sharded)
+    whole = tmp_path / "whole"
+    code, err = _run(capsys, *_cli_args(sharded, whole))
+    assert code == 0, err
+    out = tmp_path / "resumed"
+    killed = _cli(sharded, out, env={CRASH_ENV: "0"})
+    assert killed.returncode == -9, killed.stderr
+    assert (partial_dir(out) / streaming.STATE_NAME).is_file()
+    code, err = _run(capsys, *_cli_args(sharded, out, "--resume"))
+    assert code == 0, err
+    shards = sorted(p.name for p in whole.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in shards:
+        assert (whole / name).read_bytes() == (out / name).read_bytes(), name
+    report = json.loads((out / "snapprune_report.json").read_text())
+    assert sorted(report["experts"]["blocks"]) == ["0", "1"]

@@ -235,7 +235,9 @@ ADAPTERS = (
     Adapter(
         "mixtral", ("mixtral",), "model.layers", ("model.embed_tokens", "model.rotary_emb"),
         "model.norm", attention=_LLAMA_ATTENTION,
-        moe=MoE(router="mlp.gate", experts="mlp.experts", count_key="num_local_experts"),
+        moe=MoE(router="mlp.gate", experts="mlp.experts", count_key="num_local_experts",
+                stored_router="block_sparse_moe.gate", stored_experts="block_sparse_moe.experts",
+                stored_projections=("w1", "w3", "w2")),
     ),
     Adapter(
         "phi3",

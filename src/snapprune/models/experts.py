@@ -49,6 +49,40 @@ class MoE:
     count_key: str
     top_k_key: str = "num_experts_per_tok"
     never_prune: tuple[str, ...] = ()
+    stored_router: str = ""
+    """Where the family's checkpoints keep the router and the experts when not where the
+    model does (Mixtral: ``block_sparse_moe.gate``), and the stored names of an expert's
+    gate, up and down projections (Mixtral: ``w1``, ``w3``, ``w2``)."""
+    stored_experts: str = ""
+    stored_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    def _renames(self) -> list[tuple[str, str]]:
+        """(model's, checkpoint's) name fragments, as regular expressions' pieces."""
+        experts = self.stored_experts or self.experts
+        pairs = [(rf"\.{re.escape(self.experts)}\.(\d+)\.{model}\.",
+                  rf".{experts}.\1.{stored}.")
+                 for model, stored in zip(("gate_proj", "up_proj", "down_proj"),
+                                          self.stored_projections, strict=True)]
+        if self.stored_router:
+            pairs.append((rf"\.{re.escape(self.router)}\.", f".{self.stored_router}."))
+        return pairs
+
+    def stored_name(self, name: str) -> str:
+        """A model-relative tensor name as the family's checkpoints spell it."""
+        for model, stored in self._renames():
+            name = re.sub(model, stored, name)
+        return name
+
+    def model_name(self, stored: str) -> str:
+        """A checkpoint's tensor name as the (unfolded) model spells it."""
+        experts = re.escape(self.stored_experts or self.experts)
+        for model, projection in zip(("gate_proj", "up_proj", "down_proj"),
+                                     self.stored_projections, strict=True):
+            stored = re.sub(rf"\.{experts}\.(\d+)\.{projection}\.",
+                            rf".{self.experts}.\1.{model}.", stored)
+        if self.stored_router:
+            stored = stored.replace(f".{self.stored_router}.", f".{self.router}.")
+        return stored
 
     def roles(self, block: nn.Module) -> dict[str, str]:
         """Block-relative name → role of every expert projection in ``block`` (none in a dense

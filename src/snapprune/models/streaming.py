@@ -121,6 +121,15 @@ def _materialise(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         set_module_tensor_to_device(model, name, "cpu", value=tensor)
 
 
+def _names(adapter) -> tuple[Callable[[str], str], Callable[[str], str]]:
+    """(model name → checkpoint name, checkpoint name → model name): the same but for a
+    mixture of experts whose family's checkpoints spell experts their own way (Mixtral's
+    ``block_sparse_moe.experts.3.w1``)."""
+    if adapter.moe is None:
+        return (lambda name: name), (lambda name: name)
+    return adapter.moe.stored_name, adapter.moe.model_name
+
+
 def _shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
@@ -240,6 +249,14 @@ def stream_prune(
     adapter = adapter_for(model)
     blocks = adapter.decoder_blocks(model)
     plan = StreamPlan(checkpoint, adapter.blocks, len(blocks))
+    stored, unstored = _names(adapter)
+    missing = [n for n in (f"{adapter.blocks}.0.{k}" for k in blocks[0].state_dict())
+               if stored(n) not in checkpoint.weight_map] if adapter.moe is not None else []
+    if missing:
+        raise SnapPruneError(
+            f"{source} does not store {stored(missing[0])}: its experts are stored another "
+            "way (fused?); streaming reads one tensor per expert, as transformers' "
+            "save_pretrained writes them")
     layers, run = start_prune_run(model, settings, layer_errors=layer_errors, weights=False)
     others = checkpoint.read(plan.other_names())
     _materialise(model, others)
@@ -286,6 +303,7 @@ def stream_prune(
         run.layers = [LayerRecord(**{**r, "shape": tuple(r["shape"]),
                                      "error": math.nan if r["error"] is None else r["error"]})
                       for r in state["layers"]]
+        run.experts = {int(k): v for k, v in state.get("experts", {}).items()}
         run.calibration_seconds = state["calibration_seconds"]
         run.solver_seconds = state["solver_seconds"]
         # The blocks' other arguments (masks, rotary embeddings) come from a fresh capture,
@@ -312,7 +330,8 @@ def stream_prune(
     crash_after = os.environ.get(CRASH_ENV)
 
     def load(index: int) -> None:
-        _materialise(model, checkpoint.read(plan.block_names(index)))
+        _materialise(model, {unstored(n): t
+                             for n, t in checkpoint.read(plan.block_names(index)).items()})
         check_finite(layers[index])
 
     def save(index: int, done: BlockInputs) -> None:
@@ -320,8 +339,8 @@ def stream_prune(
         head = f"{adapter.blocks}.{index}."
         if group.is_main:
             _write_shard(tmp / _shard_name(index + 1, plan.shards),
-                         {head + k: v for k, v in block.state_dict().items()
-                          if head + k in checkpoint.weight_map})
+                         {stored(head + k): v for k, v in block.state_dict().items()
+                          if stored(head + k) in checkpoint.weight_map})
         blocks[index] = block.to("meta")
         # The activations in a file of their own block, then the state that names it: a kill
         # between the two leaves the previous state and its own activations.
@@ -330,6 +349,7 @@ def stream_prune(
         write_atomic(state_path, lambda path: path.write_text(json_text({
             "fingerprint": fingerprint, "next_block": index + 1, "activations": name,
             "layers": [asdict(r) for r in run.layers],
+            "experts": {str(k): v for k, v in run.experts.items()},
             "calibration_seconds": run.calibration_seconds,
             "solver_seconds": run.solver_seconds})))
         (tmp / activations_file(index)).unlink(missing_ok=True)
