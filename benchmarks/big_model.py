@@ -143,7 +143,7 @@ def child(args: argparse.Namespace) -> None:
     if args.mode == "stream":
         run = stream_prune(args.source, args.dest, lambda _model: ids, settings,
                            device=args.device, batch_size=args.batch_size, progress=False,
-                           activations=args.activations, overwrite=True,
+                           activations=args.activations, resume=args.resume,
                            layer_errors=args.layer_errors,
                            log=lambda m: print(m, file=sys.stderr, flush=True))
     else:
@@ -160,14 +160,15 @@ def child(args: argparse.Namespace) -> None:
 
 
 def measure(mode: str, source: Path, dest: Path, args: argparse.Namespace,
-            crash_after: int | None = None) -> dict:
+            crash_after: int | None = None, resume: bool = False) -> dict:
     """Run one pruning in a fresh process, polling its peak resident memory (``VmHWM``)."""
     command = [sys.executable, __file__, "_run", "--mode", mode, "--source", str(source),
                "--dest", str(dest), "--method", args.method, "--sparsity", str(args.sparsity),
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                "--batch-size", str(args.batch_size), "--threads", str(args.threads),
                "--device", args.device, "--activations", args.activations,
-               *([] if args.layer_errors else ["--no-layer-errors"])]
+               *([] if args.layer_errors else ["--no-layer-errors"]),
+               *(["--resume"] if resume else [])]
     env = dict(os.environ)
     if crash_after is not None:
         env["SNAPPRUNE_CRASH_AFTER_BLOCK"] = str(crash_after)
@@ -375,6 +376,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument("--no-layer-errors", dest="layer_errors", action="store_false",
                         help="skip the per-layer errors (two rows x cols^2 products per layer)")
+    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--dest", help=argparse.SUPPRESS)

@@ -40,6 +40,12 @@ MIX_TESTS = ("tests/test_mixes.py",)
 DEPTH_TESTS = ("tests/test_depth.py",)
 WIDTH_TESTS = ("tests/test_width_allocation.py",)
 OWL_TESTS = ("tests/test_owl.py",)
+MOE_STATS = ("tests/test_moe.py::test_unfolded_experts_compute_the_fused_model_and_fold_back_"
+             "unchanged", "tests/test_moe.py::test_each_experts_statistics_are_those_of_the_"
+             "tokens_routed_to_it", "tests/test_moe.py::test_a_starved_expert_falls_back_to_"
+             "every_tokens_statistics_and_says_so", "tests/test_moe.py::test_sending_every_"
+             "token_through_every_expert_leaves_the_block_output_routed")
+EXPERT_TESTS = ("tests/test_expert_pruning.py",)
 
 
 @dataclass(frozen=True)
@@ -515,6 +521,65 @@ MUTANTS = (
            "an outlier is any score above the mean, whatever the threshold",
            "engine/owl.py",
            (("(flat > threshold * flat.mean())", "(flat > flat.mean())"),), OWL_TESTS),
+    Mutant("moe-expert-sees-every-token",
+           "an expert's layers see every token, not the ones routed to it",
+           "models/experts.py",
+           (("                y = self[e](hidden_states[token])",
+             "                y = self[e](hidden_states)[token]"),), MOE_STATS),
+    Mutant("moe-router-weight-dropped",
+           "an expert's output enters the block without its router weight",
+           "models/experts.py",
+           (("(y * top_k_weights[token, slot, None])", "(y)"),), MOE_STATS),
+    Mutant("moe-starved-expert-kept-routed",
+           "an expert below --moe-min-tokens keeps its few routed tokens' statistics",
+           "models/experts.py",
+           (('        if policy.mode == "routed" and any(starved.values()):',
+             '        if False:'),), MOE_STATS),
+    Mutant("moe-all-tokens-rows-misread",
+           "an expert run on every token gives its first rows, not the routed tokens' rows",
+           "models/experts.py",
+           (("                y = self[e](hidden_states)[token]",
+             "                y = self[e](hidden_states)[:token.numel()]"),), MOE_STATS),
+    Mutant("moe-router-rows-kept",
+           "a removed expert's router row stays: its tokens go nowhere instead of elsewhere",
+           "models/expert_pruning.py",
+           (("        router.weight = nn.Parameter(router.weight.data[kept].clone(),",
+             "        router.weight = nn.Parameter(router.weight.data.clone(),"),),
+           EXPERT_TESTS),
+    Mutant("moe-measured-removal-not-rerouted",
+           "a removal's cost is measured with the removed expert still scored by the router",
+           "models/expert_pruning.py",
+           (("    router.weight = nn.Parameter(weight.data[kept], requires_grad=False)",
+             "    router.weight = nn.Parameter(weight.data, requires_grad=False)"),),
+           EXPERT_TESTS),
+    Mutant("moe-reap-without-router-weight",
+           "REAP's saliency without the router weight (the output norm alone)",
+           "models/expert_pruning.py",
+           (("(gates[token, slot].float() * norms)", "(norms)"),), EXPERT_TESTS),
+    Mutant("moe-most-useful-removed",
+           "the highest-ranked experts are removed instead of the lowest",
+           "models/expert_pruning.py",
+           (("            block.removed = sorted(block.ranking[:count])",
+             "            block.removed = sorted(block.ranking[len(block.ranking) - count:])"),),
+           EXPERT_TESTS),
+    Mutant("moe-dense-blocks-not-renumbered",
+           "after prune-depth, Qwen-MoE's dense blocks keep their old indices",
+           "models/depth.py",
+           (("        config.mlp_only_layers = [p for p, block in enumerate(new)",
+             "        config.mlp_only_layers = config.mlp_only_layers or [p for p, block in "
+             "enumerate(new)"),),
+           ("tests/test_moe.py::test_removing_a_block_renumbers_which_blocks_are_dense",)),
+    Mutant("moe-stream-names-not-mapped",
+           "a streamed Mixtral reads its experts under the model's names, not the checkpoint's",
+           "models/streaming.py",
+           (("        _materialise(model, {unstored(n): t", "        _materialise(model, {n: t"),),
+           ("tests/test_moe.py::test_a_streamed_moe_equals_the_one_pruned_in_memory",)),
+    Mutant("moe-gguf-top-k-unchecked",
+           "a mixture whose top-k renormalisation differs from llama.cpp's is written anyway",
+           "export/gguf.py",
+           (("    if normalised != arch.normalised_top_k:", "    if False:"),),
+           ("tests/test_moe.py::test_a_mixture_llama_cpp_cannot_hold_is_refused_before_any_"
+            "work",)),
     Mutant("recovery-gradients-not-masked",
            "recovery lets pruned weights train (gradients not masked)",
            "recovery.py",

@@ -428,3 +428,76 @@ def test_a_killed_streamed_moe_run_resumes_to_byte_identical_output(moe_dir, tmp
         assert (whole / name).read_bytes() == (out / name).read_bytes(), name
     report = json.loads((out / "snapprune_report.json").read_text())
     assert sorted(report["experts"]["blocks"]) == ["0", "1"]
+
+
+def test_a_pruned_quantised_moe_as_compressed_tensors_loads_in_transformers(moe_dir, tmp_path):
+    out = tmp_path / "ct"
+    steps = (ExpertSettings(keep=0.5), QuantizeSettings(scheme="w4g32"))
+    outcome = execute(_job(moe_dir, *steps, fmt="compressed-tensors"), out, progress=False,
+                      announce=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_experts"] == 2 and "quantization_config" in config
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = token_batch(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, outcome.model(ids).logits,
+                                   rtol=1e-3, atol=1e-3)
+
+
+def test_recovery_trains_an_expert_pruned_moe_with_its_structure_kept(moe_dir, tmp_path):
+    from snapprune.models.settings import RecoverSettings
+
+    out = tmp_path / "recovered"
+    steps = (ExpertSettings(keep=0.5), PruneSettings(method="wanda", sparsity=0.5),
+             RecoverSettings(tokens=64, seqlen=16, batch_size=2, data=str(C4_FILE), loss="lm"))
+    outcome = execute(_job(moe_dir, *steps), out, progress=False, announce=False)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.num_experts == 2
+    down = loaded.model.layers[0].mlp.experts.down_proj
+    assert abs((down == 0).float().mean().item() - 0.5) < 0.01  # the zeros stayed zeros
+    ids = token_batch(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, outcome.model(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_shrinking_expert_widths_gives_the_familys_standard_smaller_config(family,
+                                                                           tokenizer_dir,
+                                                                           tmp_path):
+    """Each routed expert loses half its neurons, chosen on its own routed tokens (Thanos,
+    structured): the result is the family's config with the smaller expert width, equal to the
+    model with those neurons zeroed, reloading with plain from_pretrained."""
+    from snapprune.models.settings import ShrinkSettings
+
+    source = _gguf_ready_moe(family, tokenizer_dir, tmp_path / "source")
+    out = tmp_path / "shrunk"
+    outcome = execute(_job(source, ShrinkSettings("thanos", mlp=0.5, multiple_of=16)), out,
+                      progress=False, announce=False)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    key = "moe_intermediate_size" if family == "qwen3_moe" else "intermediate_size"
+    before = getattr(tiny_moe_model(family).config, key)
+    assert getattr(loaded.config, key) == before // 2
+    ids = token_batch(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, outcome.model(ids).logits)
+    removed = json.loads((out / "snapprune_report.json").read_text())["width"][
+        "removed_units"]["0"]
+    assert sorted(removed) == [f"mlp.experts.{e}.down_proj" for e in range(4)]
+    assert len({tuple(units) for units in removed.values()}) > 1  # each expert its own
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="needs llama-cpp-python (pip install "
+                    "'snapprune[llama]', which builds llama.cpp)")
+def test_a_shrunk_quantised_moe_gguf_runs_in_llama_cpp(tokenizer_dir, tmp_path):
+    from gguf import GGUFReader
+
+    from snapprune.models.settings import ShrinkSettings
+
+    source = _gguf_ready_moe("mixtral", tokenizer_dir, tmp_path / "source")
+    out = tmp_path / "gguf"
+    outcome = execute(_job(source, ShrinkSettings("thanos", mlp=0.5),
+                           QuantizeSettings(scheme="q8_0"), fmt="gguf"), out, progress=False,
+                      announce=False)
+    reader = GGUFReader(str(out / "model.gguf"))
+    assert int(reader.fields["llama.feed_forward_length"].parts[-1][0]) == 64
+    _close_in_llama_cpp(outcome.model, out / "model.gguf")

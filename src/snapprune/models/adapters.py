@@ -133,6 +133,20 @@ class Adapter:
             named = {n: declared[n] for n, _ in block.named_modules() if n in declared}
         return {n: r for n, r in named.items() if n not in self.kept_whole}
 
+    def mlp_groups(self, block: nn.Module) -> list[tuple[tuple[str, ...], str]]:
+        """``(producers, consumer)`` of each MLP whose hidden neurons ``shrink`` cuts, block-
+        relative: the block's MLP, or in a mixture each routed expert (its gate and up
+        projections, its down projection; the shared expert keeps its width)."""
+        if self.moe is not None:
+            experts = module_at(block, self.moe.experts)
+            if experts is None:
+                raise SnapPruneError("a dense block among mixture blocks: shrink cuts experts' "
+                                     "widths in mixtures whose every block has experts")
+            path = self.moe.experts
+            return [((f"{path}.{e}.gate_proj", f"{path}.{e}.up_proj"), f"{path}.{e}.down_proj")
+                    for e in range(len(experts))]
+        return [(self.mlp.inputs, self.mlp.output)]
+
     @property
     def kept_whole(self) -> tuple[str, ...]:
         """Block-relative modules that keep every weight: the declared ones and the MoE's
@@ -219,10 +233,18 @@ ADAPTERS = (
         head_dim_key="head_dim",
     ),
     Adapter(
-        "qwen3_moe", ("qwen3_moe", "olmoe"), "model.layers",
+        "qwen3_moe", ("qwen3_moe",), "model.layers",
         ("model.embed_tokens", "model.rotary_emb"), "model.norm",
         attention=_LLAMA_ATTENTION, mlp=_GATED_MLP,
         moe=MoE(router="mlp.gate", experts="mlp.experts", count_key="num_experts"),
+        mlp_width_key="moe_intermediate_size", head_dim_key="head_dim",
+    ),
+    Adapter(
+        "olmoe", ("olmoe",), "model.layers",
+        ("model.embed_tokens", "model.rotary_emb"), "model.norm",
+        attention=_LLAMA_ATTENTION,
+        moe=MoE(router="mlp.gate", experts="mlp.experts", count_key="num_experts"),
+        mlp_width_key="intermediate_size",
     ),
     Adapter(
         "qwen2_moe", ("qwen2_moe",), "model.layers", ("model.embed_tokens", "model.rotary_emb"),
@@ -231,6 +253,7 @@ ADAPTERS = (
                    output="mlp.shared_expert.down_proj"),
         moe=MoE(router="mlp.gate", experts="mlp.experts", count_key="num_experts",
                 never_prune=("mlp.shared_expert_gate",)),
+        mlp_width_key="moe_intermediate_size",
     ),
     Adapter(
         "mixtral", ("mixtral",), "model.layers", ("model.embed_tokens", "model.rotary_emb"),
@@ -238,6 +261,7 @@ ADAPTERS = (
         moe=MoE(router="mlp.gate", experts="mlp.experts", count_key="num_local_experts",
                 stored_router="block_sparse_moe.gate", stored_experts="block_sparse_moe.experts",
                 stored_projections=("w1", "w3", "w2")),
+        mlp_width_key="intermediate_size", head_dim_key="head_dim",
     ),
     Adapter(
         "phi3",

@@ -234,17 +234,19 @@ def shrink_model(
         run.plan = plan = allocated(plan, run.sensitivity, len(blocks))
         if log:
             log(f"per-block MLP widths {list(plan.mlp_blocks)}, heads {list(plan.heads_blocks)}")
-    mlp_out = adapter.mlp.output
     attn_out = adapter.attention.o
     layers: dict[int, dict[str, nn.Module]] = {}
     widths: dict[str, int] = {}  # each consumer's input width once cut out
+    producers_of: dict[str, tuple[str, ...]] = {}  # an MLP consumer → its producers (relative)
     for index, block in enumerate(blocks):
         modules = dict(block.named_modules())
         named = {}
         if plan.mlp_at(index) < plan.mlp_old:
-            name = f"{adapter.blocks}.{index}.{mlp_out}"
-            named[name] = modules[mlp_out]
-            widths[name] = plan.mlp_at(index)
+            for producers, consumer in adapter.mlp_groups(block):
+                name = f"{adapter.blocks}.{index}.{consumer}"
+                named[name] = modules[consumer]
+                widths[name] = plan.mlp_at(index)
+                producers_of[name] = producers
         if plan.heads_at(index) < plan.heads_old:
             name = f"{adapter.blocks}.{index}.{attn_out}"
             named[name] = modules[attn_out]
@@ -271,7 +273,7 @@ def shrink_model(
         for name, module in named.items():
             if name not in consumers:
                 continue
-            is_mlp = name.endswith("." + mlp_out)
+            is_mlp = name in producers_of
             if is_mlp:
                 count = plan.mlp_old - plan.mlp_at(index)
                 chooser = lambda s, k=count: lowest_units(s, 1, k)  # noqa: E731
@@ -290,9 +292,9 @@ def shrink_model(
             kept[name] = (~columns).nonzero().squeeze(1)
             if is_mlp:
                 units = columns.nonzero().squeeze(1)
-                for producer in adapter.mlp.inputs:
+                for producer in producers_of[name]:
                     _zero_outputs(modules[producer], units)
-                removed["mlp"] = units.tolist()
+                removed[_units_key(name, adapter, index)] = units.tolist()
             else:
                 heads = columns.reshape(plan.heads_old, plan.head_dim).any(1)
                 removed["heads"] = heads.nonzero().squeeze(1).tolist()
@@ -301,8 +303,8 @@ def shrink_model(
                     _zero_outputs(modules[adapter.attention.k], columns)
                     _zero_outputs(modules[adapter.attention.v], columns)
             record = LayerRecord(name, tuple(result.weight.shape), result.sparsity,
-                                 result.error, result.seconds,
-                                 "mlp.out" if is_mlp else "attention.o", result.percdamp)
+                                 result.error, result.seconds, roles.get(name, ""),
+                                 result.percdamp)
             run.layers.append(record)
             run.solver_seconds += result.seconds
             if log:
@@ -374,13 +376,16 @@ def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
     for index, block in enumerate(blocks):
         modules = dict(block.named_modules())
         prefix = f"{adapter.blocks}.{index}"
-        if "mlp" in removed.get(index, {}):
-            keep = _complement(removed[index]["mlp"], plan.mlp_old)
-            for name in adapter.mlp.inputs:
+        cut = removed.get(index, {})
+        for producers, consumer in adapter.mlp_groups(block):
+            key = _units_key(f"{prefix}.{consumer}", adapter, index)
+            if key not in cut:
+                continue
+            keep = _complement(cut[key], plan.mlp_old)
+            for name in producers:
                 _slice_layer(state, f"{prefix}.{name}", modules[name], keep, outputs=True)
                 _slice_codes(quantized, f"{prefix}.{name}", keep)
-            _slice_layer(state, f"{prefix}.{adapter.mlp.output}", modules[adapter.mlp.output],
-                         keep, outputs=False)
+            _slice_layer(state, f"{prefix}.{consumer}", modules[consumer], keep, outputs=False)
         if "heads" in removed.get(index, {}):
             heads = _complement(removed[index]["heads"], plan.heads_old)
             keep = (heads[:, None] * plan.head_dim + torch.arange(plan.head_dim)).reshape(-1)
@@ -391,6 +396,7 @@ def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
                 _slice_codes(quantized, f"{prefix}.{name}", keep)
             _slice_layer(state, f"{prefix}.{att.o}", modules[att.o], keep, outputs=False)
     smaller = empty_model(config, model.dtype)
+    adapter_for(smaller)  # a mixture's experts unfolded, as the state names them
     if not plan.uniform:
         _resize_blocks(smaller, adapter, plan)
     missing, unexpected = with_weights(smaller, state, strict=False)
@@ -418,12 +424,12 @@ def _resize_blocks(model: nn.Module, adapter: Adapter, plan: WidthPlan) -> None:
     for index, block in enumerate(adapter.decoder_blocks(model)):
         modules = dict(block.named_modules())
         width = plan.mlp_at(index)
-        for name in adapter.mlp.inputs:
-            old = modules[name]
-            _replace(block, name, _meta_linear(old, linear_weight(old).shape[1], width))
-        old = modules[adapter.mlp.output]
-        _replace(block, adapter.mlp.output,
-                 _meta_linear(old, width, linear_weight(old).shape[0]))
+        for producers, consumer in adapter.mlp_groups(block):
+            for name in producers:
+                old = modules[name]
+                _replace(block, name, _meta_linear(old, linear_weight(old).shape[1], width))
+            old = modules[consumer]
+            _replace(block, consumer, _meta_linear(old, width, linear_weight(old).shape[0]))
         att = adapter.attention
         heads, kv = plan.heads_at(index), plan.kv_at(index)
         for name, rows in ((att.q, heads), (att.k, kv), (att.v, kv)):
@@ -436,6 +442,14 @@ def _resize_blocks(model: nn.Module, adapter: Adapter, plan: WidthPlan) -> None:
         attention = block.get_submodule(att.o.rpartition(".")[0])
         if hasattr(attention, "num_key_value_groups"):
             attention.num_key_value_groups = heads // kv
+
+
+def _units_key(consumer: str, adapter: Adapter, index: int) -> str:
+    """Where a block's removed MLP units are recorded: ``mlp`` for its one MLP, the expert's
+    down projection (block-relative) for each expert of a mixture."""
+    if adapter.moe is None:
+        return "mlp"
+    return consumer.removeprefix(f"{adapter.blocks}.{index}.")
 
 
 def _slice_codes(quantized: dict | None, name: str, keep: torch.Tensor) -> None:

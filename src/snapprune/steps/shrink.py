@@ -92,7 +92,8 @@ class ShrinkStep(Step):
         adapter = adapter_for(model)
         layers: dict[str, float | None] = {}
         if settings.mlp:
-            layers[adapter.mlp.output] = settings.mlp
+            first = adapter.decoder_blocks(model)[0]
+            layers[adapter.mlp_groups(first)[0][1]] = settings.mlp
         if settings.heads:
             layers[adapter.attention.o] = settings.heads
         return layers
