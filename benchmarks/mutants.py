@@ -331,8 +331,8 @@ MUTANTS = (
     Mutant("gguf-q-rows-in-transformers-order",
            "q/k rows written in transformers' order (llama.cpp pairs adjacent dimensions)",
            "export/gguf.py",
-           (("                parts = tuple(None if p is None else _permute(p, rows_heads) "
-             "for p in parts)\n", "                pass\n"),), FORMAT_TESTS),
+           (("        parts = tuple(None if p is None else _permute(p, rows_heads) "
+             "for p in parts)\n", "        pass\n"),), FORMAT_TESTS),
     Mutant("gguf-nibbles-swapped",
            "4-bit blocks pack the second half of a block in the low nibble",
            "engine/blocks.py",

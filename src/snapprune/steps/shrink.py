@@ -12,7 +12,8 @@ from ..flags import Command, Flag, default_text, fraction, number, positive_int
 from ..models.adapters import adapter_for
 from ..models.layout import linear_weight
 from ..models.settings import WIDTH_ALLOCATIONS, ShrinkSettings
-from ..models.shrink import plan_width, plot_widths, shrink_model, width_report
+from ..models.shrink import plan_width, shrink_model, width_report
+from ..models.width_plot import plot_widths
 from .base import EstimatePart, Probe, Step, StepContext
 from .prune import fused_quantization, joint_pass, weight_step_report
 
