@@ -85,6 +85,25 @@ def block_tensors(config, index: int, dtype: torch.dtype, seed: int) -> dict[str
 def write_checkpoint(directory: Path, geometry: str, blocks: int, dtype: str,
                      seed: int = 0) -> Path:
     """A LLaMA checkpoint with random weights: one shard per block plus one for the rest."""
+    config = llama_config(geometry, blocks, dtype)
+    torch_dtype = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(seed)
+    hidden, vocab = config.hidden_size, config.vocab_size
+
+    def others() -> dict[str, torch.Tensor]:
+        tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=gen) * 0.02,
+                   "model.norm.weight": torch.ones(hidden),
+                   "lm_head.weight": torch.randn(vocab, hidden, generator=gen) * 0.02}
+        return {k: v.to(torch_dtype) for k, v in tensors.items()}
+
+    return write_sharded(directory, config, [others] + [
+        lambda i=i: block_tensors(config, i, torch_dtype, seed) for i in range(blocks)])
+
+
+def write_sharded(directory: Path, config, makers) -> Path:
+    """``config`` and one shard per maker (each called when its shard is written, so never
+    more than one shard in memory), with the index; written beside ``directory`` and renamed
+    into place when whole (an existing whole one is kept)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -93,20 +112,10 @@ def write_checkpoint(directory: Path, geometry: str, blocks: int, dtype: str,
     part = directory.with_name(directory.name + ".part")
     shutil.rmtree(part, ignore_errors=True)
     part.mkdir(parents=True)
-    config = llama_config(geometry, blocks, dtype)
     config.save_pretrained(part)
-    torch_dtype = DTYPES[dtype]
-    total = blocks + 1
     weight_map, size = {}, 0
-    gen = torch.Generator().manual_seed(seed)
-    hidden, vocab = config.hidden_size, config.vocab_size
-    others = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=gen) * 0.02,
-              "model.norm.weight": torch.ones(hidden),
-              "lm_head.weight": torch.randn(vocab, hidden, generator=gen) * 0.02}
-    shards = [(_shard(0, total), lambda: {k: v.to(torch_dtype) for k, v in others.items()})]
-    shards += [(_shard(i + 1, total), lambda i=i: block_tensors(config, i, torch_dtype, seed))
-               for i in range(blocks)]
-    for name, make in shards:
+    for index, make in enumerate(makers):
+        name = _shard(index, len(makers))
         tensors = make()
         save_file(tensors, str(part / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from big_model import directory_bytes, measure
+from big_model import directory_bytes, measure, write_sharded
 
 from snapprune.memory import total_bytes
 
@@ -73,38 +72,18 @@ def block_tensors(config, index: int, seed: int = 0) -> dict[str, torch.Tensor]:
 def write_checkpoint(directory: Path, geometry: str, blocks: int) -> Path:
     """The synthetic checkpoint, one shard per block plus one for the rest (never more than a
     block in memory); renamed into place when whole."""
-    from safetensors.torch import save_file
-
-    if (directory / "model.safetensors.index.json").is_file():
-        return directory
-    part = directory.with_name(directory.name + ".part")
-    shutil.rmtree(part, ignore_errors=True)
-    part.mkdir(parents=True)
     config = moe_config(geometry, blocks)
-    config.save_pretrained(part)
-    total = blocks + 1
-    weight_map, size = {}, 0
     gen = torch.Generator().manual_seed(0)
     hidden, vocab = config.hidden_size, config.vocab_size
 
-    def others():
+    def others() -> dict[str, torch.Tensor]:
         return {"model.embed_tokens.weight": (torch.randn(vocab, hidden, generator=gen)
                                               * 0.02).bfloat16(),
                 "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
                 "lm_head.weight": (torch.randn(vocab, hidden, generator=gen) * 0.02).bfloat16()}
 
-    makers = [others] + [lambda i=i: block_tensors(config, i) for i in range(blocks)]
-    for index, make in enumerate(makers):
-        name = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
-        tensors = make()
-        save_file(tensors, str(part / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-        size += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
-    (part / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": size}, "weight_map": weight_map}, indent=2))
-    os.replace(part, directory)
-    return directory
+    return write_sharded(directory, config, [others] + [
+        lambda i=i: block_tensors(config, i) for i in range(blocks)])
 
 
 def main() -> int:

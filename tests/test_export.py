@@ -80,12 +80,13 @@ def _q8_0_roundtrip(weight: torch.Tensor) -> np.ndarray:
     return dequantize(quantize(weight.numpy(), kind), kind).reshape(weight.shape)
 
 
-def assert_runs_in_llama_cpp_like(model, path) -> None:
-    """llama.cpp's logits for 48 random tokens against the model in memory. llama.cpp
-    multiplies quantised weights by activations rounded to 8 bits: close, not equal."""
+def assert_runs_in_llama_cpp_like(model, path, *, gap: float = 0.03, vocab: int = 512) -> None:
+    """llama.cpp's logits for 48 random tokens against the model in memory: within ``gap`` of
+    the mean logit on average, the same argmax for 90 % of them. llama.cpp multiplies quantised
+    weights by activations rounded to 8 bits: close, not equal."""
     from llama_cpp import Llama
 
-    ids = torch.randint(0, 512, (48,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.randint(0, vocab, (48,), generator=torch.Generator().manual_seed(0)).tolist()
     llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     try:
         llm.eval(ids)
@@ -94,7 +95,7 @@ def assert_runs_in_llama_cpp_like(model, path) -> None:
         llm.close()
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0]
-    assert (theirs - ours).abs().mean() < 0.03 * ours.abs().mean()
+    assert (theirs - ours).abs().mean() < gap * ours.abs().mean()
     assert (theirs.argmax(1) == ours.argmax(1)).float().mean() > 0.9
 
 

@@ -270,24 +270,11 @@ LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
 def _close_in_llama_cpp(model, path) -> None:
-    """llama.cpp's logits for 48 tokens against the model in memory: llama.cpp rounds the
-    activations to 8 bits in its q4_0 products, which also moves tokens near a top-k tie to
-    another expert — close, not equal."""
-    import numpy as np
-    from llama_cpp import Llama
+    """llama.cpp rounds the activations to 8 bits in its quantised products, which also moves
+    tokens near a top-k tie to another expert: a wider bound than a dense model's."""
+    from test_export import assert_runs_in_llama_cpp_like
 
-    ids = torch.randint(0, 500, (48,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
-    try:
-        llm.eval(ids)
-        theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
-    finally:
-        llm.close()
-    with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0]
-    gap = float((theirs - ours).abs().mean() / ours.abs().mean())
-    agree = float((theirs.argmax(1) == ours.argmax(1)).float().mean())
-    assert gap < 0.06 and agree > 0.9, (gap, agree)
+    assert_runs_in_llama_cpp_like(model, path, gap=0.06, vocab=500)
 
 
 def _gguf_ready_moe(family: str, tokenizer_dir, directory, **change):

@@ -157,6 +157,33 @@ def capture_block_inputs(
     return BlockInputs(catcher.inputs, calls)
 
 
+def inputs_for_pass(model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor | None,
+                    block_inputs: BlockInputs | None, device: torch.device, batch_size: int,
+                    *, needs: str) -> BlockInputs:
+    """The first block's inputs for a pass over the whole model: those given, else captured
+    from ``calibration``; without either, refused in one line saying what ``needs`` them."""
+    if block_inputs is not None:
+        return block_inputs
+    if calibration is None:
+        raise SnapPruneError(f"{needs} needs calibration data")
+    return capture_block_inputs(model, blocks, calibration, device, batch_size)
+
+
+@contextlib.contextmanager
+def blocks_on(blocks: nn.ModuleList, device: torch.device):
+    """Every block on ``device`` for the body, each back where it was after (also blocks the
+    body removes from the model)."""
+    blocks = list(blocks)
+    homes = [home_device(b) for b in blocks]
+    for block in blocks:
+        block.to(device)
+    try:
+        yield
+    finally:
+        for block, home in zip(blocks, homes, strict=True):
+            block.to(home)
+
+
 def _move_except_blocks(module: nn.Module, block_ids: set[int], device, moved: list) -> None:
     if id(module) in block_ids:
         return

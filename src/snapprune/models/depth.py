@@ -29,7 +29,7 @@ from ..errors import SnapPruneError
 from ..memory import peak_bytes
 from .adapters import adapter_for, head_geometry, module_at
 from .blockloop import block_output
-from .capture import BlockInputs, capture_block_inputs
+from .capture import BlockInputs, blocks_on, inputs_for_pass
 from .layout import linear_weight, set_linear_weight
 from .records import RunRecord
 from .settings import DepthSettings
@@ -427,16 +427,11 @@ def depth_model(model: nn.Module, calibration: torch.Tensor | None, settings: De
     run = DepthRun(settings=settings, blocks_before=count,
                    parameters_before=sum(p.numel() for p in model.parameters()))
     blocks = adapter_for(model).decoder_blocks(model)
-    if block_inputs is None:
-        if calibration is None:
-            raise SnapPruneError("prune-depth needs calibration data to score the blocks")
-        block_inputs = capture_block_inputs(model, blocks, calibration, device, batch_size)
+    block_inputs = inputs_for_pass(model, blocks, calibration, block_inputs, device, batch_size,
+                                   needs="prune-depth (scoring the blocks)")
     run.activations = "cpu" if device.type == "cpu" else str(device)
     run.activation_bytes = block_inputs.nbytes
-    homes = {id(b): next(b.parameters()).device for b in blocks}
-    for b in blocks:
-        b.to(device)
-    try:
+    with blocks_on(blocks, device):
         t = time.perf_counter()
         run.scores = score_blocks(model, block_inputs, device, kl=settings.score == "kl",
                                   attention=settings.attention > 0, progress=progress)
@@ -451,9 +446,6 @@ def depth_model(model: nn.Module, calibration: torch.Tensor | None, settings: De
         run.repairs = repair_and_cut(model, block_inputs, run.removed, settings, device,
                                      attention=run.attention_removed, progress=progress)
         run.solver_seconds = time.perf_counter() - t
-    finally:
-        for b in adapter_for(model).decoder_blocks(model):
-            b.to(homes[id(b)])
     run.blocks_after = len(adapter_for(model).decoder_blocks(model))
     run.parameters_after = sum(p.numel() for p in model.parameters())
     run.total_seconds = time.perf_counter() - start

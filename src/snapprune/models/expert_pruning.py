@@ -36,7 +36,7 @@ from ..errors import SnapPruneError
 from ..memory import peak_bytes
 from .adapters import Adapter, adapter_for, module_at
 from .blockloop import block_output
-from .capture import BlockInputs, capture_block_inputs
+from .capture import BlockInputs, blocks_on, inputs_for_pass
 from .experts import ExpertLinears, expert_count
 from .records import RunRecord
 from .settings import ExpertSettings
@@ -296,16 +296,11 @@ def prune_experts(model: nn.Module, calibration: torch.Tensor | None,
     run = ExpertRun(settings=settings, top_k=top_k, experts_before=experts * len(moe_blocks),
                     parameters_before=sum(p.numel() for p in model.parameters()))
     blocks = adapter.decoder_blocks(model)
-    if block_inputs is None:
-        if calibration is None:
-            raise SnapPruneError("prune-experts needs calibration data to score the experts")
-        block_inputs = capture_block_inputs(model, blocks, calibration, device, batch_size)
+    block_inputs = inputs_for_pass(model, blocks, calibration, block_inputs, device, batch_size,
+                                   needs="scoring the experts")
     run.activations = "cpu" if device.type == "cpu" else str(device)
     run.activation_bytes = block_inputs.nbytes
-    homes = {id(b): next(b.parameters()).device for b in blocks}
-    for b in blocks:
-        b.to(device)
-    try:
+    with blocks_on(blocks, device):
         uniform = total // len(moe_blocks) if settings.allocation == "uniform" else None
         t = time.perf_counter()
         run.blocks = score_experts(model, block_inputs, settings, device, top_k=top_k,
@@ -323,9 +318,6 @@ def prune_experts(model: nn.Module, calibration: torch.Tensor | None,
         if log is not None:
             log("experts removed per block: " + ", ".join(
                 f"{b.index}: {len(b.removed)}" for b in run.blocks))
-    finally:
-        for b in blocks:
-            b.to(homes[id(b)])
     run.experts_after = sum(run.counts)
     run.parameters_after = sum(p.numel() for p in model.parameters())
     run.total_seconds = time.perf_counter() - start
