@@ -253,8 +253,9 @@ def test_removing_a_block_renumbers_which_blocks_are_dense(tokenizer_dir, tmp_pa
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "src")
-    outcome = execute(_job(tmp_path / "src", DepthSettings(blocks=1, score="angular")),
-                      tmp_path / "out", progress=False, announce=False)
+    depth = DepthSettings(blocks=1, score="angular", repair=False)
+    outcome = execute(_job(tmp_path / "src", depth), tmp_path / "out", progress=False,
+                      announce=False)
     removed = json.loads((tmp_path / "out" / "snapprune_report.json").read_text())[
         "depth"]["removed"]
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")

@@ -347,7 +347,10 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
         value = tensor.detach().to(torch.float32)
         if rows_heads is not None:
             value = _permute(value, rows_heads)
-        if value.dim() == 1:
+        if value.dim() == 1 or (adapter.moe is not None and layer.endswith(
+                (adapter.moe.router, *adapter.moe.never_prune))):
+            # Norms, and a mixture's router and gates in float32 (as llama.cpp's converter
+            # writes them): a rounded router logit can flip a token's top-k choice.
             writer.add_tensor(target, value.numpy())
         else:
             writer.add_tensor(target, value.to(torch.float16).numpy())

@@ -146,6 +146,10 @@ def check_depth(model: nn.Module, settings: DepthSettings) -> int:
         raise SnapPruneError(f"{type(model).__name__} has no family adapter; prune-depth needs "
                              "to know its blocks' layers and config (LLaMA, Qwen, Mistral, OPT, "
                              "GPT-2, GPT-NeoX ...)")
+    if adapter.moe is not None and (settings.repair or settings.attention):
+        raise SnapPruneError("the repair re-fits a block's one MLP output projection, and a "
+                             "mixture block has one per expert: prune-depth a mixture with "
+                             "--no-repair and whole blocks only")
     _layer_count_key(model.config)
     count = len(adapter.decoder_blocks(model))
     if settings.blocks >= count:

@@ -77,7 +77,8 @@ class DepthStep(Step):
         blocks per candidate on 8 windows)."""
         from ..models.adapters import adapter_for
 
-        return {adapter_for(model).mlp.output: None}
+        adapter = adapter_for(model)
+        return {adapter.mlp_groups(adapter.decoder_blocks(model)[0])[0][1]: None}
 
     def apply(self, settings: DepthSettings, context: StepContext, fused=None):
         bench = context.bench
