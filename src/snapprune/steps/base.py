@@ -180,6 +180,17 @@ class Step:
         return None
 
 
+def whole_model_pass(context: StepContext, work, settings):
+    """Run ``work(model, calibration, settings, **options)`` — a pass that scores the whole
+    model (prune-depth, prune-experts), which keeps its activations where it likes — on the
+    bench's model, which the result replaces; returns the run with the pass's data time."""
+    bench = context.bench
+    block_pass = bench.block_pass(context.job, calibrated=True, verbose=context.verbose)
+    options = {k: v for k, v in block_pass.options.items() if k != "activations"}
+    bench.model, run = work(bench.model, None, settings, **options)
+    return block_pass.account(run)
+
+
 def step_for(settings) -> Step:
     """The kind of a step's settings (by its declared ``kind``), or a one-line refusal."""
     step = REGISTRY.get(getattr(settings, "kind", None))

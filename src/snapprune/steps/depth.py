@@ -9,7 +9,7 @@ from ..errors import SnapPruneError
 from ..flags import Command, Flag, integer, number
 from ..models.depth import check_depth, depth_model, depth_report
 from ..models.settings import DEPTH_SCORES, DepthSettings
-from .base import Step, StepContext
+from .base import Step, StepContext, whole_model_pass
 
 EPILOG = """\
 prune-depth removes whole decoder blocks: the saved model is the family's standard config with
@@ -81,11 +81,7 @@ class DepthStep(Step):
         return {adapter.mlp_groups(adapter.decoder_blocks(model)[0])[0][1]: None}
 
     def apply(self, settings: DepthSettings, context: StepContext, fused=None):
-        bench = context.bench
-        block_pass = bench.block_pass(context.job, calibrated=True, verbose=context.verbose)
-        options = {k: v for k, v in block_pass.options.items() if k != "activations"}
-        bench.model, run = depth_model(bench.model, None, settings, **options)
-        return block_pass.account(run)
+        return whole_model_pass(context, depth_model, settings)
 
     def log_line(self, run, *, fused: bool = False) -> str:
         attention = (f", attention of blocks {run.attention_removed}"

@@ -9,7 +9,7 @@ from ..errors import SnapPruneError
 from ..flags import Command, Flag, fraction, positive_int
 from ..models.expert_pruning import experts_report, plan_counts, prune_experts
 from ..models.settings import EXPERT_ALLOCATIONS, EXPERT_SCORES, ExpertSettings
-from .base import Step, StepContext
+from .base import Step, StepContext, whole_model_pass
 
 EPILOG = """\
 prune-experts removes whole experts from a mixture-of-experts model (Qwen3-MoE, Qwen2-MoE,
@@ -76,11 +76,7 @@ class ExpertStep(Step):
         plan_counts(model, settings)
 
     def apply(self, settings: ExpertSettings, context: StepContext, fused=None):
-        bench = context.bench
-        block_pass = bench.block_pass(context.job, calibrated=True, verbose=context.verbose)
-        options = {k: v for k, v in block_pass.options.items() if k != "activations"}
-        bench.model, run = prune_experts(bench.model, None, settings, **options)
-        return block_pass.account(run)
+        return whole_model_pass(context, prune_experts, settings)
 
     def log_line(self, run, *, fused: bool = False) -> str:
         return (f"removed experts ({run.settings.score}, {run.settings.allocation}): "
