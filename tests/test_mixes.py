@@ -120,6 +120,62 @@ def test_every_mix_gives_each_tensor_llama_cpps_own_type(which, wide_dir, tiny_d
         assert not seen & {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"}
 
 
+@pytest.fixture(scope="module")
+def eight_experts_dir(tmp_path_factory, tokenizer_dir):
+    """A random Mixtral of exactly 8 experts (llama.cpp's rules single that count out) whose
+    widths are whole super-blocks, 8 layers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=256,
+                           num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=1,
+                           head_dim=64, num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=256, tie_word_embeddings=False)
+    out = tmp_path_factory.mktemp("mixtral8")
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _our_expert_types(model_dir: Path, mix: str) -> dict[str, str]:
+    """Our plan by llama.cpp's tensor name; a block's experts are one stacked tensor there,
+    so each block's experts must share one type."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    plan = plan_types(model, target_layers(model), QuantizeSettings(mix, method="rtn"))
+    kinds = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps",
+             "down_proj": "ffn_down_exps"}
+    ours: dict[str, set[str]] = {}
+    for name, choice in plan.items():
+        if name in ("lm_head", "model.embed_tokens"):
+            key = "output.weight" if name == "lm_head" else "token_embd.weight"
+        else:
+            block, module = re.match(r"model\.layers\.(\d+)\..*\.(\w+)$", name).groups()
+            key = f"blk.{block}.{kinds[module]}.weight"
+        ours.setdefault(key, set()).add(choice.scheme)
+    assert all(len(types) == 1 for types in ours.values())
+    return {key: types.pop() for key, types in ours.items()}
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason=NO_LLAMA_CPP)
+def test_every_mix_of_an_eight_expert_model_is_llama_cpps(eight_experts_dir, tmp_path):
+    """llama.cpp gives an 8-expert model (Mixtral) ``attn_v``/``attn_k`` at ``q8_0`` and, in
+    most mixes, ``attn_output`` at ``q5_k``: the same types, tensor by tensor, as its own
+    ``llama_model_quantize`` on the same float16 file (the router is never quantised)."""
+    source = _f16_gguf(eight_experts_dir, tmp_path)
+    for mix in MIXES:
+        theirs = {name: kind for name, kind in _llama_cpp_types(source, mix, tmp_path).items()
+                  if "ffn_gate_inp" not in name}
+        ours = _our_expert_types(eight_experts_dir, mix)
+        assert ours == theirs, mix
+        assert ours["blk.0.attn_v.weight"] == ours["blk.5.attn_k.weight"] == "q8_0", mix
+
+
 def _optimum(errors, sizes, budget):
     """The exact least total error within the budget (dynamic programming over bytes)."""
     best = [0.0] * (budget + 1)  # best[b]: the least error of the tensors so far in b bytes

@@ -2,12 +2,14 @@
 fallback for rows that are not whole super-blocks, and the allocation of types to a byte
 budget (``--target-size``/``--target-bpw``).
 
-The mixes follow llama.cpp's ``llama_tensor_get_type`` (``src/llama-quant.cpp``) for dense
+The mixes follow llama.cpp's ``llama_tensor_get_type`` (``src/llama-quant.cpp``) for
 non-Falcon models: a base type, then rules by tensor kind and position (``attn_v`` and
-``ffn_down`` get more bits in some layers), the output matrix (and a tied token embedding)
-``q6_k`` unless its rows are not whole blocks of the base type (then ``q8_0``), and every choice
-passed through the fallback (``tensor_type_fallback``): a super-block type whose rows are not
-multiples of 256 becomes the block-of-32 type llama.cpp substitutes.
+``ffn_down`` get more bits in some layers; a model of exactly 8 experts, Mixtral's, keeps
+``attn_v`` and ``attn_k`` at ``q8_0`` and ``attn_output`` at ``q5_k``), the output matrix (and
+a tied token embedding) ``q6_k`` unless its rows are not whole blocks of the base type (then
+``q8_0``), and every choice passed through the fallback (``tensor_type_fallback``): a
+super-block type whose rows are not multiples of 256 becomes the block-of-32 type llama.cpp
+substitutes.
 
 The allocation is a pure function: given each tensor's error under each candidate type and
 the bytes each costs, the types minimising the total error within the budget — a Lagrangian
@@ -52,6 +54,8 @@ class Slot:
     cols: int
     gqa: int = 1
     tied: bool = False
+    experts: int = 0
+    """The model's routed experts (0 for a dense model): llama.cpp's ``n_expert``."""
     """For ``token_embd``: the output matrix is this same tensor."""
 
 
@@ -124,6 +128,20 @@ def _first_eighth_uninformed(slot: Slot, informed: bool) -> bool:
     return not informed and slot.index < slot.count // 8
 
 
+def _eight_experts(slot: Slot, informed: bool) -> bool:
+    return slot.experts == 8
+
+
+EIGHT_EXPERTS = (
+    Rule("attn_v", "q8_0", _eight_experts, "attn_v at q8_0 (llama.cpp's rule for 8 experts)"),
+    Rule("attn_k", "q8_0", _eight_experts, "attn_k at q8_0 (llama.cpp's rule for 8 experts)"))
+"""llama.cpp's rules for a model of exactly 8 experts (Mixtral's ``n_expert``), ahead of every
+mix's own: its attention is a small part of the file, so it gets 8 bits."""
+EIGHT_EXPERTS_OUTPUT = Rule("attn_output", "q5_k", _eight_experts,
+                            "attn_output at q5_k (llama.cpp's rule for 8 experts)")
+"""For the mixes llama.cpp lists (not ``Q5_K_M``/``Q6_K``), and instead of their own rule."""
+
+
 MORE_BITS = "llama.cpp's use_more_bits layers (first and last eighth, every third between)"
 
 
@@ -135,11 +153,17 @@ class Mix:
     base: str
     rules: tuple[Rule, ...] = ()
     summary: str = ""
+    eight_experts_output: bool = True
+    """Whether llama.cpp lists the mix for ``attn_output`` at ``q5_k`` in 8-expert models (where
+    not, that tensor keeps the base type: the mix's own rule for it does not apply either)."""
 
     def choose(self, slot: Slot, informed: bool) -> Choice:
         if slot.kind == OUTPUT or (slot.kind == TOKEN_EMBD and slot.tied):
             return fallback(*self._output(slot))
-        for rule in self.rules:
+        eight = (*EIGHT_EXPERTS, EIGHT_EXPERTS_OUTPUT if self.eight_experts_output else None)
+        if slot.experts == 8 and slot.kind == "attn_output" and not self.eight_experts_output:
+            return fallback(self.base, slot.cols, f"{self.name}'s base type")
+        for rule in (*(r for r in eight if r is not None), *self.rules):
             if rule.kind == slot.kind and rule.when(slot, informed):
                 return fallback(rule.scheme, slot.cols, f"{self.name}: {rule.why}")
         return fallback(self.base, slot.cols, f"{self.name}'s base type")
@@ -182,8 +206,8 @@ MIXES = {mix.name: mix for mix in (
         Rule("attn_v", "q6_k", _more_bits, f"attn_v at q6_k in {MORE_BITS}"),
         Rule("ffn_down", "q6_k", _more_bits, f"ffn_down at q6_k in {MORE_BITS}"),
         Rule("attn_qkv", "q6_k", _always, "fused qkv at q6_k")),
-        "5-bit K-quants, attention values and half the MLP outputs at 6 bits"),
-    Mix("Q6_K", "q6_k", (), "6-bit K-quants"),
+        "5-bit K-quants, attention values and half the MLP outputs at 6 bits", False),
+    Mix("Q6_K", "q6_k", (), "6-bit K-quants", False),
     Mix("IQ4_XS", "iq4_xs", (
         Rule("attn_v", "q5_k", _gqa4, "attn_v at q5_k (4 or more query heads per KV head)"),
         Rule("ffn_down", "q5_k", _first_eighth_uninformed,

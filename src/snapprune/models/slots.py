@@ -10,6 +10,7 @@ from ..engine import LayerStats
 from ..engine.mixes import KINDS, OUTPUT, TOKEN_EMBD, Slot
 from .adapters import adapter_for
 from .capture import home_device
+from .experts import expert_count
 from .layout import input_width, linear_weight
 from .targets import layer_roles
 
@@ -34,14 +35,16 @@ def tensor_slots(model: nn.Module, layers: dict[int, dict[str, nn.Module]],
     heads = getattr(config, "num_attention_heads", 1) or 1
     gqa = heads // (getattr(config, "num_key_value_heads", None) or heads)
     roles = layer_roles(model)
-    count = len(adapter_for(model).decoder_blocks(model))
+    adapter = adapter_for(model)
+    count = len(adapter.decoder_blocks(model))
+    experts = expert_count(config, adapter.moe) if adapter.moe is not None else 0
     slots = []
     for index, named in layers.items():
         for name, module in named.items():
             rows = linear_weight(module).shape[0]
             cols = (widths or {}).get(name, input_width(module))
             slots.append(Slot(name, KINDS.get(roles.get(name, ""), "other"), index, count,
-                              rows, cols, gqa))
+                              rows, cols, gqa, experts=experts))
     embeddings = embedding_names(model)
     tied = OUTPUT not in {kind for _, kind in embeddings.values()}
     for name, (module, kind) in embeddings.items():
