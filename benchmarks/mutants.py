@@ -621,6 +621,18 @@ MUTANTS = (
            "models/slots.py",
            (("rows, cols, gqa, experts=experts))", "rows, cols, gqa))"),),
            ("tests/test_mixes.py::test_every_mix_of_an_eight_expert_model_is_llama_cpps",)),
+    Mutant("moe-compressed-names-not-stored",
+           "a compressed-tensors Mixtral keeps snapprune's expert names, not the checkpoint's",
+           "export/compressed.py",
+           (("    state = {stored(k): v for k, v in state.items()}\n", ""),),
+           ("tests/test_moe.py::test_a_pruned_quantised_moe_as_compressed_tensors_loads_in_"
+            "transformers",)),
+    Mutant("moe-compressed-router-not-ignored",
+           "a compressed-tensors mixture does not list its routers in ignore",
+           "export/compressed.py",
+           (("record.quantized] + _routers(model)", "record.quantized]"),),
+           ("tests/test_moe.py::test_a_pruned_quantised_moe_as_compressed_tensors_loads_in_"
+            "transformers",)),
     Mutant("recovery-gradients-not-masked",
            "recovery lets pruned weights train (gradients not masked)",
            "recovery.py",

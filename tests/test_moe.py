@@ -418,13 +418,36 @@ def test_a_killed_streamed_moe_run_resumes_to_byte_identical_output(moe_dir, tmp
     assert sorted(report["experts"]["blocks"]) == ["0", "1"]
 
 
-def test_a_pruned_quantised_moe_as_compressed_tensors_loads_in_transformers(moe_dir, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_a_pruned_quantised_moe_as_compressed_tensors_loads_in_transformers(family, moe_dir,
+                                                                            tokenizer_dir,
+                                                                            tmp_path):
+    """Written as the family's checkpoints name it (Mixtral: ``block_sparse_moe.experts.N.w1``,
+    what vLLM's loader reads), routers and gates dense and in ``ignore`` (as llm-compressor
+    writes them), and transformers loads it back to the same logits."""
+    from safetensors import safe_open
+
+    source = moe_dir if family == "qwen2_moe" else _gguf_ready_moe(family, tokenizer_dir,
+                                                                    tmp_path / "source")
     out = tmp_path / "ct"
     steps = (ExpertSettings(keep=0.5), QuantizeSettings(scheme="w4g32"))
-    outcome = execute(_job(moe_dir, *steps, fmt="compressed-tensors"), out, progress=False,
+    outcome = execute(_job(source, *steps, fmt="compressed-tensors"), out, progress=False,
                       announce=False)
     config = json.loads((out / "config.json").read_text())
-    assert config["num_experts"] == 2 and "quantization_config" in config
+    count = {"qwen2_moe": "num_experts", "mixtral": "num_local_experts"}[family]
+    assert config[count] == 2 and "quantization_config" in config
+    ignore = config["quantization_config"]["ignore"]
+    with safe_open(out / "model.safetensors", "pt") as file:
+        keys = set(file.keys())
+    if family == "mixtral":
+        assert "model.layers.0.block_sparse_moe.experts.1.w2.weight_packed" in keys
+        assert not any(".mlp." in k for k in keys)
+        assert "model.layers.1.block_sparse_moe.gate" in ignore
+        assert "model.layers.1.block_sparse_moe.gate.weight" in keys
+    else:
+        assert "model.layers.0.mlp.experts.1.down_proj.weight_packed" in keys
+        assert {"model.layers.1.mlp.gate", "model.layers.1.mlp.shared_expert_gate"} <= set(ignore)
+    assert not any(k.endswith("gate.weight_packed") for k in keys)  # routers stay dense
     loaded = AutoModelForCausalLM.from_pretrained(out)
     ids = token_batch(2, 16)
     with torch.no_grad():

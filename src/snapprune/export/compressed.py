@@ -6,6 +6,11 @@ weights (W4A16, W8A16). Symmetric schemes only: the library packs asymmetric zer
 cannot unpack them, so transformers could not load such a file back (llm-compressor issue
 1704).
 
+A mixture is written as its family's checkpoints name it (Mixtral's experts as
+``block_sparse_moe.experts.N.w1``/``w3``/``w2``, the names vLLM's loaders read), one packed
+tensor per expert and projection; its routers (and Qwen2-MoE's shared-expert gate) stay dense
+and are listed in ``ignore``, as llm-compressor writes them.
+
 Groups are the quantiser's, in natural column order (activation order with static groups
 needs no ``g_idx``); the codes are compressed-tensors' own quantisation of the grid values
 with the quantiser's scales, which returns the quantiser's codes exactly.
@@ -89,8 +94,11 @@ def write(outcome, directory: Path) -> list[str]:
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
+    from ..models.adapters import adapter_for
+
     model = outcome.model
     record = outcome.run_of("quantize")
+    stored = _stored_names(adapter_for(model))
     scheme = record.scheme
     qscheme = QuantizationScheme(targets=["Linear"], weights=_args(scheme))
     dtype = next(model.parameters()).dtype
@@ -104,10 +112,12 @@ def write(outcome, directory: Path) -> list[str]:
         entries = {"weight": weight, "weight_scale": layer.scales.to(scale_dtype)}
         packed = PackedQuantizationCompressor.compress(entries, qscheme)
         state.update({f"{name}.{key}": value for key, value in packed.items()})
+    state = {stored(k): v for k, v in state.items()}
+    dense = [n for n in linear if n not in record.quantized] + _routers(model)
     config = QuantizationConfig(
         config_groups={"group_0": qscheme}, format=FORMAT_NAME,
         quantization_status=QuantizationStatus.COMPRESSED,
-        ignore=[n for n in linear if n not in record.quantized])
+        ignore=list(dict.fromkeys(stored(n + ".")[:-1] for n in dense)))
     written = []
     shards = split_torch_state_dict_into_shards(state, max_shard_size="5GB")
     for file, names in shards.filename_to_tensors.items():
@@ -133,6 +143,24 @@ def write(outcome, directory: Path) -> list[str]:
     if outcome.tokenizer is not None:
         outcome.tokenizer.save_pretrained(directory)
     return written, []
+
+
+def _stored_names(adapter):
+    """Tensor names as the family's checkpoints spell them (identity for a dense model)."""
+    return adapter.moe.stored_name if adapter.moe is not None else (lambda name: name)
+
+
+def _routers(model) -> list[str]:
+    """Every block's router and gates (modules that must stay dense), model-relative."""
+    from ..models.adapters import adapter_for, module_at
+
+    adapter = adapter_for(model)
+    if adapter.moe is None:
+        return []
+    blocks = adapter.decoder_blocks(model)
+    return [f"{adapter.blocks}.{i}.{path}" for i, block in enumerate(blocks)
+            for path in (adapter.moe.router, *adapter.moe.never_prune)
+            if module_at(block, path) is not None]
 
 
 FORMAT = Format("compressed-tensors", check_job, check_model, write)
