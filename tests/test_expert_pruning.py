@@ -64,6 +64,7 @@ def test_removing_experts_equals_the_model_with_their_router_logits_at_minus_inf
     cut_experts(model, removed)
     assert len(adapter_for(model).decoder_blocks(model)[1].mlp.experts) == 2
     assert model.model.layers[1].mlp.gate.weight.shape[0] == 2
+    assert model.num_experts == 3  # the *ForCausalLM's own copy (router auxiliary loss)
     reference = _masked_reference(family, removed, monkeypatch)
     ids = token_batch(2, 24, seed=3)
     with torch.no_grad():
@@ -111,6 +112,27 @@ def test_the_scores_follow_their_definitions(family, monkeypatch):
         assert block.errors[e] == pytest.approx(cost, rel=1e-3, abs=1e-9)
     assert block.ranking == sorted(range(4), key=lambda e: (block.errors[e], e))
     assert block.removed == [block.ranking[0]]
+
+
+def test_scoring_holds_one_block_on_the_device_at_a_time(monkeypatch):
+    """A GPU smaller than the model: each block goes to ``--device`` alone, and back."""
+    import contextlib
+
+    from snapprune.models import expert_pruning
+
+    moved = []
+    real = expert_pruning.blocks_on
+
+    @contextlib.contextmanager
+    def recording(blocks, device):
+        moved.append(len(list(blocks)))
+        with real(blocks, device):
+            yield
+
+    monkeypatch.setattr(expert_pruning, "blocks_on", recording)
+    model = tiny_moe_model("qwen3_moe")
+    prune_experts(model, CALIBRATION, ExpertSettings(remove=1), progress=False)
+    assert moved == [1] * len(model.model.layers)
 
 
 def test_sensitivity_gives_each_block_its_count_for_the_same_total():

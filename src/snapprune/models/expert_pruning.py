@@ -133,6 +133,7 @@ def without(block: nn.Module, adapter: Adapter, removed: list[int]) -> Iterator[
 class _Batch:
     moe_input: torch.Tensor
     moe_output: torch.Tensor
+    """The mixture's output with every expert, by the same call as each removal's."""
     routes: torch.Tensor
     weight: torch.Tensor
     """Per token, ``1/‖out_t‖²``: its change is measured relative to the block's output."""
@@ -140,6 +141,12 @@ class _Batch:
 
 def _mixture_path(adapter: Adapter) -> str:
     return adapter.moe.experts.rpartition(".")[0]
+
+
+def _mixture_call(mixture: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The mixture's output for ``tokens`` (tokens × hidden), as one sequence."""
+    out = mixture(tokens[None])
+    return (out[0] if isinstance(out, tuple) else out)[0]
 
 
 def _cost(block: nn.Module, adapter: Adapter, batches: list[_Batch], removed: list[int],
@@ -153,8 +160,7 @@ def _cost(block: nn.Module, adapter: Adapter, batches: list[_Batch], removed: li
         for batch in batches:
             # Every token, not only those routed to a removed expert: without top-k
             # renormalisation (Qwen2-MoE, OLMoE) a removal changes every token's softmax.
-            changed = mixture(batch.moe_input[None])
-            changed = (changed[0] if isinstance(changed, tuple) else changed)[0]
+            changed = _mixture_call(mixture, batch.moe_input)
             delta = (changed.float() - batch.moe_output.float()).pow(2).sum(-1)
             total += float((delta * batch.weight).sum())
     return total / tokens
@@ -182,54 +188,65 @@ def score_experts(model: nn.Module, block_inputs: BlockInputs, settings: ExpertS
     for index in tqdm(range(len(blocks)), desc="score experts", unit="block",
                       disable=not progress):
         block = blocks[index]
-        experts = module_at(block, adapter.moe.experts)
-        if not isinstance(experts, ExpertLinears):
-            inputs.batches = [block_output(inputs.run(block, x.to(device)))
-                              for x in inputs.batches]
-            continue
-        n = experts.num_experts
-        mixture = block.get_submodule(_mixture_path(adapter))
-        hooks = [mixture.register_forward_hook(
-                     lambda _m, args, output: seen.__setitem__("mixture", (args[0], output))),
-                 experts.register_forward_pre_hook(
-                     lambda _m, args: seen.__setitem__("routes", args))]
-        batches: list[_Batch] = []
-        tokens = [0] * n
-        reap = [0.0] * n
-        try:
-            outputs = []
-            for x in inputs.batches:
-                result = block_output(inputs.run(block, x.to(device)))
-                outputs.append(result)
-                moe_in, moe_out = seen["mixture"]
-                moe_out = moe_out[0] if isinstance(moe_out, tuple) else moe_out
-                hidden, routes, gates = seen["routes"]
-                for e in range(n):
-                    token, slot = torch.where(routes == e)
-                    tokens[e] += token.numel()
-                    if token.numel():
-                        norms = experts[e](hidden[token]).float().norm(dim=-1)
-                        reap[e] += float((gates[token, slot].float() * norms).sum())
-                scale = result.reshape(-1, result.shape[-1]).float().pow(2).sum(-1)
-                batches.append(_Batch(moe_in.reshape(-1, moe_in.shape[-1]),
-                                      moe_out.reshape(-1, moe_out.shape[-1]), routes,
-                                      1.0 / scale.clamp_min(torch.finfo(torch.float32).tiny)))
-        finally:
-            for handle in hooks:
-                handle.remove()
-        count = sum(b.routes.shape[0] for b in batches)
-        reap = [r / t if t else 0.0 for r, t in zip(reap, tokens, strict=True)]
-        errors = ([_cost(block, adapter, batches, [e], count) for e in range(n)]
-                  if settings.score == "error" else None)
-        key = {"reap": reap, "frequency": tokens, "error": errors}[settings.score]
-        ranking = sorted(range(n), key=lambda e: (key[e], e))
-        counts = _curve_counts(n - top_k, uniform_count)
-        costs = [_cost(block, adapter, batches, ranking[:k], count) for k in counts]
-        out.append(BlockExperts(index, tokens, reap, errors, ranking,
-                                CostCurve(tuple(counts), tuple(costs))))
-        inputs.batches = outputs
-        del batches
+        with blocks_on([block], device):  # one block on the device at a time
+            scored = _score_block(block, index, adapter, inputs, settings, device, seen,
+                                  top_k=top_k, uniform_count=uniform_count)
+        if scored is not None:
+            out.append(scored)
     return out
+
+
+def _score_block(block: nn.Module, index: int, adapter: Adapter, inputs: BlockInputs,
+                 settings: ExpertSettings, device: torch.device, seen: dict, *, top_k: int,
+                 uniform_count: int | None) -> BlockExperts | None:
+    """One block's measurements (``None`` for a dense block); ``inputs`` move on past it."""
+    experts = module_at(block, adapter.moe.experts)
+    if not isinstance(experts, ExpertLinears):
+        inputs.batches = [block_output(inputs.run(block, x.to(device)))
+                          for x in inputs.batches]
+        return None
+    n = experts.num_experts
+    mixture = block.get_submodule(_mixture_path(adapter))
+    hooks = [mixture.register_forward_hook(
+                 lambda _m, args, _output: seen.__setitem__("mixture", args)),
+             experts.register_forward_pre_hook(
+                 lambda _m, args: seen.__setitem__("routes", args))]
+    batches: list[_Batch] = []
+    tokens = [0] * n
+    reap = [0.0] * n
+    try:
+        outputs = []
+        for x in inputs.batches:
+            result = block_output(inputs.run(block, x.to(device)))
+            outputs.append(result)
+            moe_in = seen["mixture"][0]
+            hidden, routes, gates = seen["routes"]
+            for e in range(n):
+                token, slot = torch.where(routes == e)
+                tokens[e] += token.numel()
+                if token.numel():
+                    norms = experts[e](hidden[token]).float().norm(dim=-1)
+                    reap[e] += float((gates[token, slot].float() * norms).sum())
+            scale = result.reshape(-1, result.shape[-1]).float().pow(2).sum(-1)
+            moe_in = moe_in.reshape(-1, moe_in.shape[-1])
+            # The reference is the same call _cost makes, with every expert: a change is
+            # then the removal's, never a different batch shape's rounding.
+            batches.append(_Batch(moe_in, _mixture_call(mixture, moe_in), routes,
+                                  1.0 / scale.clamp_min(torch.finfo(torch.float32).tiny)))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    count = sum(b.routes.shape[0] for b in batches)
+    reap = [r / t if t else 0.0 for r, t in zip(reap, tokens, strict=True)]
+    errors = ([_cost(block, adapter, batches, [e], count) for e in range(n)]
+              if settings.score == "error" else None)
+    key = {"reap": reap, "frequency": tokens, "error": errors}[settings.score]
+    ranking = sorted(range(n), key=lambda e: (key[e], e))
+    counts = _curve_counts(n - top_k, uniform_count)
+    costs = [_cost(block, adapter, batches, ranking[:k], count) for k in counts]
+    inputs.batches = outputs
+    return BlockExperts(index, tokens, reap, errors, ranking,
+                        CostCurve(tuple(counts), tuple(costs)))
 
 
 def _merge(experts: ExpertLinears, removed: list[int], kept: list[int], tokens: list[int],
@@ -279,6 +296,9 @@ def cut_experts(model: nn.Module, removed: dict[int, list[int]], *, merge: bool 
         experts.keep(kept)
         counts.add(len(kept))
     setattr(model.config, adapter.moe.count_key, max(counts))
+    if isinstance(getattr(model, "num_experts", None), int):
+        # transformers' *ForCausalLM keeps its own copy for the router's auxiliary loss
+        model.num_experts = max(counts)
     return merges
 
 
@@ -300,24 +320,23 @@ def prune_experts(model: nn.Module, calibration: torch.Tensor | None,
                                    needs="scoring the experts")
     run.activations = "cpu" if device.type == "cpu" else str(device)
     run.activation_bytes = block_inputs.nbytes
-    with blocks_on(blocks, device):
-        uniform = total // len(moe_blocks) if settings.allocation == "uniform" else None
-        t = time.perf_counter()
-        run.blocks = score_experts(model, block_inputs, settings, device, top_k=top_k,
-                                   uniform_count=uniform, progress=progress)
-        run.calibration_seconds = time.perf_counter() - t
-        counts = ([uniform] * len(run.blocks) if uniform is not None
-                  else allocate_counts([b.curve for b in run.blocks], total))
-        for block, count in zip(run.blocks, counts, strict=True):
-            block.removed = sorted(block.ranking[:count])
-        merges = cut_experts(model, {b.index: b.removed for b in run.blocks},
-                             merge=settings.merge,
-                             tokens={b.index: b.tokens for b in run.blocks})
-        for block in run.blocks:
-            block.merged_into = merges.get(block.index, {})
-        if log is not None:
-            log("experts removed per block: " + ", ".join(
-                f"{b.index}: {len(b.removed)}" for b in run.blocks))
+    uniform = total // len(moe_blocks) if settings.allocation == "uniform" else None
+    t = time.perf_counter()
+    run.blocks = score_experts(model, block_inputs, settings, device, top_k=top_k,
+                               uniform_count=uniform, progress=progress)
+    run.calibration_seconds = time.perf_counter() - t
+    counts = ([uniform] * len(run.blocks) if uniform is not None
+              else allocate_counts([b.curve for b in run.blocks], total))
+    for block, count in zip(run.blocks, counts, strict=True):
+        block.removed = sorted(block.ranking[:count])
+    merges = cut_experts(model, {b.index: b.removed for b in run.blocks},
+                         merge=settings.merge,
+                         tokens={b.index: b.tokens for b in run.blocks})
+    for block in run.blocks:
+        block.merged_into = merges.get(block.index, {})
+    if log is not None:
+        log("experts removed per block: " + ", ".join(
+            f"{b.index}: {len(b.removed)}" for b in run.blocks))
     run.experts_after = sum(run.counts)
     run.parameters_after = sum(p.numel() for p in model.parameters())
     run.total_seconds = time.perf_counter() - start

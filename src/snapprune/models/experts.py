@@ -195,12 +195,18 @@ class ExpertLinears(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
+        k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        # One host sync for all experts (not one per expert): the routed (token, slot) pairs
+        # sorted by expert, each expert's in token order, and their counts.
+        counts = torch.bincount(flat, minlength=len(self.order)).tolist()
+        picks = torch.split(torch.argsort(flat, stable=True), counts)
         for position, e in enumerate(self.order):
-            token, slot = torch.where(top_k_index == position)
-            self.tokens[e] += token.numel()
+            token, slot = picks[position] // k, picks[position] % k
+            self.tokens[e] += counts[position]
             if e in self.all_tokens:
                 y = self[e](hidden_states)[token]
-            elif token.numel():
+            elif counts[position]:
                 y = self[e](hidden_states[token])
             else:
                 continue
