@@ -210,6 +210,9 @@ def test_a_pruned_and_quantised_moe_reloads_in_transformers_with_the_same_logits
     out = tmp_path / "pruned"
     steps = (PruneSettings(method="thanos", sparsity=0.5), QuantizeSettings(scheme="w4g32"))
     outcome = execute(_job(moe_dir, *steps), out, progress=False, announce=False)
+    # the model handed back is transformers' own layout again (experts fused)
+    assert not isinstance(outcome.model.model.layers[0].mlp.experts, experts.ExpertLinears)
+    assert outcome.model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3
     loaded = AutoModelForCausalLM.from_pretrained(out)
     ids = token_batch(2, 16)
     with torch.no_grad():

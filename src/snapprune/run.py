@@ -205,6 +205,7 @@ def check_apart(model: str, out: Path) -> None:
 def _execute(job: Job, out: Path | None, *, bench, overwrite, json_path, resume, restart,
              progress, verbose, log, argv, announce, notes, started) -> Outcome:
     """``execute`` after its checks (and, with an output, under its lock)."""
+    owns_model = bench is None
     streamed = bench is None and wants_stream(job, resume, out)
     if streamed:
         from .streamed import execute_streamed
@@ -289,6 +290,10 @@ def _execute(job: Job, out: Path | None, *, bench, overwrite, json_path, resume,
                 step_for(settings).finished(settings, context)
         if json_path is not None:
             write_json_atomic(json_path, outcome.report)
+    if owns_model:  # a mixture's experts fused again, as transformers laid them out
+        from .models.adapters import fold_model
+
+        fold_model(outcome.model)
     return outcome
 
 

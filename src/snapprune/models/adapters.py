@@ -339,6 +339,15 @@ def fused_experts(model: nn.Module) -> Iterator[nn.Module]:
         unfold_experts(blocks, adapter.moe)
 
 
+def fold_model(model: nn.Module) -> nn.Module:
+    """transformers' own fused experts again, for good (what ``execute`` hands back: a model
+    any transformers code can use; snapprune unfolds it again when it works on it)."""
+    adapter = adapter_for(model)
+    if adapter.moe is not None:
+        fold_experts(adapter.decoder_blocks(model), adapter.moe)
+    return model
+
+
 def _generic_adapter(model: nn.Module) -> Adapter:
     """The longest ``ModuleList`` whose every element holds a linear layer: the decoder."""
     best: tuple[int, str] | None = None
