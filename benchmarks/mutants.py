@@ -49,6 +49,7 @@ MOE_STATS = ("tests/test_moe.py::test_unfolded_experts_compute_the_fused_model_a
              "every_tokens_statistics_and_says_so", "tests/test_moe.py::test_sending_every_"
              "token_through_every_expert_leaves_the_block_output_routed")
 EXPERT_TESTS = ("tests/test_expert_pruning.py",)
+SEARCH_TESTS = ("tests/test_search.py",)
 
 
 @dataclass(frozen=True)
@@ -590,8 +591,8 @@ MUTANTS = (
     Mutant("moe-most-useful-removed",
            "the highest-ranked experts are removed instead of the lowest",
            "models/expert_pruning.py",
-           (("            block.removed = sorted(block.ranking[:count])",
-             "            block.removed = sorted(block.ranking[len(block.ranking) - count:])"),),
+           (("        block.removed = sorted(block.ranking[:count])",
+             "        block.removed = sorted(block.ranking[len(block.ranking) - count:])"),),
            EXPERT_TESTS),
     Mutant("moe-dense-blocks-not-renumbered",
            "after prune-depth, Qwen-MoE's dense blocks keep their old indices",
@@ -633,6 +634,32 @@ MUTANTS = (
            (("record.quantized] + _routers(model)", "record.quantized]"),),
            ("tests/test_moe.py::test_a_pruned_quantised_moe_as_compressed_tensors_loads_in_"
             "transformers",)),
+    Mutant("search-keeps-the-worst",
+           "the search keeps the structure with the highest held-out loss",
+           "steps/search.py",
+           (("tried.loss < run.best.loss", "tried.loss > run.best.loss"),), SEARCH_TESTS),
+    Mutant("search-width-not-widest",
+           "a structure's MLP is cut one step more than the budget needs",
+           "models/structure_budget.py",
+           (("    if width == geometry.units:\n        width -= step\n",
+             "    width -= step\n"),), SEARCH_TESTS),
+    Mutant("search-attention-norm-counted-kept",
+           "a block without attention is counted with its attention norm, which the file drops",
+           "models/structure_budget.py",
+           (("    attention_cost += Cost(0, norm_bytes, norm_bytes)\n", ""),), SEARCH_TESTS),
+    Mutant("search-scored-on-calibration-windows",
+           "structures are scored on the windows they were cut on",
+           "steps/search.py",
+           (("HELD_OUT_SEED = 1_000", "HELD_OUT_SEED = 0"),), SEARCH_TESTS),
+    Mutant("search-depth-not-searched",
+           "the grid never removes whole blocks",
+           "models/structure_budget.py",
+           (("    for d in _spread(depth_top, points):", "    for d in [0]:"),), SEARCH_TESTS),
+    Mutant("shrink-after-attention-removal-rebuilt-whole",
+           "shrink rebuilds blocks that lost their attention with a fresh attention",
+           "models/shrink.py",
+           (("            remove_attention(smaller, new_blocks[index])",
+             "            pass"),), SEARCH_TESTS),
     Mutant("recovery-gradients-not-masked",
            "recovery lets pruned weights train (gradients not masked)",
            "recovery.py",

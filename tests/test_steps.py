@@ -17,6 +17,7 @@ from test_cli import _run
 
 import snapprune
 from snapprune.jobs import CalibrationSpec, EvaluationSpec, Execution, Job, OutputSpec
+from snapprune.models.search_settings import SearchSettings
 from snapprune.models.settings import (
     DepthSettings,
     ExpertSettings,
@@ -35,6 +36,8 @@ TINY = {
     "prune-experts": (ExpertSettings(keep=0.5), ["--keep", "0.5"]),
     "prune": (PruneSettings("thanos", "2:4"), ["--method", "thanos", "--pattern", "2:4"]),
     "shrink": (ShrinkSettings(mlp=0.5, multiple_of=16), ["--mlp", "0.5", "--multiple-of", "16"]),
+    "search": (SearchSettings(target_params=0.85, points=2, windows=1),
+               ["--target-params", "0.85", "--points", "2", "--windows", "1"]),
     "quantize": (QuantizeSettings("w4g16"), ["--scheme", "w4g16"]),
     "recover": (RecoverSettings(tokens=64, seqlen=16, batch_size=2, data=str(C4_FILE),
                                 loss="lm"),

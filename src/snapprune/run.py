@@ -247,7 +247,7 @@ def _execute(job: Job, out: Path | None, *, bench, overwrite, json_path, resume,
         _check_model(job, bench)
         context = StepContext(job, bench, None if out is None else Path(out), resume=resume,
                               restart=restart, log=log, verbose=verbose,
-                              progress=progress and main)
+                              progress=progress and main, execute=execute)
         for settings in job.steps:
             step_for(settings).begin(settings, context)
         if job.steps and main and announce:

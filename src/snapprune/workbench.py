@@ -41,6 +41,14 @@ class Workbench:
         self._inputs: tuple[tuple, BlockInputs] | None = None
         self._eval_ids: dict[str, torch.Tensor] = {}
 
+    def sibling(self, model) -> Workbench:
+        """A workbench for another model (a candidate cut from this one) sharing the tokenised
+        calibration and evaluation text (not the first block's inputs, which are the model's)."""
+        other = Workbench(model, self.tokenizer, device=self.device, progress=False)
+        other._calibration = self._calibration
+        other._eval_ids = self._eval_ids
+        return other
+
     def _calibration_key(self, spec: CalibrationSpec) -> tuple:
         return (spec.source, spec.nsamples, capped_seqlen(self.model, spec.seqlen), spec.seed)
 

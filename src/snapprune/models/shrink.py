@@ -28,6 +28,7 @@ from .adapters import Adapter, adapter_for, head_geometry
 from .blockloop import run_blocks
 from .capture import BATCH_SIZE, capture_block_inputs
 from .checkpoint_files import empty_model
+from .depth import attention_free, remove_attention
 from .layout import is_conv1d, linear_weight, set_linear_weight
 from .loading import with_weights
 from .quantize import (
@@ -397,6 +398,10 @@ def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
             _slice_layer(state, f"{prefix}.{att.o}", modules[att.o], keep, outputs=False)
     smaller = empty_model(config, model.dtype)
     adapter_for(smaller)  # a mixture's experts unfolded, as the state names them
+    new_blocks = adapter.decoder_blocks(smaller)
+    for index, block in enumerate(blocks):  # blocks that lost their attention (prune-depth)
+        if attention_free(block):
+            remove_attention(smaller, new_blocks[index])
     if not plan.uniform:
         _resize_blocks(smaller, adapter, plan)
     missing, unexpected = with_weights(smaller, state, strict=False)
@@ -431,6 +436,8 @@ def _resize_blocks(model: nn.Module, adapter: Adapter, plan: WidthPlan) -> None:
             old = modules[consumer]
             _replace(block, consumer, _meta_linear(old, width, linear_weight(old).shape[0]))
         att = adapter.attention
+        if attention_free(block):
+            continue
         heads, kv = plan.heads_at(index), plan.kv_at(index)
         for name, rows in ((att.q, heads), (att.k, kv), (att.v, kv)):
             old = modules[name]

@@ -11,7 +11,7 @@ from itertools import dropwhile, pairwise
 from pathlib import Path
 
 from ..errors import SnapPruneError
-from . import depth, experts, prune, quantize, recover, shrink  # noqa: F401  (every step kind, once)
+from . import depth, experts, prune, quantize, recover, search, shrink  # noqa: F401  (every step kind, once)
 from .base import (
     REGISTRY,
     EstimatePart,

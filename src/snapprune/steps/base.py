@@ -39,6 +39,9 @@ class StepContext:
     verbose: bool = False
     progress: bool = True
     state: dict[str, Any] = field(default_factory=dict)
+    execute: Callable[..., Any] | None = None
+    """The run path itself (``run.execute``), for a step that runs other jobs (``search``
+    cuts each candidate structure with the prune-depth and shrink steps)."""
 
 
 @dataclass

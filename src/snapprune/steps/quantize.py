@@ -147,7 +147,7 @@ class QuantizeStep(Step):
                 from ..models.allocation import budget_bytes
 
                 budget_bytes(model, tensor_slots(model, layers), settings,
-                             _metadata_bytes(job))
+                             metadata_bytes(job))
 
     def estimate_layers(self, settings: QuantizeSettings, model) -> dict[str, float | None]:
         return dict.fromkeys(first_block_layers(model, settings.include, settings.exclude))
@@ -173,7 +173,7 @@ class QuantizeStep(Step):
                                       verbose=context.verbose)
         run = quantize_model(bench.model, None, settings,
                              layer_errors=job.execution.layer_errors,
-                             metadata=_metadata_bytes(job) if settings.sized else 0,
+                             metadata=metadata_bytes(job) if settings.sized else 0,
                              **block_pass.options)
         return block_pass.account(run)
 
@@ -236,7 +236,7 @@ def _types_of(settings: QuantizeSettings) -> set[str]:
     return types | {FALLBACK[t] for t in types if t in FALLBACK}
 
 
-def _metadata_bytes(job) -> int:
+def metadata_bytes(job) -> int:
     """The GGUF file's bytes besides its tensors: as the source GGUF file holds them (the
     tokenizer is carried over), else about the size of the tokenizer's ``tokenizer.json``
     (its tokens and merges, which the file holds as strings) and each tensor's entry."""

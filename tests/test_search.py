@@ -1,0 +1,198 @@
+"""``search``: the structure that fits a budget with the least held-out calibration loss.
+
+The costs are checked against the models and files themselves (parameters counted after the
+cut, tensor bytes as gguf-py reads them from the written file); the grid against its
+definition (every structure within the budget, the MLP as wide as the budget allows); the
+choice against the losses (the least wins, and the saved model is that structure, equal to the
+same prune-depth + shrink job run on its own); bad budgets refused in one line before any
+work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import C4_FILE
+from test_bad_inputs import _assert_refused, _run
+from test_depth import _deep_llama
+from tiny_models import token_batch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from snapprune import SnapPruneError
+from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
+from snapprune.models.search_settings import SearchSettings
+from snapprune.models.settings import DepthSettings, QuantizeSettings, ShrinkSettings
+from snapprune.models.structure_budget import Budget, Structure, geometry, grid, widest
+from snapprune.run import execute
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory, tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = tmp_path_factory.mktemp("deep_llama_search")
+    _deep_llama(len(tokenizer)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _job(model_dir, *steps, fmt="hf") -> Job:
+    return Job(model=str(model_dir), steps=steps,
+               calibration=CalibrationSpec(str(C4_FILE), 8, 32),
+               evaluation=EvaluationSpec(ppl=(), dense=False),
+               output=OutputSpec(format=fmt, samples=False))
+
+
+def _structure_job(model_dir, structure: Structure, units: int, fmt: str, *after):
+    steps = []
+    if structure.blocks or structure.attention:
+        steps.append(DepthSettings(blocks=structure.blocks, attention=structure.attention))
+    if structure.width < units:
+        steps.append(ShrinkSettings("thanos", mlp=1 - structure.width / units,
+                                    multiple_of=32))
+    return _job(model_dir, *steps, *after, fmt=fmt)
+
+
+@pytest.mark.parametrize("structure", [Structure(2, 0, 128), Structure(0, 3, 64),
+                                       Structure(1, 2, 96), Structure(3, 1, 32)])
+def test_a_structures_cost_is_its_cut_model_and_its_gguf_file(structure, deep_dir, tmp_path):
+    """Parameters: counted on the model after prune-depth and shrink; bytes: the q8_0 GGUF
+    file's tensors as gguf-py reads them (the header apart); bytes read per token: every
+    tensor but an untied token embedding (untied here)."""
+    from gguf import GGUFReader
+
+    dense = AutoModelForCausalLM.from_pretrained(deep_dir)
+    measured = geometry(dense, "q8_0", multiple_of=32)
+    assert measured.dense.params == sum(p.numel() for p in dense.parameters())
+    out = tmp_path / "cut"
+    job = _structure_job(deep_dir, structure, measured.units, "gguf", QuantizeSettings("q8_0"))
+    if not job.steps[:-1]:
+        pytest.skip("the dense structure")
+    outcome = execute(job, out, progress=False, announce=False)
+    cost = measured.cost(structure)
+    assert cost.params == sum(p.numel() for p in outcome.model.parameters())
+    tensors = GGUFReader(str(out / "model.gguf")).tensors
+    assert cost.bytes == sum(int(t.n_bytes) for t in tensors)
+    names = {t.name for t in tensors}
+    read = sum(int(t.n_bytes) for t in tensors
+               if t.name != "token_embd.weight" or "output.weight" not in names)
+    assert cost.read == read  # an untied token embedding is read a row per token
+
+
+def test_every_structure_of_the_grid_fits_the_budget_with_the_widest_mlp(deep_dir):
+    dense = AutoModelForCausalLM.from_pretrained(deep_dir)
+    measured = geometry(dense, "q4_0", multiple_of=32)
+    for currency in ("params", "bytes", "read"):
+        for share in (0.85, 0.7, 0.55):
+            budget = Budget(currency, int(getattr(measured.dense, currency) * share))
+            structures = grid(measured, budget, points=3, narrowest=32)
+            assert structures and len(set(structures)) == len(structures)
+            for s in structures:
+                assert budget.fits(measured.cost(s))
+                wider = Structure(s.blocks, s.attention, s.width + measured.step)
+                assert s.width == measured.units or not budget.fits(measured.cost(wider))
+                assert widest(measured, s.blocks, s.attention, budget, 32) == s.width
+            assert all(s.attention < measured.blocks - s.blocks for s in structures)
+            blocks = sorted({s.blocks for s in structures})
+            assert blocks[0] == 0 and len(blocks) >= 2  # depth is searched, from none
+
+
+def test_the_grid_without_attention_removes_none_and_a_budget_out_of_reach_is_refused(
+        deep_dir):
+    dense = AutoModelForCausalLM.from_pretrained(deep_dir)
+    measured = geometry(dense, None, multiple_of=32)
+    budget = Budget("params", int(measured.dense.params * 0.8))
+    assert all(s.attention == 0 for s in grid(measured, budget, attention=False,
+                                              narrowest=32))
+    tiny = Budget("params", measured.fixed.params)  # the embeddings alone
+    with pytest.raises(SnapPruneError, match="no structure reaches the target"):
+        grid(measured, tiny, narrowest=32)
+
+
+def test_the_search_keeps_the_least_loss_and_saves_that_structure(deep_dir, tmp_path):
+    out = tmp_path / "searched"
+    settings = SearchSettings(target_params=0.8, points=2, windows=4)
+    outcome = execute(_job(deep_dir, settings, fmt="gguf"), out, progress=False,
+                      announce=False)
+    run = outcome.run_of("search")
+    losses = [t.loss for t in run.tried]
+    assert len(run.tried) >= 3 and run.chosen == losses.index(min(losses))
+    assert all(t.cost.params <= run.budget.limit for t in run.tried)
+    assert any(t.structure.attention for t in run.tried)  # gguf: attention is searched
+    report = json.loads((out / "snapprune_report.json").read_text())
+    assert report["search"]["chosen"] == run.chosen
+    assert len(report["search"]["tried"]) == len(run.tried)
+    assert (out / "search.png").is_file()
+    # the saved model is that structure, as the same steps give it on their own
+    best = run.best.structure
+    alone = execute(_structure_job(deep_dir, best, run.geometry.units, "gguf"),
+                    tmp_path / "alone", progress=False, announce=False)
+    ids = token_batch(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(outcome.model(ids).logits, alone.model(ids).logits)
+
+
+def test_structures_are_scored_on_windows_they_were_not_cut_on(deep_dir):
+    from snapprune.steps.search import _held_out
+    from snapprune.workbench import Workbench
+
+    job = _job(deep_dir)
+    bench = Workbench(AutoModelForCausalLM.from_pretrained(deep_dir),
+                      AutoTokenizer.from_pretrained(deep_dir))
+    calibration, _ = bench.calibration_ids(job.calibration)
+    held_out = _held_out(bench, job, SearchSettings(target_params=0.8, windows=4))
+    assert held_out.shape == (4, calibration.shape[1])
+    seen = {tuple(w.tolist()) for w in calibration}
+    assert not any(tuple(w.tolist()) in seen for w in held_out)
+
+
+def test_a_standard_format_keeps_every_attention_sub_layer(deep_dir, tmp_path):
+    settings = SearchSettings(target_params=0.85, points=2, windows=2)
+    outcome = execute(_job(deep_dir, settings, fmt="hf"), tmp_path / "hf", progress=False,
+                      announce=False)
+    run = outcome.run_of("search")
+    assert all(t.structure.attention == 0 for t in run.tried)
+    assert "attention" in run.notes[0]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert loaded.config.num_hidden_layers == LAYERS - run.best.structure.blocks
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (("--target-params", "2000000000"), "not below the dense model"),
+    (("--target-params", "0.8", "--target-size", "1"), "exactly one target"),
+    (("--target-params", "1000"), "no structure reaches the target"),
+    (("--target-decode", "0.9"), "more than 1"),
+    (("--target-size", "0.05", "--format", "hf"), "counts a GGUF file"),
+    (("--target-params", "0.8", "--gguf-type", "w4g128"), "not a llama.cpp block type"),
+])
+def test_bad_budgets_are_refused_in_one_line_before_any_work(deep_dir, tmp_path, capsys,
+                                                            extra, fragment):
+    out = tmp_path / "refused"
+    code, err = _run(capsys, "search", "--model", deep_dir, "--calib", C4_FILE, "--nsamples",
+                     4, "--seqlen", 32, "--no-eval", "--no-samples", "--out", out, *extra)
+    _assert_refused(code, err, fragment, out=out)
+
+
+def test_a_size_target_then_quantisation_in_one_job_gives_a_file_of_the_counted_bytes(
+        deep_dir, tmp_path):
+    """``search`` to a GGUF size at q4_0, then ``quantize`` q4_0 in the same job: the file's
+    tensors take exactly the bytes the search counted (its header is what was set aside for
+    metadata, at most), and the file is within the target."""
+    from gguf import GGUFReader
+
+    from snapprune.steps.quantize import metadata_bytes
+
+    dense = AutoModelForCausalLM.from_pretrained(deep_dir)
+    measured = geometry(dense, "q4_0", multiple_of=32)
+    job = _job(deep_dir, SearchSettings(target_size=measured.dense.bytes * 0.75 / 1e6,
+                                        points=2, windows=2),
+               QuantizeSettings("q4_0", method="rtn"), fmt="gguf")
+    out = tmp_path / "sized"
+    outcome = execute(job, out, progress=False, announce=False)
+    run = outcome.run_of("search")
+    metadata = metadata_bytes(job)
+    tensors = GGUFReader(str(out / "model.gguf")).tensors
+    assert sum(int(t.n_bytes) for t in tensors) == run.best.cost.bytes - metadata
+    assert run.best.cost.bytes <= run.budget.limit
