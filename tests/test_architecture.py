@@ -153,6 +153,38 @@ def test_a_mixture_of_experts_without_an_adapter_is_refused_in_one_line():
         assert torch.equal(value, before[key]), key
 
 
+class _ExpertMLP(torch.nn.Module):
+    def __init__(self, hidden: int, width: int) -> None:
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, width, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, width, bias=False)
+        self.down_proj = torch.nn.Linear(width, hidden, bias=False)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_a_mixture_whose_code_keeps_one_module_per_expert_is_refused_in_one_line(family):
+    """transformers 4 (and remote code) keep a ``ModuleList`` of per-expert MLPs (Mixtral under
+    ``block_sparse_moe``): refused with the fix, before any weight changes, not half handled."""
+    from tiny_models import tiny_moe_model
+
+    model = tiny_moe_model(family)
+    config = model.config
+    for block in model.model.layers:
+        experts = torch.nn.ModuleList(_ExpertMLP(config.hidden_size, 32) for _ in range(4))
+        if family == "mixtral":  # transformers 4's name for the mixture
+            block.block_sparse_moe = block.mlp
+            del block.mlp
+            block.block_sparse_moe.experts = experts
+        else:
+            block.mlp.experts = experts
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SnapPruneError, match="one module per expert") as info:
+        prune_model(model, token_batch(2, 16), method="wanda", sparsity=0.5, progress=False)
+    assert "\n" not in str(info.value) and "transformers>=5" in str(info.value)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def _imports(path: Path) -> set[str]:
     """Package-relative modules a file imports (``..models.x`` from ``engine/`` → ``models``)."""
     tree = ast.parse(path.read_text())

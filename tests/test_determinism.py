@@ -164,6 +164,27 @@ def test_pipeline_is_bit_identical_for_any_batch_size(family):
         assert all(torch.equal(weights[0][k], other[k]) for k in other)
 
 
+@pytest.mark.parametrize("calibration", ["routed", "all-experts"])
+def test_a_mixture_is_bit_identical_for_any_batch_size(calibration):
+    """Each expert's statistics are reduced one calibration window at a time, like a dense
+    layer's (its routed tokens of each window), so batching does not move them; starved
+    experts' every-token statistics too."""
+    from tiny_models import tiny_moe_model
+
+    from snapprune.models import experts
+
+    ids = token_batch(6, 32)
+    weights = []
+    for batch_size in (6, 4, 1):
+        model = tiny_moe_model("qwen2_moe")
+        with determinism.deterministic(), experts.calibration(calibration, 16):
+            prune_model(model, ids, PruneSettings("thanos", sparsity=0.5),
+                        batch_size=batch_size, progress=False)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    for other in weights[1:]:
+        assert all(torch.equal(weights[0][k], other[k]) for k in other)
+
+
 ARGS = ("--method", "thanos", "--pattern", "2:4", "--calib", C4_FILE, "--nsamples", 6,
         "--seqlen", 64, "--batch-size", 2, "--no-samples", "--quiet", "--deterministic",
         "--eval", WIKI_TEST, "--eval-seqlen", 64, "--max-windows", 4)

@@ -55,8 +55,8 @@ class LayerStats:
     def add(self, x: torch.Tensor, windows: int | None = None) -> None:
         """Add a batch of inputs of shape ``(..., columns)``; every leading index is a token.
 
-        ``windows``: how many calibration windows ``x`` holds, equal-length and in order, when
-        it is not ``(windows, tokens, columns)`` (OPT's MLP sees them flattened to 2-D); only
+        ``windows``: how many calibration windows a 2-D ``x`` holds, equal-length and in order
+        (OPT's MLP sees them flattened; a 3-D ``x`` is ``(windows, tokens, columns)``); only
         deterministic mode, which reduces each window on its own, needs it. Rows that do not
         split into ``windows`` equal parts are reduced as one part (no batch invariance then).
         """
@@ -66,10 +66,10 @@ class LayerStats:
             )
         if not self.deterministic:
             count = 1
-        elif windows is None:
-            count = x[..., 0].numel() // x.shape[-2] if x.dim() >= 3 else 1
+        elif x.dim() >= 3:  # its own windows (a mixture's expert: one window's routed tokens)
+            count = x[..., 0].numel() // x.shape[-2]
         else:
-            count = windows
+            count = windows or 1
         if x[..., 0].numel() % count:  # not whole windows
             count = 1
         parts = x.reshape(count, -1, self.columns).to(device=self.device, dtype=self.dtype)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import SnapPruneError
-from .experts import MoE, expert_count, fold_experts, unfold_experts
+from .experts import ExpertLinears, MoE, expert_count, fold_experts, unfold_experts
 from .layout import is_prunable
 
 
@@ -315,12 +315,34 @@ def refuse_mixture_of_experts(model: nn.Module, blocks: nn.ModuleList) -> None:
     fused = [n for n, p in blocks[0].named_parameters() if p.dim() >= 3]
     if experts is None and not fused:
         return
+    if model_type_of(model) in MOE_FAMILIES:  # an adapter exists, this layout is not its
+        raise SnapPruneError(PER_MODULE_CODE.format(name=type(model).__name__))
     what = f"{experts} experts" if experts else "fused expert weights"
     detail = f" ({', '.join(fused[:2])}{', …' if len(fused) > 2 else ''})" if fused else ""
     raise SnapPruneError(
         f"{type(model).__name__} is a mixture-of-experts model ({what}{detail}) of a family "
         f"snapprune has no adapter for; supported mixtures: {', '.join(MOE_FAMILIES)}"
     )
+
+
+PER_MODULE_CODE = (
+    "{name} keeps one module per expert (transformers < 5, or remote code); snapprune's "
+    "mixture adapters read transformers 5's fused experts, where each expert's routed tokens "
+    "and its fallback are known: upgrade transformers (pip install 'transformers>=5')")
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def refuse_expert_modules(model: nn.Module, adapter: Adapter) -> None:
+    """A family's mixture in another layout than the fused one the adapter unfolds (per-expert
+    modules: transformers 4, remote code) is refused, never half handled (its experts' hooks
+    would see routed tokens, but no starved-expert fallback, counts or expert removal)."""
+    found = [module_at(block, adapter.moe.experts) for block in adapter.decoder_blocks(model)]
+    if not any(isinstance(e, ExpertLinears) for e in found) or any(
+            e is not None and not isinstance(e, ExpertLinears) for e in found):
+        raise SnapPruneError(PER_MODULE_CODE.format(name=type(model).__name__))
 
 
 @contextlib.contextmanager
@@ -380,12 +402,13 @@ def adapter_for(model: nn.Module) -> Adapter:
         if found.moe is not None:
             unfold_experts(found.decoder_blocks(model), found.moe)
         return found
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = model_type_of(model)
     adapter = next((a for a in ADAPTERS if model_type in a.model_types and a.matches(model)),
                    None) or _generic_adapter(model)
     if adapter.moe is not None:
         expert_count(model.config, adapter.moe)
         unfold_experts(adapter.decoder_blocks(model), adapter.moe)
+        refuse_expert_modules(model, adapter)
     else:
         refuse_mixture_of_experts(model, adapter.decoder_blocks(model))
     _FOUND[model] = adapter

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..engine import determinism
 from ..errors import SnapPruneError
 from . import collectives
 
@@ -185,6 +186,8 @@ class ExpertLinears(nn.Module):
         (the identity, except while ``prune-experts`` measures a removal)."""
         self.tokens = [0] * self.num_experts
         self.all_tokens: frozenset[int] = frozenset()
+        self.window: int | None = None
+        """Tokens per calibration window while deterministic statistics are gathered."""
 
     def __getitem__(self, index: int) -> Expert:
         return self._modules[str(index)]
@@ -205,13 +208,27 @@ class ExpertLinears(nn.Module):
             token, slot = picks[position] // k, picks[position] % k
             self.tokens[e] += counts[position]
             if e in self.all_tokens:
-                y = self[e](hidden_states)[token]
+                y = self._windowed(e, hidden_states, None)[token]
             elif counts[position]:
-                y = self[e](hidden_states[token])
+                y = self._windowed(e, hidden_states, token)
             else:
                 continue
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
+
+    def _windowed(self, e: int, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Expert ``e`` on ``hidden[rows]`` (every row when ``None``). While ``window`` is set
+        (deterministic mode, during statistics) it runs one calibration window's rows at a
+        time, so its layers' statistics are reduced window by window, as a dense layer's are:
+        the same sums for any batch size."""
+        if rows is None:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if not self.window:
+            return self[e](hidden[rows])
+        starts = torch.arange(self.window, hidden.shape[0], self.window, device=rows.device)
+        chunks = torch.tensor_split(rows, torch.searchsorted(rows, starts).tolist())
+        # each window's rows as one (1, tokens, hidden) window: its statistics see one window
+        return torch.cat([self[e](hidden[chunk][None])[0] for chunk in chunks if chunk.numel()])
 
     def keep(self, kept: list[int]) -> None:
         """Only the experts ``kept`` remain, in that order, renumbered from 0 (the router's
@@ -297,10 +314,15 @@ def gather_with_experts(block: nn.Module, named: dict[str, nn.Module], gather) -
                              "would see other routed tokens); run it without torchrun")
     policy = current_policy()
     paths = {id(m): n for n, m in block.named_modules() if isinstance(m, ExpertLinears)}
+    hooks = []
     for module in modules:
         module.tokens = [0] * module.num_experts
         module.all_tokens = (frozenset(range(module.num_experts))
                              if policy.mode == "all-experts" else frozenset())
+        if determinism.enabled():  # the mixture's input is (windows, tokens, hidden)
+            mixture = block.get_submodule(paths[id(module)].rpartition(".")[0])
+            hooks.append(mixture.register_forward_pre_hook(
+                lambda _m, args, module=module: setattr(module, "window", args[0].shape[-2])))
     try:
         stats = gather(named)
         routed = {id(m): list(m.tokens) for m in modules}
@@ -319,6 +341,9 @@ def gather_with_experts(block: nn.Module, named: dict[str, nn.Module], gather) -
     finally:
         for module in modules:
             module.all_tokens = frozenset()
+            module.window = None
+        for handle in hooks:
+            handle.remove()
     records = []
     for module in modules:
         full = policy.mode == "all-experts"
