@@ -196,3 +196,20 @@ def test_a_size_target_then_quantisation_in_one_job_gives_a_file_of_the_counted_
     tensors = GGUFReader(str(out / "model.gguf")).tensors
     assert sum(int(t.n_bytes) for t in tensors) == run.best.cost.bytes - metadata
     assert run.best.cost.bytes <= run.budget.limit
+
+
+def test_the_estimate_counts_every_structure(deep_dir):
+    """The announced time covers every structure's passes and solves, not one job's."""
+    from snapprune.estimate import estimate_job
+    from snapprune.steps import resolve_job
+    from snapprune.workbench import Workbench
+
+    bench = Workbench(AutoModelForCausalLM.from_pretrained(deep_dir),
+                      AutoTokenizer.from_pretrained(deep_dir))
+    search, _ = resolve_job(_job(deep_dir, SearchSettings(target_params=0.8, points=2)))
+    shrink, _ = resolve_job(_job(deep_dir, ShrinkSettings("thanos", mlp=0.3)))
+    searched, single = estimate_job(bench, search), estimate_job(bench, shrink)
+    structures = len(grid(geometry(bench.model), Budget("params", int(
+        geometry(bench.model).dense.params * 0.8)), points=2, narrowest=32))
+    assert structures >= 3
+    assert searched.calibration_seconds > 2.5 * structures * single.calibration_seconds

@@ -103,11 +103,13 @@ def estimate_job(bench, job: Job) -> Estimate:
         stats_seconds, forward, stats = forward_seconds(seqlen)
         out.windows, out.tokens = spec.nsamples, spec.nsamples * seqlen
         out.calibration_seconds = count * spec.nsamples * (stats_seconds + forward)
-    probe = Probe(model, device, named, stats, job.execution.layer_errors)
+    probe = Probe(model, device, named, stats, job.execution.layer_errors, job)
+    one_pass = out.calibration_seconds
     for settings in job.steps:
         part = step_for(settings).estimate(settings, probe)
         out.solver_seconds += count * part.solver_seconds
         out.training_seconds += part.training_seconds
+        out.calibration_seconds += part.passes * one_pass
     evaluation = job.evaluation
     sources = evaluation.sources()
     if sources:

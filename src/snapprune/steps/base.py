@@ -55,6 +55,7 @@ class Probe:
     layers: dict[str, Any]
     stats: dict[str, Any] | None
     layer_errors: bool
+    job: Any = None
 
 
 @dataclass
@@ -64,6 +65,9 @@ class EstimatePart:
 
     solver_seconds: float = 0.0
     training_seconds: float = 0.0
+    passes: float = 0.0
+    """Calibration passes over the whole model it makes beyond the job's one (``search``
+    cuts and scores several structures)."""
 
 
 class Step:

@@ -20,7 +20,7 @@ from ..models.records import RunRecord
 from ..models.search_settings import SearchSettings
 from ..models.settings import DEPTH_SCORES, WIDTH_ALLOCATIONS, DepthSettings, ShrinkSettings
 from ..models.structure_budget import Budget, Cost, Geometry, Structure, geometry, grid
-from .base import Step, StepContext, step_for
+from .base import EstimatePart, Probe, Step, StepContext, step_for
 
 MB = 1_000_000
 HELD_OUT_SEED = 1_000
@@ -154,6 +154,31 @@ class SearchStep(Step):
 
     def check_model(self, settings: SearchSettings, job, model) -> None:
         _plan(settings, job, model)
+
+    def estimate_layers(self, settings: SearchSettings, model) -> dict[str, float | None]:
+        """The MLP's output projection: the estimate times a calibration pass and its cut."""
+        from ..models.adapters import adapter_for
+
+        adapter = adapter_for(model)
+        return {adapter.mlp_groups(adapter.decoder_blocks(model)[0])[0][1]: None}
+
+    def estimate(self, settings: SearchSettings, probe: Probe) -> EstimatePart:
+        """Per structure: about three calibration passes (the block scores, the repair, the
+        width statistics), the width cut's solve, and the held-out windows' pass."""
+        from ..engine import prune_weight
+        from ..models.layout import linear_weight
+
+        _, structures = _plan(settings, probe.job, probe.model)
+        (name,) = self.estimate_layers(settings, probe.model)
+        t = time.perf_counter()
+        prune_weight(linear_weight(probe.layers[name]).clone(),
+                     probe.stats and probe.stats[name], method=settings.method,
+                     pattern="structured", sparsity=0.3)
+        solve = time.perf_counter() - t
+        n = len(structures)
+        nsamples = probe.job.calibration.nsamples or 1
+        return EstimatePart(solver_seconds=n * solve,
+                            passes=n * (3 + settings.windows / nsamples) - 1)
 
     def apply(self, settings: SearchSettings, context: StepContext, fused=None):
         start = time.perf_counter()
