@@ -68,7 +68,7 @@ class Tried:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        return math.exp(self.loss) if self.loss < 700 else math.inf  # exp overflows past ~709
 
     def describe(self, units: int) -> str:
         parts = [f"-{self.structure.blocks} blocks" if self.structure.blocks else "",
