@@ -213,3 +213,11 @@ def test_the_estimate_counts_every_structure(deep_dir):
         geometry(bench.model).dense.params * 0.8)), points=2, narrowest=32))
     assert structures >= 3
     assert searched.calibration_seconds > 2.5 * structures * single.calibration_seconds
+
+
+def test_a_family_without_a_depth_and_width_adapter_is_refused_in_one_line():
+    from tiny_models import tiny_moe_model
+
+    with pytest.raises(SnapPruneError, match="no depth and width adapter") as info:
+        geometry(tiny_moe_model("qwen3_moe"), "q4_0")
+    assert "\n" not in str(info.value)
