@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -77,6 +78,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.8)
     parser.add_argument("--points", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--also", nargs="*", default=[], metavar="LABEL=GGUF",
+                        help="more GGUF files measured beside (e.g. the searched model after "
+                             "recover and quantize)")
     args = parser.parse_args()
     frontier, out = args.frontier.resolve(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -85,10 +89,16 @@ def main() -> None:
     known = json.loads((frontier / "results.json").read_text())["files"]
     if REFERENCE not in known:
         raise SystemExit(f"{frontier} has no {REFERENCE!r}: run gguf_frontier.py --types q4_0")
-    reference = frontier / "llama-q4_0-imatrix-seed0.gguf"
     size = round(known[REFERENCE]["mb"] * args.fraction, 2)
     docs = frontier / "c4_calibration_docs.jsonl"
     bin_ = tools()
+    reference = frontier / "llama-q4_0-imatrix-seed0.gguf"
+    if not reference.is_file():  # the frontier keeps its measurements, not always its files
+        reference = out / "llama-q4_0-imatrix-seed0.gguf"
+        if not reference.is_file():
+            _run([str(bin_["llama-quantize"]), "--imatrix", str(frontier / "imatrix_seed0.gguf"),
+                  str(frontier / "f16.gguf"), str(reference), "Q4_0", "2"],
+                 out / "llama-q4_0-imatrix.log")
     files = {"llama.cpp Q4_0 --imatrix (dense)": reference}
     results.setdefault("files", {})["llama.cpp Q4_0 --imatrix (dense)"] = dict(known[REFERENCE])
 
@@ -112,13 +122,17 @@ def main() -> None:
             {"quantize": {"scheme": "q4_0", "method": "gptq"}}], args.model, docs,
             out / "uniform.log")
         files[f"snapprune shrink --mlp {mlp:.3f} (uniform) + q4_0"] = uniform
+    for item in args.also:
+        label, _, path = item.partition("=")
+        files[label] = Path(path).resolve()
     bases = {name: frontier / f"{name}.kld-base" for name in ("wikitext", "c4")}
     for key, path in files.items():
         entry = results["files"].setdefault(key, {})
         entry["mb"] = path.stat().st_size / 1e6
         for name, base in bases.items():
             if name not in entry:
-                entry[name] = _measure(bin_, path, base, out / f"{key[:40]}.{name}.log")
+                slug = re.sub(r"[^\w.-]+", "_", key)[:60]
+                entry[name] = _measure(bin_, path, base, out / f"{slug}.{name}.log")
         results_path.write_text(json.dumps(results, indent=1))
     results["speed"] = _bench(bin_, files, args.rounds, out / "bench.log")
     results_path.write_text(json.dumps(results, indent=1))
