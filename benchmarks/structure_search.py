@@ -110,8 +110,9 @@ def main() -> None:
     report = json.loads((searched.parent / "snapprune_report.json").read_text())
     search = report["search"]
     chosen = search["tried"][search["chosen"]]
-    results["search"] = {"target_mb": size, "seconds": time.perf_counter() - start,
-                         "tried": search["tried"], "chosen": search["chosen"]}
+    results["search"] = {"target_mb": size, "tried": search["tried"], "chosen": search["chosen"],
+                         "seconds": results.get("search", {}).get("seconds")
+                         or time.perf_counter() - start}
     files[f"snapprune search ({chosen['structure']}) + q4_0"] = searched
     width_only = next((t for t in search["tried"]
                        if not t["blocks_removed"] and not t["attention_removed"]), None)
@@ -156,8 +157,9 @@ def _table(results: dict, out: Path) -> None:
               "| structure | parameters | GGUF MB at q4_0 | ppl | s |", "|---|--:|--:|--:|--:|"]
     for i, t in enumerate(results["search"]["tried"]):
         mark = " (chosen)" if i == results["search"]["chosen"] else ""
+        ppl = f"{t['perplexity']:.2f}" if t["perplexity"] is not None else "not finite"
         lines.append(f"| {t['structure']}{mark} | {t['params']:,} | {t['bytes'] / 1e6:.1f} | "
-                     f"{t['perplexity']:.2f} | {t['seconds']:.0f} |")
+                     f"{ppl} | {t['seconds']:.0f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

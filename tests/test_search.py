@@ -195,7 +195,7 @@ def test_a_size_target_then_quantisation_in_one_job_gives_a_file_of_the_counted_
     metadata = metadata_bytes(job)
     tensors = GGUFReader(str(out / "model.gguf")).tensors
     assert sum(int(t.n_bytes) for t in tensors) == run.best.cost.bytes - metadata
-    assert run.best.cost.bytes <= run.budget.limit
+    assert (out / "model.gguf").stat().st_size <= run.budget.limit  # the header's estimate held
 
 
 def test_the_estimate_counts_every_structure(deep_dir):
@@ -221,3 +221,22 @@ def test_a_family_without_a_depth_and_width_adapter_is_refused_in_one_line():
     with pytest.raises(SnapPruneError, match="no depth and width adapter") as info:
         geometry(tiny_moe_model("qwen3_moe"), "q4_0")
     assert "\n" not in str(info.value)
+
+
+def test_a_size_target_counted_in_a_mix_needs_a_block_type():
+    from snapprune.steps.search import _plan
+
+    model = _deep_llama()
+    target = geometry(model, "q4_0").dense.bytes * 0.8 / 1e6
+    job = _job_for_plan(target, QuantizeSettings("Q4_K_M"))
+    with pytest.raises(SnapPruneError, match="give --gguf-type"):
+        _plan(job.settings("search"), job, model)
+    job = _job_for_plan(target, QuantizeSettings("Q4_K_M"), gguf_type="q4_0")
+    run, structures = _plan(job.settings("search"), job, model)
+    assert run.counted_as == "q4_0" and structures
+
+
+def _job_for_plan(target: float, quantize, **search):
+    return Job(model="unused", steps=(SearchSettings(target_size=target, **search), quantize),
+               calibration=CalibrationSpec(str(C4_FILE), 4, 32),
+               output=OutputSpec(format="gguf", samples=False))

@@ -54,9 +54,9 @@ class Slot:
     cols: int
     gqa: int = 1
     tied: bool = False
+    """For ``token_embd``: the output matrix is this same tensor."""
     experts: int = 0
     """The model's routed experts (0 for a dense model): llama.cpp's ``n_expert``."""
-    """For ``token_embd``: the output matrix is this same tensor."""
 
 
 @dataclass(frozen=True)

@@ -339,10 +339,14 @@ def refuse_expert_modules(model: nn.Module, adapter: Adapter) -> None:
     """A family's mixture in another layout than the fused one the adapter unfolds (per-expert
     modules: transformers 4, remote code) is refused, never half handled (its experts' hooks
     would see routed tokens, but no starved-expert fallback, counts or expert removal)."""
-    found = [module_at(block, adapter.moe.experts) for block in adapter.decoder_blocks(model)]
-    if not any(isinstance(e, ExpertLinears) for e in found) or any(
-            e is not None and not isinstance(e, ExpertLinears) for e in found):
-        raise SnapPruneError(PER_MODULE_CODE.format(name=type(model).__name__))
+    mixture = adapter.moe.experts.rpartition(".")[0]
+    for block in adapter.decoder_blocks(model):
+        experts = module_at(block, adapter.moe.experts)
+        # transformers 4's Mixtral keeps its mixture elsewhere (no ``mlp`` at all); a dense
+        # block of a mixed model (Qwen's mlp_only_layers) has an MLP there and no experts
+        missing = bool(mixture) and module_at(block, mixture) is None
+        if missing or (experts is not None and not isinstance(experts, ExpertLinears)):
+            raise SnapPruneError(PER_MODULE_CODE.format(name=type(model).__name__))
 
 
 @contextlib.contextmanager

@@ -221,10 +221,10 @@ class ExpertLinears(nn.Module):
         (deterministic mode, during statistics) it runs one calibration window's rows at a
         time, so its layers' statistics are reduced window by window, as a dense layer's are:
         the same sums for any batch size."""
+        if not self.window:
+            return self[e](hidden if rows is None else hidden[rows])
         if rows is None:
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-        if not self.window:
-            return self[e](hidden[rows])
         starts = torch.arange(self.window, hidden.shape[0], self.window, device=rows.device)
         chunks = torch.tensor_split(rows, torch.searchsorted(rows, starts).tolist())
         # each window's rows as one (1, tokens, hidden) window: its statistics see one window
@@ -322,7 +322,9 @@ def gather_with_experts(block: nn.Module, named: dict[str, nn.Module], gather) -
         if determinism.enabled():  # the mixture's input is (windows, tokens, hidden)
             mixture = block.get_submodule(paths[id(module)].rpartition(".")[0])
             hooks.append(mixture.register_forward_pre_hook(
-                lambda _m, args, module=module: setattr(module, "window", args[0].shape[-2])))
+                lambda _m, args, kwargs, module=module: setattr(
+                    module, "window", (args[0] if args else kwargs["hidden_states"]).shape[-2]),
+                with_kwargs=True))
     try:
         stats = gather(named)
         routed = {id(m): list(m.tokens) for m in modules}

@@ -142,6 +142,9 @@ def geometry(model: nn.Module, scheme: str | None = None, *, multiple_of: int = 
         raise SnapPruneError(f"the {adapter.family} family has no depth and width adapter; "
                              "the structure search supports the LLaMA family")
     blocks = adapter.decoder_blocks(model)
+    if len({sum(p.numel() for p in b.parameters()) for b in blocks}) > 1:
+        raise SnapPruneError("the blocks differ in shape (a model already cut per block); the "
+                             "structure search starts from a model whose blocks are alike")
     block = blocks[0]
     attention_path = adapter.attention.o.rpartition(".")[0]
     attention = module_at(block, attention_path)

@@ -188,23 +188,23 @@ class SearchStep(Step):
         run.parameters_before = sum(p.numel() for p in dense.parameters())
         held_out = _held_out(bench, job, settings)
         context.log(f"search: {len(structures)} structures within {_said(run)}")
-        best_model = None
         for structure in structures:
             tried = Tried(structure, run.geometry.cost(structure))
             t = time.perf_counter()
             model, tried.steps = _cut(structure, settings, context, dense, run.geometry)
             tried.loss = _loss(model, held_out, bench.device)
+            del model  # one candidate alive at a time: the best is cut again below
             tried.seconds = time.perf_counter() - t
             run.tried.append(tried)
             context.log(f"  {tried.describe(run.geometry.units):40s} "
                         f"{tried.cost.params:>13,} params  loss {tried.loss:.4f} "
                         f"(ppl {tried.perplexity:.2f})  {tried.seconds:.0f}s")
             if run.chosen < 0 or tried.loss < run.best.loss:
-                run.chosen, best_model = len(run.tried) - 1, model
-            else:
-                del model
-        bench.model = best_model
-        run.parameters_after = sum(p.numel() for p in best_model.parameters())
+                run.chosen = len(run.tried) - 1
+        # The cut is deterministic given the job: the best structure again, now for good.
+        bench.model, _ = _cut(run.best.structure, settings, context, dense, run.geometry)
+        del dense
+        run.parameters_after = sum(p.numel() for p in bench.model.parameters())
         run.total_seconds = time.perf_counter() - start
         return run
 
@@ -255,10 +255,21 @@ def _plan(settings: SearchSettings, job, model) -> tuple[SearchRun, list[Structu
 
     currency, value = settings.target
     quantize = job.settings("quantize")
-    counted = (settings.counting_type(quantize.scheme if quantize is not None else None)
-               if currency != "params" else None)
+    scheme = quantize.parsed_scheme if quantize is not None else None
+    counted = None
+    if currency != "params":
+        counted = settings.counting_type(quantize.scheme if quantize is not None else None)
+        if settings.gguf_type is None and quantize is not None and (
+                quantize.parsed_mix is not None or quantize.sized or not scheme.gguf
+                or scheme.block is None):
+            raise SnapPruneError(
+                f"the size and decode targets are counted in one llama.cpp block type, and "
+                f"{quantize.scheme} is not one: give --gguf-type (q4_0, q8_0, ...)")
+    # widths the job's quantisation groups divide (w4g128 needs multiples of 128)
+    group = scheme.group_size if scheme is not None and not scheme.gguf else None
+    multiple = math.lcm(settings.multiple_of, group or 1)
     fmt = job.output.format if job.output is not None else None
-    measured = geometry(model, counted, multiple_of=settings.multiple_of,
+    measured = geometry(model, counted, multiple_of=multiple,
                         metadata=metadata_bytes(job) if currency == "bytes" else 0)
     dense = measured.dense
     if currency == "params":
@@ -309,7 +320,7 @@ def _cut(structure: Structure, settings: SearchSettings, context: StepContext, d
          measured: Geometry):
     """A copy of the dense model cut to ``structure`` by the prune-depth and shrink steps
     (through the run path, as a job of those steps), and their report sections."""
-    from ..jobs import EvaluationSpec, Job
+    from ..jobs import EvaluationSpec, OutputSpec
 
     job, bench = context.job, context.bench
     steps = []
@@ -320,19 +331,27 @@ def _cut(structure: Structure, settings: SearchSettings, context: StepContext, d
         steps.append(ShrinkSettings(settings.method, mlp=1 - structure.width / measured.units,
                                     multiple_of=measured.step, allocation=settings.allocation))
     candidate = bench.sibling(copy.deepcopy(dense))
-    sub = Job(model=job.model, steps=tuple(steps), calibration=job.calibration,
-              evaluation=EvaluationSpec(ppl=(), dense=False), output=job.output,
-              execution=job.execution)
+    fmt = "gguf" if job.output is not None and job.output.format == "gguf" else "hf"
+    output = replace(job.output or OutputSpec(), format=fmt, samples=False)  # nothing saved
+    sub = replace(job, steps=tuple(steps), evaluation=EvaluationSpec(ppl=(), dense=False),
+                  output=output)
     outcome = context.execute(sub, None, bench=candidate, progress=False, announce=False)
     sections = {r.step.name: step_for(r.settings).report(r.run) for r in outcome.results}
     return outcome.model, sections
 
 
 def _loss(model, ids, device) -> float:
+    """Mean next-token loss on the held-out windows (the model on the device meanwhile);
+    infinite for a structure whose outputs are not finite, which then loses, not the run."""
     from ..eval.perplexity import perplexity
+    from ..placement import placed
 
-    result = perplexity(model, ids.reshape(-1), seqlen=ids.shape[1], device=device,
-                        progress=False)
+    try:
+        with placed(model, device):
+            result = perplexity(model, ids.reshape(-1), seqlen=ids.shape[1], device=device,
+                                progress=False)
+    except SnapPruneError:
+        return math.inf
     return math.log(result.perplexity)
 
 
