@@ -242,12 +242,6 @@ class SearchStep(Step):
     def files(self, run, directory: Path) -> list[str]:
         return ["search.png"] if _plot(run, directory / "search.png") else []
 
-    def next_step(self, job, where) -> str | None:
-        if job.kinds == ("search",):
-            return (f"  snapprune recover --model {where} --teacher {job.model} --out "
-                    f"{where}-recovered      # distil it back towards the dense model")
-        return None
-
 
 def _plan(settings: SearchSettings, job, model) -> tuple[SearchRun, list[Structure]]:
     """The budget and the structures to try, or a one-line refusal before any work."""
