@@ -152,3 +152,12 @@ def test_saved_output_has_ordinary_permissions(tiny_dir, tmp_path, capsys):
     assert (out.stat().st_mode & 0o777) == 0o777 & ~mask
     for item in out.iterdir():
         assert (item.stat().st_mode & 0o777) == 0o666 & ~mask, item.name
+
+
+def test_the_summary_reads_a_perplexity_ratio_in_plain_words():
+    from snapprune.summary import verdict
+
+    assert verdict(0.84) == "better than before"  # e.g. after recovery
+    assert verdict(1.0) == "about as good as before"
+    assert verdict(1.2) == "a moderate loss"
+    assert "recover" in verdict(2.0) and "severe" in verdict(4.0)

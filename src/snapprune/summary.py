@@ -10,6 +10,8 @@ from .steps import REGISTRY, after_label, before_label, step_for
 
 def verdict(ratio: float) -> str:
     """A plain-words reading of a perplexity ratio (after / before)."""
+    if ratio < 0.95:  # recovery (or a quantisation that denoises) can improve on its input
+        return "better than before"
     if ratio < 1.05:
         return "about as good as before"
     if ratio < 1.5:
