@@ -75,6 +75,19 @@ def tokenizer_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory, tokenizer_dir):
+    """``tiny_models.deep_llama`` (6 blocks) with the test tokenizer, saved like a Hub model."""
+    from tiny_models import deep_llama
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = tmp_path_factory.mktemp("deep_llama")
+    deep_llama(len(tokenizer)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer

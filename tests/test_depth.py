@@ -13,8 +13,8 @@ import torch
 from conftest import C4_FILE
 from test_cli import _run
 from test_export import LLAMA_CPP, NO_LLAMA_CPP, assert_runs_in_llama_cpp_like
-from tiny_models import tiny_model, token_batch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from tiny_models import DEEP_LAYERS, deep_llama, tiny_model, token_batch
+from transformers import AutoModelForCausalLM
 
 from snapprune.engine.depth import RepairProblem, angular_distance, kl_from_logits
 from snapprune.errors import SnapPruneError
@@ -36,24 +36,7 @@ from snapprune.models.depth import (
 from snapprune.models.settings import DepthSettings, QuantizeSettings, ShrinkSettings
 from snapprune.run import execute
 
-LAYERS = 6
-
-
-def _deep_llama(vocab: int = 512, seed: int = 0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-@pytest.fixture(scope="module")
-def deep_dir(tmp_path_factory, tokenizer_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    out = tmp_path_factory.mktemp("deep_llama")
-    _deep_llama(len(tokenizer)).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+LAYERS = DEEP_LAYERS
 
 
 def _skipping(model, skipped: set[int]):
@@ -133,7 +116,7 @@ def test_choose_the_lowest_scores_and_group_runs():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox", "qwen2"])
 def test_a_removed_block_is_the_model_with_that_block_skipped(family):
-    model = tiny_model(family) if family != "llama" else _deep_llama()
+    model = tiny_model(family) if family != "llama" else deep_llama()
     reference = copy.deepcopy(model)
     ids = token_batch(4, 24)
     count = len(adapter_for(model).decoder_blocks(model))
@@ -153,7 +136,7 @@ def test_a_removed_block_is_the_model_with_that_block_skipped(family):
 def test_the_cut_model_decodes_with_its_kv_cache_like_without():
     """Each kept attention's ``layer_idx`` renumbered: the cache holds one slot per kept
     block, and decoding with it gives the full-sequence logits."""
-    model = _deep_llama()
+    model = deep_llama()
     cut_blocks(model, [0, 3])
     ids = token_batch(1, 20)
     with torch.no_grad():
@@ -175,7 +158,7 @@ def test_the_layer_types_follow_the_kept_blocks():
 def test_scores_are_measured_on_the_model():
     """A block made the identity (its writing projections zeroed) scores 0 on both measures
     and is removed first; the KL is that of the model with each block skipped."""
-    model = _deep_llama()
+    model = deep_llama()
     blocks = model.model.layers
     with torch.no_grad():
         blocks[2].self_attn.o_proj.weight.zero_()
@@ -201,7 +184,7 @@ def test_the_repair_is_least_squares_on_the_cut_stream():
     """Repairing block 1 before removed block 2: its down_proj becomes W + Δ, Δ the ridge
     least-squares fit of (full stream after block 2 − cut stream after block 1) on its inputs,
     written here from the definition with lstsq; the stream error falls."""
-    model = _deep_llama(seed=3)
+    model = deep_llama(seed=3)
     reference = copy.deepcopy(model)
     ids = token_batch(8, 24)
     settings = DepthSettings(blocks=1, score="angular", percdamp=0.05)
@@ -239,7 +222,7 @@ def test_the_repair_is_least_squares_on_the_cut_stream():
 
 
 def test_repair_lowers_the_calibration_stream_error_and_no_repair_keeps_weights():
-    model, plain = _deep_llama(seed=5), _deep_llama(seed=5)
+    model, plain = deep_llama(seed=5), deep_llama(seed=5)
     ids = token_batch(8, 24)
     _, run = depth_model(model, ids, DepthSettings(blocks=2), progress=False)
     repaired = [r for r in run.repairs if not r.reason]
@@ -247,7 +230,7 @@ def test_repair_lowers_the_calibration_stream_error_and_no_repair_keeps_weights(
     _, bare = depth_model(plain, ids, DepthSettings(blocks=2, repair=False), progress=False)
     assert bare.removed == run.removed
     kept = [i for i in range(LAYERS) if i not in bare.removed]
-    source = _deep_llama(seed=5)
+    source = deep_llama(seed=5)
     for new, old in enumerate(kept):
         assert torch.equal(plain.model.layers[new].mlp.down_proj.weight,
                            source.model.layers[old].mlp.down_proj.weight)
@@ -256,7 +239,7 @@ def test_repair_lowers_the_calibration_stream_error_and_no_repair_keeps_weights(
 
 
 def test_a_leading_run_is_reported_unrepaired():
-    model = _deep_llama()
+    model = deep_llama()
     model.model.layers[0].mlp.down_proj.weight.data.zero_()
     model.model.layers[0].self_attn.o_proj.weight.data.zero_()
     _, run = depth_model(model, token_batch(4, 16), DepthSettings(blocks=1), progress=False)
@@ -387,7 +370,7 @@ def _zero_attention(model, indices: set[int]):
 
 
 def test_a_removed_attention_is_the_block_with_attention_adding_nothing():
-    model = _deep_llama()
+    model = deep_llama()
     reference = copy.deepcopy(model)
     for index in (0, 3):
         remove_attention(model, model.model.layers[index])
@@ -407,7 +390,7 @@ def test_a_removed_attention_is_the_block_with_attention_adding_nothing():
 
 
 def test_attention_scores_follow_their_definitions():
-    model = _deep_llama(seed=2)
+    model = deep_llama(seed=2)
     blocks = model.model.layers
     with torch.no_grad():
         blocks[1].self_attn.o_proj.weight.zero_()
@@ -441,7 +424,7 @@ def test_attention_scores_follow_their_definitions():
 
 
 def test_removing_attention_repairs_the_blocks_own_mlp():
-    model = _deep_llama(seed=4)
+    model = deep_llama(seed=4)
     _, run = depth_model(model, token_batch(8, 24), DepthSettings(attention=2), progress=False)
     assert len(run.attention_removed) == 2 and run.removed == []
     repaired = [r for r in run.repairs if r.attention]

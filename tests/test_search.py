@@ -15,8 +15,7 @@ import pytest
 import torch
 from conftest import C4_FILE
 from test_bad_inputs import _assert_refused, _run
-from test_depth import _deep_llama
-from tiny_models import token_batch
+from tiny_models import DEEP_LAYERS, deep_llama, token_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from snapprune import SnapPruneError
@@ -25,17 +24,6 @@ from snapprune.models.search_settings import SearchSettings
 from snapprune.models.settings import DepthSettings, QuantizeSettings, ShrinkSettings
 from snapprune.models.structure_budget import Budget, Structure, geometry, grid, widest
 from snapprune.run import execute
-
-LAYERS = 6
-
-
-@pytest.fixture(scope="module")
-def deep_dir(tmp_path_factory, tokenizer_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    out = tmp_path_factory.mktemp("deep_llama_search")
-    _deep_llama(len(tokenizer)).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def _job(model_dir, *steps, fmt="hf") -> Job:
@@ -156,7 +144,7 @@ def test_a_standard_format_keeps_every_attention_sub_layer(deep_dir, tmp_path):
     assert all(t.structure.attention == 0 for t in run.tried)
     assert "attention" in run.notes[0]
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    assert loaded.config.num_hidden_layers == LAYERS - run.best.structure.blocks
+    assert loaded.config.num_hidden_layers == DEEP_LAYERS - run.best.structure.blocks
 
 
 @pytest.mark.parametrize("extra, fragment", [
@@ -226,7 +214,7 @@ def test_a_family_without_a_depth_and_width_adapter_is_refused_in_one_line():
 def test_a_size_target_counted_in_a_mix_needs_a_block_type():
     from snapprune.steps.search import _plan
 
-    model = _deep_llama()
+    model = deep_llama()
     target = geometry(model, "q4_0").dense.bytes * 0.8 / 1e6
     job = _job_for_plan(target, QuantizeSettings("Q4_K_M"))
     with pytest.raises(SnapPruneError, match="give --gguf-type"):

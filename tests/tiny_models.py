@@ -98,3 +98,18 @@ def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB):
 def token_batch(nsamples: int = 4, seqlen: int = 32, vocab: int = VOCAB, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (nsamples, seqlen), generator=gen)
+
+
+DEEP_LAYERS = 6
+
+
+def deep_llama(vocab: int = VOCAB, seed: int = 0):
+    """A random LLaMA of 6 blocks (enough to remove several whole blocks and attention
+    sub-layers: prune-depth, search), widths 64 / 128, grouped-query attention."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=128,
+                         num_hidden_layers=DEEP_LAYERS, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256)
+    return AutoModelForCausalLM.from_config(config).eval()
