@@ -33,7 +33,8 @@ each on a copy of the model (prune-depth and shrink, in closed form), scores eac
 on calibration windows it was not cut on, and keeps the best. The budget, one of:
   --target-params N   parameters (a count, or a fraction of the model's below 1)
   --target-size MB    the GGUF file with every decoder matrix at --gguf-type (default: the
-                      job's --quantize type, else q4_0), the embedding at q8_0
+                      type of a quantize step in the same recipe, else q4_0), the
+                      embedding at q8_0
   --target-decode X   X times the dense model's decode speed, by the bytes read per token
                       at that type (what bounds decoding on a memory-bound machine)
 It tries --points counts of removed blocks (from none to what depth alone needs) and, for
@@ -120,7 +121,8 @@ class SearchStep(Step):
         Flag("target_decode", ("--target-decode",), "decode speed-up over the dense model, by "
              "the bytes read per token", type=number, metavar="X", show_default=False),
         Flag("gguf_type", ("--gguf-type",), "the llama.cpp type sizes are counted in (default: "
-             "the --quantize type, else q4_0)", metavar="TYPE", show_default=False),
+             "a quantize step's type in the same recipe, else q4_0)", metavar="TYPE",
+             show_default=False),
         Flag("method", ("--method",), "how the MLP neurons are chosen and the rest updated",
              metavar="NAME"),
         Flag("score", ("--score",), "how blocks are ranked: " + ", ".join(DEPTH_SCORES),
