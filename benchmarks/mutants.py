@@ -49,7 +49,8 @@ MOE_STATS = ("tests/test_moe.py::test_unfolded_experts_compute_the_fused_model_a
              "every_tokens_statistics_and_says_so", "tests/test_moe.py::test_sending_every_"
              "token_through_every_expert_leaves_the_block_output_routed")
 EXPERT_TESTS = ("tests/test_expert_pruning.py",)
-SEARCH_TESTS = ("tests/test_search.py",)
+SEARCH = "tests/test_search.py::"
+"""The search's mutants each name the one test that guards the rule (CI time)."""
 
 
 @dataclass(frozen=True)
@@ -638,29 +639,34 @@ MUTANTS = (
     Mutant("search-keeps-the-worst",
            "the search keeps the structure with the highest held-out loss",
            "steps/search.py",
-           (("tried.loss < run.best.loss", "tried.loss > run.best.loss"),), SEARCH_TESTS),
+           (("tried.loss < run.best.loss", "tried.loss > run.best.loss"),),
+           (SEARCH + "test_the_search_keeps_the_least_loss_and_saves_that_structure",)),
     Mutant("search-width-not-widest",
            "a structure whose full MLP fits the budget still has its MLP cut",
            "models/structure_budget.py",
            (("    if fits(geometry.units):\n        return geometry.units\n", ""),),
-           SEARCH_TESTS),
+           (SEARCH + "test_every_structure_of_the_grid_fits_the_budget_with_the_widest_mlp",)),
     Mutant("search-attention-norm-counted-kept",
            "a block without attention is counted with its attention norm, which the file drops",
            "models/structure_budget.py",
-           (("    attention_cost += Cost(0, norm_bytes, norm_bytes)\n", ""),), SEARCH_TESTS),
+           (("    attention_cost += Cost(0, norm_bytes, norm_bytes)\n", ""),),
+           (SEARCH + "test_a_structures_cost_is_its_cut_model_and_its_gguf_file",)),
     Mutant("search-scored-on-calibration-windows",
            "structures are scored on the windows they were cut on",
            "steps/search.py",
-           (("HELD_OUT_SEED = 1_000", "HELD_OUT_SEED = 0"),), SEARCH_TESTS),
+           (("HELD_OUT_SEED = 1_000", "HELD_OUT_SEED = 0"),),
+           (SEARCH + "test_structures_are_scored_on_windows_they_were_not_cut_on",)),
     Mutant("search-depth-not-searched",
            "the grid never removes whole blocks",
            "models/structure_budget.py",
-           (("    for d in _spread(depth_top, points):", "    for d in [0]:"),), SEARCH_TESTS),
+           (("    for d in _spread(depth_top, points):", "    for d in [0]:"),),
+           (SEARCH + "test_every_structure_of_the_grid_fits_the_budget_with_the_widest_mlp",)),
     Mutant("shrink-after-attention-removal-rebuilt-whole",
            "shrink rebuilds blocks that lost their attention with a fresh attention",
            "models/shrink.py",
            (("            remove_attention(smaller, new_blocks[index])",
-             "            pass"),), SEARCH_TESTS),
+             "            pass"),),
+           (SEARCH + "test_a_structures_cost_is_its_cut_model_and_its_gguf_file",)),
     Mutant("moe-expert-statistics-not-windowed",
            "in deterministic mode an expert's statistics are reduced per batch, not per window",
            "models/experts.py",
