@@ -165,12 +165,10 @@ def geometry(model: nn.Module, scheme: str | None = None, *, multiple_of: int = 
         raise SnapPruneError("the MLP's cost is not a whole number per neuron; the structure "
                              "search cannot count this family")
     unit = Cost(unit_total.params // units, unit_total.bytes // units, unit_total.read // units)
-    rest = [p for p in block.parameters()
-            if id(p) not in {id(q) for q in attention.parameters()}
-            and id(p) not in {id(q) for m in matrices.values() for q in m.parameters()}]
-    other = Cost(sum(p.numel() for p in rest), sum(p.numel() for p in rest) * VECTOR_BYTES,
-                 sum(p.numel() for p in rest) * VECTOR_BYTES)
-    other += Cost(bias, bias * VECTOR_BYTES, bias * VECTOR_BYTES)
+    counted = {id(q) for q in attention.parameters()} | {
+        id(q) for m in matrices.values() for q in m.parameters()}
+    rest = sum(p.numel() for p in block.parameters() if id(p) not in counted) + bias
+    other = Cost(rest, rest * VECTOR_BYTES, rest * VECTOR_BYTES)
     # The attention's norm goes with it in the file (llama.cpp's attention-free deci block
     # has none), though the transformers model keeps the (unused) parameters.
     norm = getattr(block, ATTENTION_NORM, None)
