@@ -26,6 +26,17 @@ def smollm2(smollm2_wheel):
     return model, tokenizer
 
 
+@pytest.fixture(scope="module")
+def smollm2_dir(smollm2, tmp_path_factory):
+    """The same weights saved as a transformers directory: a job that starts from it skips the
+    GGUF file's de-quantisation (tens of seconds per load), where the test is not about it."""
+    model, tokenizer = smollm2
+    out = tmp_path_factory.mktemp("smollm2_hf")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def test_loads_as_a_plain_llama(smollm2):
     model, tokenizer = smollm2
     assert type(model).__name__ == "LlamaForCausalLM"
@@ -136,8 +147,7 @@ LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 @pytest.mark.skipif(not LLAMA_CPP, reason="needs llama-cpp-python (pip install "
                     "'snapprune[llama]', which builds llama.cpp)")
 @pytest.mark.parametrize("steps", ["quantize", "shrink+quantize", "sensitivity+quantize"])
-def test_smollm2_gguf_runs_in_llama_cpp_at_snapprunes_perplexity(steps, tmp_path,
-                                                                 smollm2_wheel):
+def test_smollm2_gguf_runs_in_llama_cpp_at_snapprunes_perplexity(steps, tmp_path, request):
     """The GGUF file of SmolLM2 (dense, or shrunk: MLP 30%, heads 9 → 6, uniformly or each
     block its own widths, the deci architecture) at q4_0, in llama.cpp, on the same token
     windows: perplexity within 1% of snapprune's evaluation of the same weights (llama.cpp
@@ -157,8 +167,13 @@ def test_smollm2_gguf_runs_in_llama_cpp_at_snapprunes_perplexity(steps, tmp_path
         chosen = (ShrinkSettings("thanos", mlp=0.3, heads=0.34, allocation=allocation),
                   *chosen)
         windows = 16
+    # The dense file starts from the GGUF alias (its tokenizer carried over, as users run it);
+    # the shrunk ones from the same weights as a directory (its tokenizer built).
+    model = ("smollm2-135m" if steps == "quantize"
+             else str(request.getfixturevalue("smollm2_dir")))
+    request.getfixturevalue("smollm2_wheel")
     out = tmp_path / "model"
-    outcome = execute(Job(model="smollm2-135m", steps=chosen,
+    outcome = execute(Job(model=model, steps=chosen,
                           calibration=CalibrationSpec(str(C4_FILE), windows, 128),
                           evaluation=EvaluationSpec(ppl=(WIKI_TEST,), seqlen=256, max_windows=4,
                                                     dense=False),

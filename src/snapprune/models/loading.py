@@ -235,10 +235,9 @@ def stored_dtype(model, source: ModelSource) -> torch.dtype:
         if isinstance(declared, str):
             declared = getattr(torch, declared, None)
         return declared if isinstance(declared, torch.dtype) else model.dtype
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
 
-    kinds = {t.tensor_type for t in GGUFReader(str(Path(source.path) / source.gguf_file)).tensors
-             if len(t.shape) > 1}
+    kinds = check_gguf(Path(source.path) / source.gguf_file).matrix_types
     if GGMLQuantizationType.BF16 in kinds:
         return torch.bfloat16
     if kinds and kinds <= {GGMLQuantizationType.F32}:

@@ -245,9 +245,9 @@ def metadata_bytes(job) -> int:
 
     source = source_gguf(job.model)
     if source is not None:
-        from gguf import GGUFReader
+        from ..models.gguf_check import check_gguf
 
-        return int(GGUFReader(str(source)).data_offset)
+        return check_gguf(source).data_offset
     try:
         where = Path(resolve_model(job.model).path)
     except SnapPruneError:
