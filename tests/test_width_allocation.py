@@ -229,7 +229,7 @@ def test_a_uniform_allocation_stays_plain_llama(llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--allocation", "sensitivity"], "no standard transformers config"),
+    (["--allocation", "sensitivity"], "--multiple-of 256"),  # hf: the Nemotron-NAS layout
     (["--allocation", "sensitivity", "--format", "gguf", "--multiple-of", "96"],
      "not a multiple of --multiple-of 96"),
     (["--allocation", "widest"], "invalid choice"),

@@ -28,7 +28,8 @@ import torch
 from ..engine.schemes import GGUF_SCHEMES
 from ..errors import SnapPruneError
 from ..models.adapters import adapter_for, module_at
-from ..models.depth import attention_free
+from ..models.block_shapes import BlockWidths, block_widths
+from ..models.depth import ATTENTION_NORM, attention_free
 from ..models.experts import ExpertLinears
 from ..models.layout import linear_weight
 from .format import Format
@@ -231,29 +232,6 @@ def _file_type(record) -> str:
     return record.scheme.block.file_type
 
 
-@dataclass(frozen=True)
-class BlockWidths:
-    heads: int
-    kv_heads: int
-    ffn: int
-
-
-def block_widths(model, head_dim: int) -> list[BlockWidths]:
-    """Each decoder block's query and key/value heads (0 without attention) and MLP width, as
-    its layers hold them."""
-    adapter = adapter_for(model)
-    out = []
-    for block in adapter.decoder_blocks(model):
-        ffn = linear_weight(block.get_submodule(adapter.mlp.output)).shape[1]
-        if attention_free(block):
-            out.append(BlockWidths(0, 0, ffn))
-            continue
-        rows = [linear_weight(block.get_submodule(n)).shape[0] // head_dim
-                for n in (adapter.attention.q, adapter.attention.k)]
-        out.append(BlockWidths(rows[0], rows[1], ffn))
-    return out
-
-
 def _block_index(layer: str) -> int | None:
     """``model.layers.7.self_attn.q_proj`` → 7."""
     parts = layer.split(".")
@@ -321,7 +299,7 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
 
     names = get_tensor_name_map(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    unused = {f"model.layers.{i}.input_layernorm.weight" for i, f in enumerate(free) if f}
+    unused = {f"model.layers.{i}.{ATTENTION_NORM}.weight" for i, f in enumerate(free) if f}
     experts: dict[str, list[tuple[int, str, torch.Tensor]]] = {}
     for name, tensor in model.state_dict().items():
         if (tied and name == "lm_head.weight") or name in unused:

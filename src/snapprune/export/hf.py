@@ -1,12 +1,18 @@
 """``hf``: the model as transformers saves it (safetensors), quantised weights de-quantised —
-what any transformers user loads, for inspection and further work."""
+what any transformers user loads, for inspection and further work. A model whose blocks differ
+in shape (attention removed, per-block widths) has no standard config: it is written in the
+Nemotron-NAS layout (``DeciLMForCausalLM``, ``models/decilm.py``), which vLLM and llama.cpp's
+converter read and snapprune loads back."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
-from ..models.adapters import fused_experts
+from ..models import decilm
+from ..models.adapters import adapter_for, fused_experts
+from ..models.block_shapes import block_widths
 from .format import Format
 
 
@@ -24,11 +30,41 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     model in memory keeps its own dtype."""
     before = {p.name for p in directory.iterdir()}
     model, dtype = outcome.model, outcome.save_dtype
-    with fused_experts(model):
-        _save(model, dtype, directory)
+    notes = []
+    widths = differing_blocks(model)
+    if widths is not None:
+        _save_decilm(model, dtype, directory, widths)
+        notes.append("blocks of different shapes: written in the Nemotron-NAS layout "
+                     "(DeciLMForCausalLM), which vLLM, llama.cpp's convert_hf_to_gguf.py and "
+                     "snapprune read; transformers loads it with trust_remote_code=True")
+    else:
+        with fused_experts(model):
+            _save(model, dtype, directory)
     if outcome.tokenizer is not None:
         outcome.tokenizer.save_pretrained(directory)
-    return sorted({p.name for p in directory.iterdir()} - before), []
+    return sorted({p.name for p in directory.iterdir()} - before), notes
+
+
+def differing_blocks(model) -> list | None:
+    """Each block's shape where the blocks differ (no standard config holds them), else
+    ``None``."""
+    adapter = adapter_for(model)
+    if adapter.family != "llama" or adapter.moe is not None:  # the only family cut per block
+        return None
+    config = model.config
+    head_dim = (getattr(config, "head_dim", None)
+                or config.hidden_size // config.num_attention_heads)
+    widths = block_widths(model, head_dim)
+    return widths if len(set(widths)) > 1 else None
+
+
+def _save_decilm(model, dtype, directory: Path, widths) -> None:
+    dtype = dtype or model.dtype
+    config = decilm.layout(model, widths, dtype)  # refuses what the layout cannot hold
+    state = {k: v.to(dtype) if v.is_floating_point() else v
+             for k, v in decilm.stored_state(model).items()}
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _save(model, dtype, directory: Path) -> None:

@@ -62,6 +62,11 @@ class NoAttention(nn.Module):
         return torch.zeros_like(hidden_states), None
 
 
+ATTENTION_NORM = "input_layernorm"
+"""The norm in front of a LLaMA block's attention: it goes with the attention (neither llama.cpp's
+deci block nor the Nemotron-NAS layout stores it for a block without attention)."""
+
+
 def attention_free(block: nn.Module) -> bool:
     """Whether a block's attention sub-layer was removed (``NoAttention``)."""
     return any(isinstance(m, NoAttention) for m in block.children())

@@ -13,6 +13,7 @@ import difflib
 import importlib.util
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from ..errors import SnapPruneError
 from ..hub import go_offline, unreachable_reason
 from ..progress import library_bars
+from . import decilm
 from .checkpoint_files import RESAVE, check_checkpoint, empty_model, one_line
 from .gguf_check import check_gguf
 
@@ -118,7 +120,8 @@ def resolve_model(spec: str) -> ModelSource:
                 "transformers model (save_pretrained) or a Hub id"
             )
         check_tokenizer_files(path)
-        check_checkpoint(path)
+        if decilm.read_config(path) is None:  # a Nemotron-NAS model is checked as it loads
+            check_checkpoint(path)
         return ModelSource(spec, str(path))
     if exists:
         raise SnapPruneError(f"{spec} is neither a model directory nor a .gguf file")
@@ -152,6 +155,12 @@ def load_tokenizer(path: str, *, gguf_file: str | None = None, revision: str | N
     if revision is not None:
         kwargs["revision"] = revision
     try:
+        if decilm.read_config(path) is not None:
+            # its config names the family's remote code, which transformers would otherwise
+            # offer to run (an interactive prompt); the tokenizer needs none of it
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except Exception as exc:  # a broken tokenizer file raises anything from OSError to TypeError
         if gguf_file:
@@ -196,8 +205,12 @@ def load_model(spec: str, *, dtype: str = "auto", revision: str | None = None,
         with library_bars(progress):
             tokenizer = load_tokenizer(source.path, gguf_file=source.gguf_file,
                                        revision=revision)
-            model, info = AutoModelForCausalLM.from_pretrained(
-                source.path, output_loading_info=True, **kwargs)
+            nas = decilm.read_config(source.path) if source.is_local else None
+            if nas is not None:  # blocks of different shapes (snapprune's hf output of them)
+                model, info = decilm.load(Path(source.path), nas, DTYPES.get(dtype)), {}
+            else:
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    source.path, output_loading_info=True, **kwargs)
     except Exception as exc:  # what the checks above cannot see: one line, never a traceback
         if not source.is_local and unreachable_reason() is not None:
             raise SnapPruneError(

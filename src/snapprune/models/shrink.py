@@ -25,6 +25,7 @@ from ..engine.units import lowest_units
 from ..errors import SnapPruneError
 from ..memory import peak_bytes
 from .adapters import Adapter, adapter_for, head_geometry
+from .block_shapes import BlockWidths, resize_blocks
 from .blockloop import run_blocks
 from .capture import BATCH_SIZE, capture_block_inputs
 from .checkpoint_files import empty_model
@@ -403,52 +404,14 @@ def cut_out(model: nn.Module, adapter: Adapter, plan: WidthPlan,
         if attention_free(block):
             remove_attention(smaller, new_blocks[index])
     if not plan.uniform:
-        _resize_blocks(smaller, adapter, plan)
+        resize_blocks(smaller, [BlockWidths(plan.heads_at(i), plan.kv_at(i), plan.mlp_at(i))
+                                for i in every], plan.head_dim)
     missing, unexpected = with_weights(smaller, state, strict=False)
     tied = set(getattr(smaller, "_tied_weights_keys", None) or ())
     if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
         raise SnapPruneError(f"the cut-out model does not match its config (missing {missing}, "
                              f"unexpected {unexpected}); please report this")
     return smaller.eval()
-
-
-def _meta_linear(old: nn.Module, inputs: int, outputs: int) -> nn.Linear:
-    return nn.Linear(inputs, outputs, bias=getattr(old, "bias", None) is not None,
-                     device="meta", dtype=linear_weight(old).dtype)
-
-
-def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(block.get_submodule(parent) if parent else block, child, new)
-
-
-def _resize_blocks(model: nn.Module, adapter: Adapter, plan: WidthPlan) -> None:
-    """Give each block of an empty model (built with the widest block's config) its own MLP
-    width and head count: layers of those shapes (on the meta device, to be assigned) and the
-    attention's query heads per key/value head."""
-    for index, block in enumerate(adapter.decoder_blocks(model)):
-        modules = dict(block.named_modules())
-        width = plan.mlp_at(index)
-        for producers, consumer in adapter.mlp_groups(block):
-            for name in producers:
-                old = modules[name]
-                _replace(block, name, _meta_linear(old, linear_weight(old).shape[1], width))
-            old = modules[consumer]
-            _replace(block, consumer, _meta_linear(old, width, linear_weight(old).shape[0]))
-        att = adapter.attention
-        if attention_free(block):
-            continue
-        heads, kv = plan.heads_at(index), plan.kv_at(index)
-        for name, rows in ((att.q, heads), (att.k, kv), (att.v, kv)):
-            old = modules[name]
-            _replace(block, name, _meta_linear(old, linear_weight(old).shape[1],
-                                               rows * plan.head_dim))
-        old = modules[att.o]
-        _replace(block, att.o, _meta_linear(old, heads * plan.head_dim,
-                                            linear_weight(old).shape[0]))
-        attention = block.get_submodule(att.o.rpartition(".")[0])
-        if hasattr(attention, "num_key_value_groups"):
-            attention.num_key_value_groups = heads // kv
 
 
 def _units_key(consumer: str, adapter: Adapter, index: int) -> str:

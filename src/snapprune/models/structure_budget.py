@@ -29,15 +29,13 @@ from torch import nn
 from ..engine.schemes import parse_scheme
 from ..errors import SnapPruneError
 from .adapters import adapter_for, module_at
+from .depth import ATTENTION_NORM
 from .layout import input_width, is_prunable, linear_weight
 
 EMBEDDING_TYPE = "q8_0"
 """The token embedding and output matrix under a plain type (``engine.mixes.uniform``)."""
 VECTOR_BYTES = 4
 """Norms and biases: float32 in the GGUF file."""
-ATTENTION_NORM = "input_layernorm"
-"""The LLaMA family's norm before attention, which a block without attention does not store
-(``export.gguf``)."""
 
 
 @dataclass(frozen=True)

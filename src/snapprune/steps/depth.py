@@ -5,8 +5,8 @@ It may come before ``shrink`` or ``prune`` in one job (depth first, then width).
 
 from __future__ import annotations
 
-from ..errors import SnapPruneError
 from ..flags import Command, Flag, integer, number
+from ..models import decilm
 from ..models.depth import check_depth, depth_model, depth_report
 from ..models.settings import DEPTH_SCORES, DepthSettings
 from .base import Step, StepContext, whole_model_pass
@@ -63,13 +63,13 @@ class DepthStep(Step):
     def check(self, settings: DepthSettings, job) -> None:
         settings.check()
         fmt = job.output.format if job.output is not None else None
-        if settings.attention and fmt not in (None, "gguf"):
-            raise SnapPruneError("blocks without attention have no standard transformers "
-                                 "config: write --format gguf (llama.cpp's deci "
-                                 "architecture runs them), or remove whole blocks only")
+        if settings.attention:  # blocks without attention: deci GGUF or Nemotron-NAS
+            decilm.check_requested(fmt)
 
     def check_model(self, settings: DepthSettings, job, model) -> None:
         check_depth(model, settings)
+        if settings.attention and job.output is not None and job.output.format == "hf":
+            decilm.check_model(model, multiple_of=decilm.WIDTH_MULTIPLE)
 
     def estimate_layers(self, settings: DepthSettings, model) -> dict[str, float | None]:
         """The MLP's output projection: the estimate then times the calibration pass the

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import SnapPruneError
 from ..flags import Command, Flag, fraction, number, positive_int
+from ..models import decilm
 from ..models.records import RunRecord
 from ..models.search_settings import SearchSettings
 from ..models.settings import DEPTH_SCORES, WIDTH_ALLOCATIONS, DepthSettings, ShrinkSettings
@@ -146,10 +147,8 @@ class SearchStep(Step):
             raise SnapPruneError(f"search chooses the depth and the widths itself; drop "
                                  f"{' and '.join(taken)} from the job")
         fmt = job.output.format if job.output is not None else None
-        if settings.allocation == "sensitivity" and fmt not in (None, "gguf"):
-            raise SnapPruneError("per-block MLP widths have no standard transformers config: "
-                                 "write --format gguf (llama.cpp's deci), or use --allocation "
-                                 "uniform")
+        if settings.allocation == "sensitivity":  # deci GGUF or Nemotron-NAS
+            decilm.check_requested(fmt, multiple_of=settings.multiple_of)
         if settings.target_size is not None and fmt not in (None, "gguf"):
             raise SnapPruneError("--target-size counts a GGUF file: write --format gguf, or "
                                  "give --target-params")
@@ -280,10 +279,12 @@ def _plan(settings: SearchSettings, job, model) -> tuple[SearchRun, list[Structu
             f"({getattr(dense, currency):,}): nothing to remove; give a smaller target")
     notes = []
     attention = settings.attention
-    if attention and fmt not in (None, "gguf"):
+    if attention and not _holds_attention_free(fmt, measured, model):
         attention = False
         notes.append(f"every attention sub-layer kept: blocks without attention need --format "
-                     f"gguf, not {fmt}")
+                     f"gguf, or --format hf (the Nemotron-NAS layout) with MLP widths in "
+                     f"multiples of {decilm.WIDTH_MULTIPLE} (--multiple-of "
+                     f"{decilm.WIDTH_MULTIPLE}); not {fmt} with steps of {measured.step}")
     budget = Budget(currency, limit)
     narrowest = max(measured.step, math.ceil(measured.units * (1 - settings.max_mlp)
                                              / measured.step) * measured.step)
@@ -292,6 +293,20 @@ def _plan(settings: SearchSettings, job, model) -> tuple[SearchRun, list[Structu
     run = SearchRun(settings=settings, budget=budget, counted_as=counted, geometry=measured,
                     notes=notes)
     return run, structures
+
+
+def _holds_attention_free(fmt: str | None, measured, model) -> bool:
+    """Whether the output can hold blocks without attention: llama.cpp's deci GGUF always,
+    the Nemotron-NAS layout where every width the search may cut to is a multiple of 256."""
+    if fmt in (None, "gguf"):
+        return True
+    if fmt != "hf" or measured.step % decilm.WIDTH_MULTIPLE:
+        return False
+    try:
+        decilm.check_model(model, multiple_of=measured.step)
+    except SnapPruneError:
+        return False
+    return True
 
 
 def _said(run: SearchRun) -> str:

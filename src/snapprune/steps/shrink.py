@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 
 from ..engine import METRICS, method_names, prune_weight
-from ..errors import SnapPruneError
 from ..flags import Command, Flag, default_text, fraction, number, positive_int
+from ..models import decilm
 from ..models.adapters import adapter_for
 from ..models.layout import linear_weight
 from ..models.settings import WIDTH_ALLOCATIONS, ShrinkSettings
@@ -81,13 +81,15 @@ class ShrinkStep(Step):
     def check(self, settings: ShrinkSettings, job) -> None:
         settings.check()
         fmt = job.output.format if job.output is not None else None
-        if settings.allocation == "sensitivity" and fmt not in (None, "gguf"):
-            raise SnapPruneError("blocks of different widths have no standard transformers "
-                                 "config: write --format gguf (llama.cpp's deci architecture "
-                                 "runs them), or use --allocation uniform")
+        if settings.allocation == "sensitivity":  # deci GGUF or Nemotron-NAS
+            decilm.check_requested(fmt, heads_vary=bool(settings.heads),
+                                   multiple_of=settings.multiple_of if settings.mlp else None)
 
     def check_model(self, settings: ShrinkSettings, job, model) -> None:
         plan_width(model, settings)
+        if (settings.allocation == "sensitivity" and job.output is not None
+                and job.output.format == "hf"):
+            decilm.check_model(model, multiple_of=settings.multiple_of)
 
     def estimate_layers(self, settings: ShrinkSettings, model) -> dict[str, float | None]:
         adapter = adapter_for(model)
