@@ -54,6 +54,9 @@ MOE_STATS = ("tests/test_moe.py::test_unfolded_experts_compute_the_fused_model_a
              "every_tokens_statistics_and_says_so", "tests/test_moe.py::test_sending_every_"
              "token_through_every_expert_leaves_the_block_output_routed")
 EXPERT_TESTS = ("tests/test_expert_pruning.py",)
+DEPTH = "tests/test_depth.py::"
+DECI = "tests/test_decilm.py::"
+"""The Nemotron-NAS layout's mutants: the test that guards each rule."""
 SEARCH = "tests/test_search.py::"
 """The search's mutants each name the one test that guards the rule (CI time)."""
 
@@ -682,6 +685,44 @@ MUTANTS = (
            "recovery.py",
            (("                param.grad.mul_(masks[name])\n", "                pass\n"),),
            RECOVERY_TESTS),
+    Mutant("depth-first-block-attention-removable",
+           "the first kept block's attention may be removed (its deci file does not load)",
+           "models/depth.py",
+           (("    candidates = kept[1:]\n", "    candidates = kept\n"),),
+           (DEPTH + "test_the_first_kept_block_keeps_its_attention_however_it_scores",)),
+    Mutant("decilm-width-rounds-down",
+           "a Nemotron-NAS width is its multiplier's width rounded down, not up to 256",
+           "models/decilm.py",
+           (("else width + WIDTH_MULTIPLE - width % WIDTH_MULTIPLE\n",
+             "else width - width % WIDTH_MULTIPLE\n"),),
+           (DECI + "test_every_width_of_256_has_a_multiplier_the_runtimes_read_back",)),
+    Mutant("decilm-stores-the-unused-norm",
+           "an attention-free block's norm is stored in the Nemotron-NAS checkpoint",
+           "models/decilm.py",
+           (("(adapter.decoder_blocks(model)) if attention_free(block)}\n",
+             "(adapter.decoder_blocks(model)) if False}\n"),),
+           (DECI + "test_blocks_of_different_shapes_are_written_as_nemotron_nas",)),
+    Mutant("decilm-group-inverted",
+           "n_heads_in_group read as the key/value head count",
+           "models/decilm.py",
+           (("0 if free else heads // group,\n", "0 if free else group,\n"),),
+           (DECI + "test_snapprune_reads_the_layout_back_to_the_same_logits",)),
+    Mutant("decilm-standard-config-for-differing-blocks",
+           "blocks of different shapes saved under the standard config",
+           "export/hf.py",
+           (("    return widths if len(set(widths)) > 1 else None\n", "    return None\n"),),
+           (DECI + "test_blocks_of_different_shapes_are_written_as_nemotron_nas",)),
+    Mutant("decilm-per-block-heads-accepted",
+           "per-block query heads requested for --format hf are not refused",
+           "models/decilm.py",
+           (("    if heads_vary:\n", "    if False:\n"),),
+           (DECI + "test_shapes_the_layout_cannot_hold_are_refused_in_one_line",)),
+    Mutant("search-hf-keeps-attention",
+           "a search for --format hf never removes attention, though the widths fit the layout",
+           "steps/search.py",
+           (("    if fmt != \"hf\" or measured.step % decilm.WIDTH_MULTIPLE:\n",
+             "    if True:\n"),),
+           (DECI + "test_a_search_for_hf_may_remove_attention_when_the_widths_fit",)),
     Mutant("recovery-resume-without-optimizer",
            "a resumed recovery starts with a fresh optimiser state",
            "recovery.py",

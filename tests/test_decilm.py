@@ -25,20 +25,24 @@ from snapprune.models.settings import DepthSettings, QuantizeSettings, ShrinkSet
 from snapprune.run import execute
 
 WIDTH = 1024  # four steps of the layout's 256
+HIDDEN = 128
 
 
 @pytest.fixture(scope="module")
 def nas_dir(tmp_path_factory, tokenizer_dir):
-    """A LLaMA whose MLP (1024) the layout's 256-wide steps divide: 4 blocks, 4 heads of 16
-    over 2 key/value heads."""
+    """A LLaMA whose MLP (1024) the layout's 256-wide steps divide: 4 blocks, 8 heads of 16
+    over 2 key/value heads (4 query heads per group: no count equals another), each block's
+    MLP twice as strong as the one before (their widths' costs differ)."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=WIDTH,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=WIDTH,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                          max_position_embeddings=128, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
-    for p in model.parameters():  # weights large enough that the blocks differ in importance
-        p.data.normal_(0, 0.08)
+    for p in model.parameters():
+        p.data.normal_(0, 0.06)
+    for i, block in enumerate(model.model.layers):
+        block.mlp.down_proj.weight.data *= 2.0 ** i
     out = tmp_path_factory.mktemp("nas_llama")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -79,9 +83,9 @@ def test_blocks_of_different_shapes_are_written_as_nemotron_nas(nas_output):
     assert len(free) == 1
     blocks = config["block_configs"]
     assert [b["attention"]["no_op"] for b in blocks] == [i in free for i in range(4)]
-    assert all(b["attention"]["n_heads_in_group"] == 2 for i, b in enumerate(blocks)
+    assert all(b["attention"]["n_heads_in_group"] == 4 for i, b in enumerate(blocks)
                if i not in free)
-    widths = [decilm.ffn_width(b["ffn"]["ffn_mult"], 64) for b in blocks]
+    widths = [decilm.ffn_width(b["ffn"]["ffn_mult"], HIDDEN) for b in blocks]
     assert widths == [b.mlp.down_proj.in_features for b in layers] and len(set(widths)) > 1
     from safetensors import safe_open
 

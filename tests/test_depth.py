@@ -389,6 +389,16 @@ def test_a_removed_attention_is_the_block_with_attention_adding_nothing():
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
 
 
+def test_the_first_kept_block_keeps_its_attention_however_it_scores():
+    """llama.cpp reads the head size from the first block's head count: a deci file whose first
+    block has no attention does not load, so the first kept block is never a candidate."""
+    scores = [BlockScore(i, 0.5, 0.5, attention_angular=a, attention_kl=a)
+              for i, a in enumerate([0.0, 0.3, 0.1, 0.2])]
+    assert choose_attention(scores, 1, "angular", removed=[]) == [2]
+    assert choose_attention(list(reversed(scores)), 2, "kl", removed=[]) == [2, 3]
+    assert choose_attention(scores, 1, "kl", removed=[0]) == [2]  # block 1 is now the first
+
+
 def test_attention_scores_follow_their_definitions():
     model = deep_llama(seed=2)
     blocks = model.model.layers

@@ -265,8 +265,11 @@ def choose_blocks(scores: list[BlockScore], count: int, score: str) -> list[int]
 
 def choose_attention(scores: list[BlockScore], count: int, score: str,
                      removed: list[int]) -> list[int]:
-    """The ``count`` kept blocks whose attention sub-layer scores lowest, ascending."""
-    candidates = [s for s in scores if s.index not in set(removed)]
+    """The ``count`` kept blocks whose attention sub-layer scores lowest, ascending. The first
+    kept block keeps its attention: llama.cpp reads every block's head size from the first
+    block's head count, and a file whose first block has none does not load."""
+    kept = sorted((s for s in scores if s.index not in set(removed)), key=lambda s: s.index)
+    candidates = kept[1:]
     order = sorted(candidates, key=lambda s: (s.attention_value(score), -s.index))
     return sorted(s.index for s in order[:count])
 
