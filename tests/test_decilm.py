@@ -221,3 +221,20 @@ def test_per_block_query_heads_are_refused_at_write_time_too():
         decilm.layout(model, shapes, torch.float32)
     with pytest.raises(SnapPruneError, match="multiple of 256"):
         decilm.layout(model, [decilm.BlockWidths(4, 2, 384)] * 2, torch.float32)
+
+
+def test_the_summary_of_a_deci_gguf_points_to_llama_cpp_not_to_reloading_it(nas_dir,
+                                                                            tmp_path):
+    """A deci GGUF cannot be loaded back (transformers has no deci): the summary's next steps
+    run it in llama.cpp and name the hf layout for further work; a Nemotron-NAS directory, which
+    snapprune loads, gets the usual ones."""
+    from snapprune.summary import summary_lines
+
+    steps = (DepthSettings(attention=1, score="angular"),)
+    gguf = execute(_job(nas_dir, *steps, fmt="gguf"), tmp_path / "g", progress=False,
+                   announce=False)
+    shown = "\n".join(summary_lines(gguf))
+    assert "llama-cli -m" in shown and "snapprune eval" not in shown and "--format hf" in shown
+    hf = execute(_job(nas_dir, *steps), tmp_path / "h", progress=False, announce=False)
+    shown = "\n".join(summary_lines(hf))
+    assert "snapprune eval --model" in shown and "llama-cli" not in shown

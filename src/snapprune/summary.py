@@ -74,8 +74,14 @@ def summary_lines(outcome) -> list[str]:
     elif job.steps:
         lines.append("  saved       nothing (--no-save)")
     if job.steps and saved is not None:
-        lines += _next_steps(job, saved)
+        lines += _next_steps(job, saved, outcome.model)
     return lines
+
+
+def _differing(model) -> bool:
+    from .export.hf import differing_blocks
+
+    return differing_blocks(model) is not None
 
 
 def _estimated_parts(outcome) -> float:
@@ -86,11 +92,22 @@ def _estimated_parts(outcome) -> float:
     return steps + evaluations
 
 
-def _next_steps(job, saved: Path) -> list[str]:
+def _next_steps(job, saved: Path, model=None) -> list[str]:
     try:
         where = saved.relative_to(Path.cwd())
     except ValueError:
         where = saved
+    if job.output.format == "gguf" and model is not None and _differing(model):
+        # llama.cpp's deci file: transformers (and so snapprune) cannot load it back
+        return ["next:",
+                f"  llama-cli -m {where}/model.gguf -p 'The capital of France is' -n 32"
+                "      # run it where it runs: llama.cpp",
+                f"  llama-perplexity -m {where}/model.gguf -f wiki.test.raw"
+                "      # its perplexity there",
+                "  # to recover or quantise it further, cut it again with --format hf (the "
+                "Nemotron-NAS layout, MLP widths in steps of 256), which snapprune loads",
+                f"  snapprune run {where}/snapprune_recipe.yaml --out {where}-again"
+                "      # replay this run"]
     compare = next((c for c in (step_for(s).compare_with(s, job) for s in job.steps) if c),
                    job.model)
     lines = ["next:",

@@ -20,8 +20,10 @@ calibration text:
   kl       the measured KL divergence of the next-token distributions with that block alone
            skipped (a pass through the later blocks per candidate, on 8 windows)
 The --blocks lowest are removed; --attention K removes the attention sub-layers of the K kept
-blocks whose attention changes the stream least (scored the same way): those blocks become
-x + MLP(norm(x)), which llama.cpp runs as its deci architecture (--format gguf).
+blocks whose attention changes the stream least (scored the same way; the first kept block
+keeps its attention): those blocks become x + MLP(norm(x)), which llama.cpp runs as its deci
+architecture (--format gguf) and vLLM as the Nemotron-NAS layout (--format hf, for an MLP
+width that is a multiple of 256).
 Repair (on unless --no-repair): the MLP output projection of each kept block that lost its
 attention or precedes removed blocks is re-fitted by least squares so that the stream it
 leaves reproduces the full model's stream there.
@@ -50,8 +52,8 @@ class DepthStep(Step):
         Flag("blocks", ("--blocks",), "how many whole decoder blocks to remove",
              type=integer, metavar="K"),
         Flag("attention", ("--attention",), "how many attention sub-layers to remove from the "
-             "kept blocks (LLaMA family; written as llama.cpp's deci GGUF)", type=integer,
-             metavar="K"),
+             "kept blocks (LLaMA family; llama.cpp's deci GGUF, or Nemotron-NAS for --format "
+             "hf)", type=integer, metavar="K"),
         Flag("score", ("--score",), "how blocks are ranked: " + ", ".join(DEPTH_SCORES)
              + " (see below)", choices=DEPTH_SCORES),
         Flag("repair", ("--no-repair",), "keep the remaining weights as they are (no "

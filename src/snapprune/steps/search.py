@@ -40,9 +40,10 @@ on calibration windows it was not cut on, and keeps the best. The budget, one of
                       at that type (what bounds decoding on a memory-bound machine)
 It tries --points counts of removed blocks (from none to what depth alone needs) and, for
 each, --points counts of removed attention sub-layers (from none to what the rest needs); the
-MLP width fills what the budget leaves. Blocks without attention need --format gguf (llama.cpp's
-deci architecture); with another format the search keeps every attention sub-layer. The
-frontier it explored is printed, in the report (search) and in search.png.
+MLP width fills what the budget leaves. Blocks without attention are written as llama.cpp's deci
+GGUF (--format gguf) or, with --multiple-of 256, as the Nemotron-NAS layout (--format hf, which
+vLLM reads); otherwise the search keeps every attention sub-layer. The frontier it explored is
+printed, in the report (search) and in search.png.
 
 example:
   snapprune search --model smollm2-135m --target-params 0.8 --out runs/smollm2-p80
@@ -129,7 +130,8 @@ class SearchStep(Step):
         Flag("score", ("--score",), "how blocks are ranked: " + ", ".join(DEPTH_SCORES),
              choices=DEPTH_SCORES),
         Flag("allocation", ("--allocation",), "MLP widths: uniform, or per block by measured "
-             "sensitivity (needs --format gguf)", choices=WIDTH_ALLOCATIONS),
+             "sensitivity (--format gguf, or hf with --multiple-of 256)",
+             choices=WIDTH_ALLOCATIONS),
         Flag("points", ("--points",), "removed-block counts tried, and removed-attention counts "
              "for each", type=positive_int, metavar="K"),
         Flag("attention", ("--no-attention",), "keep every attention sub-layer (remove blocks "
@@ -138,6 +140,9 @@ class SearchStep(Step):
              type=fraction, metavar="F"),
         Flag("windows", ("--windows",), "held-out calibration windows each structure is "
              "scored on", type=positive_int, metavar="K"),
+        Flag("multiple_of", ("--multiple-of",), "MLP widths step by K neurons (256 lets --format "
+             "hf hold blocks without attention: the Nemotron-NAS layout)",
+             type=positive_int, metavar="K"),
     )
 
     def check(self, settings: SearchSettings, job) -> None:

@@ -32,7 +32,8 @@ dense model measures, at a few counts per block, the output error the method's c
 share of the stream leaving the block, and the counts with the least summed error are chosen
 (each block keeps at least 10 % of its neurons and one head per group). Blocks of different
 widths have no standard transformers config: write --format gguf (llama.cpp's deci
-architecture, LLaMA family). The report lists every block's widths and a plot shows them
+architecture, LLaMA family), or --format hf with --multiple-of 256 and no --heads (the
+Nemotron-NAS layout vLLM reads). The report lists every block's widths and a plot shows them
 (widths.png).
 
 example:
