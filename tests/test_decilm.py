@@ -238,3 +238,20 @@ def test_the_summary_of_a_deci_gguf_points_to_llama_cpp_not_to_reloading_it(nas_
     hf = execute(_job(nas_dir, *steps), tmp_path / "h", progress=False, announce=False)
     shown = "\n".join(summary_lines(hf))
     assert "snapprune eval --model" in shown and "llama-cli" not in shown
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["prune", "--method", "wanda", "--sparsity", "0.5", "--stream"], "Nemotron-NAS checkpoint"),
+    (["shrink", "--method", "thanos", "--mlp", "0.3"], "already differ in width"),
+    (["prune-depth", "--attention", "3"], "have none already"),
+])
+def test_steps_that_need_blocks_of_one_shape_refuse_a_reloaded_one(nas_output, tmp_path, capsys,
+                                                                   args, fragment):
+    """Read back, a Nemotron-NAS model is pruned and quantised like any other; what needs every
+    block alike (streaming's one config, a uniform width cut, attention a block no longer has)
+    is refused in one line."""
+    _, out = nas_output
+    code, err = _run(capsys, args[0], "--model", out, *args[1:], "--calib", C4_FILE,
+                     "--nsamples", "2", "--seqlen", "16", "--no-eval", "--out", tmp_path / "no")
+    assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "no").exists()

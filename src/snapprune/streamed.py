@@ -13,7 +13,7 @@ import torch
 from .engine import determinism
 from .errors import SnapPruneError
 from .eval.perplexity import capped_seqlen
-from .models import collectives
+from .models import collectives, decilm
 from .outputs import write_json_atomic
 from .steps import REGISTRY, step_for
 
@@ -61,6 +61,10 @@ def execute_streamed(job, out: Path | None, *, notes, json_path, resume, restart
                              "with transformers and save_pretrained, or prune it in memory "
                              "with --no-stream)")
     path = source.path
+    if source.is_local and decilm.read_config(path) is not None:
+        raise SnapPruneError("streaming builds one standard config's blocks, and this is a "
+                             "Nemotron-NAS checkpoint (blocks of different shapes): run it "
+                             "in memory (--no-stream)")
     if not source.is_local:
         from huggingface_hub import snapshot_download
 

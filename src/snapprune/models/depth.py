@@ -167,10 +167,12 @@ def check_depth(model: nn.Module, settings: DepthSettings) -> int:
                                  f"architecture runs it (the LLaMA family); {adapter.family} is "
                                  "not: use --blocks")
         left = count - settings.blocks
-        if settings.attention >= left:
+        free = sum(attention_free(b) for b in adapter.decoder_blocks(model))
+        if settings.attention >= left - free:
             raise SnapPruneError(f"--attention {settings.attention} would leave none of the "
-                                 f"{left} kept blocks with attention; remove at most "
-                                 f"{left - 1}")
+                                 f"{left} kept blocks with attention"
+                                 + (f" ({free} have none already)" if free else "")
+                                 + f"; remove at most {max(0, left - free - 1)}")
     return count
 
 
@@ -264,12 +266,13 @@ def choose_blocks(scores: list[BlockScore], count: int, score: str) -> list[int]
 
 
 def choose_attention(scores: list[BlockScore], count: int, score: str,
-                     removed: list[int]) -> list[int]:
-    """The ``count`` kept blocks whose attention sub-layer scores lowest, ascending. The first
-    kept block keeps its attention: llama.cpp reads every block's head size from the first
-    block's head count, and a file whose first block has none does not load."""
+                     removed: list[int], free: frozenset[int] = frozenset()) -> list[int]:
+    """The ``count`` kept blocks whose attention sub-layer scores lowest, ascending, among those
+    that still have one (``free``: blocks already without). The first kept block keeps its
+    attention: llama.cpp reads every block's head size from the first block's head count, and
+    a file whose first block has none does not load."""
     kept = sorted((s for s in scores if s.index not in set(removed)), key=lambda s: s.index)
-    candidates = kept[1:]
+    candidates = [s for s in kept[1:] if s.index not in free]
     order = sorted(candidates, key=lambda s: (s.attention_value(score), -s.index))
     return sorted(s.index for s in order[:count])
 
@@ -449,8 +452,9 @@ def depth_model(model: nn.Module, calibration: torch.Tensor | None, settings: De
                                   attention=settings.attention > 0, progress=progress)
         run.calibration_seconds = time.perf_counter() - t
         run.removed = choose_blocks(run.scores, settings.blocks, settings.score)
+        free = frozenset(i for i, b in enumerate(blocks) if attention_free(b))
         run.attention_removed = choose_attention(run.scores, settings.attention,
-                                                 settings.score, run.removed)
+                                                 settings.score, run.removed, free)
         if log is not None:
             log(f"removing blocks {run.removed} and the attention of blocks "
                 f"{run.attention_removed} (lowest {settings.score})")

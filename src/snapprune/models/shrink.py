@@ -25,7 +25,7 @@ from ..engine.units import lowest_units
 from ..errors import SnapPruneError
 from ..memory import peak_bytes
 from .adapters import Adapter, adapter_for, head_geometry
-from .block_shapes import BlockWidths, resize_blocks
+from .block_shapes import BlockWidths, block_widths, resize_blocks
 from .blockloop import run_blocks
 from .capture import BATCH_SIZE, capture_block_inputs
 from .checkpoint_files import empty_model
@@ -110,12 +110,27 @@ def mlp_width(config, adapter: Adapter) -> int:
     return value
 
 
+def _refuse_differing_blocks(model: nn.Module, adapter: Adapter) -> None:
+    """A model whose blocks already differ in width (a Nemotron-NAS checkpoint, a per-block
+    cut): the plan cuts every block from one width. Blocks that only lack attention are fine."""
+    if adapter.family != "llama" or adapter.moe is not None:
+        return
+    shapes = block_widths(model, head_geometry(model.config).head_dim)
+    if (len({s.ffn for s in shapes}) > 1
+            or len({(s.heads, s.kv_heads) for s in shapes if s.heads}) > 1):
+        raise SnapPruneError("this model's blocks already differ in width (a Nemotron-NAS "
+                             "checkpoint or an earlier per-block cut), and shrink cuts blocks "
+                             "of one width: cut the dense model once with the widths you want "
+                             "(--allocation sensitivity), or prune or quantise this one")
+
+
 def plan_width(model: nn.Module, settings: ShrinkSettings) -> WidthPlan:
     """New widths, rounded to ``multiple_of`` (neurons) and whole heads per group, or a
     one-line refusal naming the problem and the fix."""
     settings.check()
     adapter = adapter_for(model)
     config = model.config
+    _refuse_differing_blocks(model, adapter)
     if adapter.mlp_width_key is None or adapter.attention is None:
         raise SnapPruneError(
             f"the {adapter.family} family has no width adapter (MLP neurons and heads it could "

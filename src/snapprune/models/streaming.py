@@ -35,7 +35,7 @@ from ..errors import SnapPruneError
 from ..memory import available_bytes, peak_bytes, peak_resident_bytes, release_freed_memory
 from ..memory import resident_bytes as resident_now
 from ..outputs import json_text, mark_output, move_into_place, write_atomic
-from . import collectives
+from . import collectives, decilm
 from .adapters import adapter_for
 from .blockloop import record_ranks, run_blocks
 from .capture import BATCH_SIZE, BlockInputs, capture_block_inputs
@@ -107,6 +107,8 @@ class Checkpoint:
 def should_stream(directory: str | Path, activation_bytes: int = 0) -> bool:
     """Stream when the weights (plus the activations, plus a fifth for working copies) would
     not fit in the memory available now."""
+    if decilm.read_config(directory) is not None:  # blocks of different shapes: in memory
+        return False
     try:
         size = Checkpoint.open(directory).total_bytes
     except SnapPruneError:
