@@ -723,6 +723,18 @@ MUTANTS = (
            (("    if fmt != \"hf\" or measured.step % decilm.WIDTH_MULTIPLE:\n",
              "    if True:\n"),),
            (DECI + "test_a_search_for_hf_may_remove_attention_when_the_widths_fit",)),
+    Mutant("router-bias-rows-kept",
+           "a removed expert's score-correction bias stays in a sigmoid router (GLM-4.5)",
+           "models/expert_pruning.py",
+           (("                         *router.named_buffers(recurse=False)]:\n", "]:\n"),),
+           ("tests/test_expert_pruning.py::test_removing_experts_equals_the_model_with_their_"
+            "router_logits_at_minus_infinity[glm4_moe]",)),
+    Mutant("grouped-router-accepted",
+           "experts removed from a router that picks them group by group",
+           "models/expert_pruning.py",
+           (("    if groups > 1:\n", "    if False:\n"),),
+           ("tests/test_expert_pruning.py::test_a_router_that_picks_by_group_is_refused_in_one_"
+            "line",)),
     Mutant("recovery-resume-without-optimizer",
            "a resumed recovery starts with a fresh optimiser state",
            "recovery.py",

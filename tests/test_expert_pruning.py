@@ -22,6 +22,7 @@ from snapprune import SnapPruneError
 from snapprune.cli import main
 from snapprune.models.adapters import adapter_for
 from snapprune.models.expert_pruning import cut_experts, plan_counts, prune_experts
+from snapprune.models.experts import expert_count
 from snapprune.models.settings import ExpertSettings, PruneSettings, QuantizeSettings
 from snapprune.run import execute
 
@@ -64,7 +65,9 @@ def test_removing_experts_equals_the_model_with_their_router_logits_at_minus_inf
     cut_experts(model, removed)
     assert len(adapter_for(model).decoder_blocks(model)[1].mlp.experts) == 2
     assert model.model.layers[1].mlp.gate.weight.shape[0] == 2
-    assert model.num_experts == 3  # the *ForCausalLM's own copy (router auxiliary loss)
+    assert expert_count(model.config, adapter_for(model).moe) == 3
+    # the *ForCausalLM's own copy, where the family keeps one (the router's auxiliary loss)
+    assert getattr(model, "num_experts", 3) == 3
     reference = _masked_reference(family, removed, monkeypatch)
     ids = token_batch(2, 24, seed=3)
     with torch.no_grad():
@@ -214,3 +217,14 @@ def test_bad_expert_budgets_are_refused_in_one_line(moe_dir, tmp_path, capsys, e
 def test_a_dense_model_is_refused_by_prune_experts():
     with pytest.raises(SnapPruneError, match="not a mixture of experts"):
         plan_counts(tiny_model("llama"), ExpertSettings(keep=0.5))
+
+
+def test_a_router_that_picks_by_group_is_refused_in_one_line():
+    """DeepSeek-V3's routing (n_group 8): experts are picked within groups, which removing
+    some would unbalance; refused before any work."""
+    from tiny_models import tiny_glm4_moe
+
+    model = tiny_glm4_moe(dense_blocks=0)
+    model.config.n_group = 2
+    with pytest.raises(SnapPruneError, match="group by group"):
+        plan_counts(model, ExpertSettings(remove=1))

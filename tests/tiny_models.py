@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Glm4MoeConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -60,6 +61,11 @@ def _moe_configs(vocab: int) -> dict:
         "qwen3_moe": Qwen3MoeConfig(num_experts=4, moe_intermediate_size=32, head_dim=16,
                                     **common),
         "olmoe": OlmoeConfig(num_experts=4, **common),
+        # GLM-4.5's mixture: a shared expert, a sigmoid router with a score-correction bias
+        # (one group); its dense first blocks: ``tiny_glm4_moe(dense_blocks=1)``
+        "glm4_moe": Glm4MoeConfig(n_routed_experts=4, moe_intermediate_size=32,
+                                  n_shared_experts=1, first_k_dense_replace=0, n_group=1,
+                                  topk_group=1, head_dim=16, **common),
     }
 
 
@@ -75,6 +81,15 @@ def tiny_unsupported_moe(seed: int = 0):
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               num_local_experts=4, num_experts_per_tok=2,
                               max_position_embeddings=256)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_glm4_moe(dense_blocks: int = 1, seed: int = 0):
+    """GLM-4.5's layout whole: ``dense_blocks`` plain MLP blocks first, then mixture blocks."""
+    torch.manual_seed(seed)
+    config = _moe_configs(VOCAB)["glm4_moe"]
+    config.first_k_dense_replace = dense_blocks
+    config.num_hidden_layers = dense_blocks + 2
     return AutoModelForCausalLM.from_config(config).eval()
 
 

@@ -255,6 +255,14 @@ ADAPTERS = (
                 never_prune=("mlp.shared_expert_gate",)),
         mlp_width_key="moe_intermediate_size",
     ),
+    Adapter(  # GLM-4.5/4.6: dense first blocks, routed experts and one shared expert
+        "glm4_moe", ("glm4_moe",), "model.layers", ("model.embed_tokens", "model.rotary_emb"),
+        "model.norm", attention=_LLAMA_ATTENTION, mlp=_GATED_MLP,
+        shared=MLP(inputs=("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
+                   output="mlp.shared_experts.down_proj"),
+        moe=MoE(router="mlp.gate", experts="mlp.experts", count_key="n_routed_experts"),
+        mlp_width_key="moe_intermediate_size", head_dim_key="head_dim",
+    ),
     Adapter(
         "mixtral", ("mixtral",), "model.layers", ("model.embed_tokens", "model.rotary_emb"),
         "model.norm", attention=_LLAMA_ATTENTION,

@@ -94,6 +94,12 @@ def plan_counts(model: nn.Module, settings: ExpertSettings) -> tuple[int, int, i
     if adapter.moe is None:
         raise SnapPruneError(f"{type(model).__name__} is not a mixture of experts; "
                              "prune-experts removes experts (use prune, shrink or prune-depth)")
+    groups = getattr(model.config, "n_group", None) or 1
+    if groups > 1:
+        raise SnapPruneError(f"this router picks experts group by group (n_group = {groups}), "
+                             "and removing experts would unbalance its groups: prune-experts "
+                             "handles routers of one group; prune or quantise the experts "
+                             "instead")
     experts = expert_count(model.config, adapter.moe)
     top_k = int(getattr(model.config, adapter.moe.top_k_key))
     blocks = len(_moe_blocks(model, adapter))
@@ -119,13 +125,17 @@ def without(block: nn.Module, adapter: Adapter, removed: list[int]) -> Iterator[
     router = block.get_submodule(adapter.moe.router)
     experts: ExpertLinears = block.get_submodule(adapter.moe.experts)
     kept = [e for e in range(experts.num_experts) if e not in set(removed)]
-    weight = router.weight
-    router.weight = nn.Parameter(weight.data[kept], requires_grad=False)
+    saved = {n: t for n, t in [*router.named_parameters(recurse=False),
+                               *router.named_buffers(recurse=False)]}
+    counts = {a: getattr(router, a) for a in ("num_experts", "n_routed_experts")
+              if isinstance(getattr(router, a, None), int)}
+    _keep_router_rows(router, kept, experts.num_experts)
     experts.order = kept
     try:
         yield
     finally:
-        router.weight = weight
+        for name, tensor in {**saved, **counts}.items():
+            setattr(router, name, tensor)
         experts.order = list(range(experts.num_experts))
 
 
@@ -273,6 +283,20 @@ def _merge(experts: ExpertLinears, removed: list[int], kept: list[int], tokens: 
     return into
 
 
+def _keep_router_rows(router: nn.Module, kept: list[int], count: int) -> None:
+    """The router scores only the ``kept`` experts: every tensor of its with a row per expert
+    (the weight; a sigmoid router's score-correction bias) keeps those rows."""
+    for name, tensor in [*router.named_parameters(recurse=False),
+                         *router.named_buffers(recurse=False)]:
+        if tensor.dim() >= 1 and tensor.shape[0] == count:
+            rows = tensor.data[kept].clone()
+            setattr(router, name, nn.Parameter(rows, requires_grad=tensor.requires_grad)
+                    if isinstance(tensor, nn.Parameter) else rows)
+    for attribute in ("num_experts", "n_routed_experts"):
+        if isinstance(getattr(router, attribute, None), int):
+            setattr(router, attribute, len(kept))
+
+
 def cut_experts(model: nn.Module, removed: dict[int, list[int]], *, merge: bool = False,
                 tokens: dict[int, list[int]] | None = None) -> dict[int, dict[int, int]]:
     """Remove experts (``{block: [expert, ...]}``) and their router rows; the config names the
@@ -288,11 +312,8 @@ def cut_experts(model: nn.Module, removed: dict[int, list[int]], *, merge: bool 
         kept = [e for e in range(experts.num_experts) if e not in gone]
         if merge and gone:
             merges[index] = _merge(experts, sorted(gone), kept, (tokens or {})[index])
-        router = block.get_submodule(adapter.moe.router)
-        router.weight = nn.Parameter(router.weight.data[kept].clone(),
-                                     requires_grad=router.weight.requires_grad)
-        if hasattr(router, "num_experts"):
-            router.num_experts = len(kept)
+        _keep_router_rows(block.get_submodule(adapter.moe.router), kept,
+                          experts.num_experts)
         experts.keep(kept)
         counts.add(len(kept))
     setattr(model.config, adapter.moe.count_key, max(counts))
