@@ -735,6 +735,13 @@ MUTANTS = (
            (("    if groups > 1:\n", "    if False:\n"),),
            ("tests/test_expert_pruning.py::test_a_router_that_picks_by_group_is_refused_in_one_"
             "line",)),
+    Mutant("latent-attention-left-dense",
+           "DeepSeek's latent attention projections are not pruned (no role)",
+           "models/adapters.py",
+           (('        latent = dict.fromkeys(self.latent, "attention.latent")\n',
+             "        latent = {}\n"),),
+           ("tests/test_moe.py::test_whole_layouts_dense_blocks_first_then_experts_prune_and_"
+            "reload[deepseek_v2_lite]",)),
     Mutant("recovery-resume-without-optimizer",
            "a resumed recovery starts with a fresh optimiser state",
            "recovery.py",

@@ -518,17 +518,20 @@ def test_a_shrunk_quantised_moe_gguf_runs_in_llama_cpp(tokenizer_dir, tmp_path):
     _close_in_llama_cpp(outcome.model, out / "model.gguf")
 
 
-def test_glms_layout_dense_blocks_first_then_experts_prunes_and_reloads(tokenizer_dir,
+@pytest.mark.parametrize("layout", ["glm4_moe", "deepseek_v2_lite"])
+def test_whole_layouts_dense_blocks_first_then_experts_prune_and_reload(layout, tokenizer_dir,
                                                                         tmp_path):
-    """GLM-4.5's whole layout (a dense first block, then mixture blocks with a shared expert
-    and a sigmoid router carrying a score-correction bias): experts removed with the bias's
-    entries, the rest pruned per expert, the dense MLP and the shared expert as dense layers;
-    it reloads in transformers with the same logits. GGUF is refused in one line (llama.cpp's
-    glm4moe writer is not built here: convert the hf output with its converter)."""
-    from tiny_models import tiny_glm4_moe
+    """GLM-4.5's and DeepSeek-V2-Lite's whole layouts (a dense first block, then mixture blocks
+    with a shared expert; GLM's sigmoid router carries a score-correction bias, DeepSeek's
+    attention is latent): experts removed with their router rows and bias entries, the rest
+    pruned per expert, the dense MLP, the shared expert and the attention's projections as
+    dense layers; it reloads in transformers with the same logits. GGUF is refused in one line
+    (llama.cpp's writers for these are not built here: convert the hf output with its
+    converter)."""
+    from tiny_models import tiny_deepseek_v2_lite, tiny_glm4_moe
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = tiny_glm4_moe(dense_blocks=1)
+    model = (tiny_glm4_moe if layout == "glm4_moe" else tiny_deepseek_v2_lite)(dense_blocks=1)
     model.config.vocab_size = len(tokenizer)
     torch.manual_seed(0)
     source = tmp_path / "glm"
@@ -544,7 +547,11 @@ def test_glms_layout_dense_blocks_first_then_experts_prunes_and_reloads(tokenize
     assert loaded.config.n_routed_experts == 3
     for block in layers[1:]:
         assert block.mlp.gate.weight.shape[0] == 3
-        assert block.mlp.gate.e_score_correction_bias.shape == (3,)
+        if layout == "glm4_moe":
+            assert block.mlp.gate.e_score_correction_bias.shape == (3,)
+        else:  # the latent attention's projections are pruned as any other
+            kv = block.self_attn.kv_b_proj.weight
+            assert (kv == 0).float().mean() == pytest.approx(0.5, abs=0.01)
         assert block.mlp.experts.gate_up_proj.shape[0] == 3
         shared = block.mlp.shared_experts.down_proj.weight
         assert (shared == 0).float().mean() == pytest.approx(0.5, abs=0.01)

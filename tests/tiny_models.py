@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
     Glm4MoeConfig,
     GPT2Config,
     GPTNeoXConfig,
@@ -66,6 +67,13 @@ def _moe_configs(vocab: int) -> dict:
         "glm4_moe": Glm4MoeConfig(n_routed_experts=4, moe_intermediate_size=32,
                                   n_shared_experts=1, first_k_dense_replace=0, n_group=1,
                                   topk_group=1, head_dim=16, **common),
+        # DeepSeek-V3's mixture (latent attention: q and kv through low-rank projections;
+        # one routing group, as expert removal needs)
+        "deepseek_v3": DeepseekV3Config(n_routed_experts=4, moe_intermediate_size=32,
+                                        n_shared_experts=1, first_k_dense_replace=0, n_group=1,
+                                        topk_group=1, q_lora_rank=32, kv_lora_rank=16,
+                                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                        **{**common, "num_key_value_heads": 4}),
     }
 
 
@@ -90,6 +98,23 @@ def tiny_glm4_moe(dense_blocks: int = 1, seed: int = 0):
     config = _moe_configs(VOCAB)["glm4_moe"]
     config.first_k_dense_replace = dense_blocks
     config.num_hidden_layers = dense_blocks + 2
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_deepseek_v2_lite(dense_blocks: int = 1, seed: int = 0):
+    """DeepSeek-V2-Lite's layout whole: q without a low-rank step (``q_lora_rank`` None),
+    ``dense_blocks`` plain MLP blocks first, a softmax router without a bias."""
+    from transformers import DeepseekV2Config
+
+    torch.manual_seed(seed)
+    config = DeepseekV2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128,
+                              num_hidden_layers=dense_blocks + 2, num_attention_heads=4,
+                              num_key_value_heads=4, num_experts_per_tok=2,
+                              max_position_embeddings=256, n_routed_experts=4,
+                              moe_intermediate_size=32, n_shared_experts=1,
+                              first_k_dense_replace=dense_blocks, n_group=1, topk_group=1,
+                              q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                              qk_nope_head_dim=8, v_head_dim=16)
     return AutoModelForCausalLM.from_config(config).eval()
 
 

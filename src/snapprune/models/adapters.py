@@ -57,18 +57,26 @@ def head_geometry(config) -> HeadGeometry:
 @dataclass(frozen=True)
 class Attention:
     """Attention projections, relative to a block. ``qkv`` names a fused q/k/v projection
-    (GPT-2's ``c_attn``, GPT-NeoX's ``query_key_value``); otherwise ``q``, ``k``, ``v``."""
+    (GPT-2's ``c_attn``, GPT-NeoX's ``query_key_value``); otherwise ``q``, ``k``, ``v``.
+    ``latent``: the input projections of multi-head latent attention (DeepSeek's q and kv
+    down- and up-projections), each present or not by the config (``q_lora_rank``)."""
 
     o: str
     q: str = ""
     k: str = ""
     v: str = ""
     qkv: str = ""
+    latent: tuple[str, ...] = ()
 
     def roles(self) -> dict[str, str]:
         inputs = {self.qkv: "attention.qkv"} if self.qkv else {
             self.q: "attention.q", self.k: "attention.k", self.v: "attention.v"}
-        return {**inputs, self.o: "attention.o"}
+        latent = dict.fromkeys(self.latent, "attention.latent")
+        return {**{n: r for n, r in inputs.items() if n}, **latent, self.o: "attention.o"}
+
+    def required(self) -> list[str]:
+        """The projections every block of the family has (``latent`` ones may be absent)."""
+        return [n for n in self.roles() if n not in self.latent]
 
 
 @dataclass(frozen=True)
@@ -184,7 +192,7 @@ class Adapter:
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             return False
         names = {n for n, _ in blocks[0].named_modules()}
-        attention = self.attention.roles() if self.attention else {}
+        attention = self.attention.required() if self.attention else []
         mlp = self.mlp.roles() if self.mlp else {}
         has_mlp = all(name in names for name in mlp) or (
             self.moe is not None and self.moe.experts in names)
@@ -262,6 +270,18 @@ ADAPTERS = (
                    output="mlp.shared_experts.down_proj"),
         moe=MoE(router="mlp.gate", experts="mlp.experts", count_key="n_routed_experts"),
         mlp_width_key="moe_intermediate_size", head_dim_key="head_dim",
+    ),
+    Adapter(  # DeepSeek-V2/V3 (and Kimi-K2, Moonlight): latent attention, dense first blocks
+        "deepseek", ("deepseek_v2", "deepseek_v3"), "model.layers",
+        ("model.embed_tokens", "model.rotary_emb"), "model.norm",
+        attention=Attention(o="self_attn.o_proj", latent=(
+            "self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_b_proj",
+            "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj")),
+        mlp=_GATED_MLP,
+        shared=MLP(inputs=("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
+                   output="mlp.shared_experts.down_proj"),
+        moe=MoE(router="mlp.gate", experts="mlp.experts", count_key="n_routed_experts"),
+        mlp_width_key="moe_intermediate_size",
     ),
     Adapter(
         "mixtral", ("mixtral",), "model.layers", ("model.embed_tokens", "model.rotary_emb"),
