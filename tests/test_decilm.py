@@ -14,7 +14,7 @@ import torch
 from conftest import C4_FILE
 from test_cli import _run
 from test_depth import _job
-from test_export import LLAMA_CPP, assert_runs_in_llama_cpp_like
+from test_export import LLAMA3_ROPE, LLAMA_CPP, assert_runs_in_llama_cpp_like
 from tiny_models import token_batch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -32,12 +32,14 @@ HIDDEN = 128
 def nas_dir(tmp_path_factory, tokenizer_dir):
     """A LLaMA whose MLP (1024) the layout's 256-wide steps divide: 4 blocks, 8 heads of 16
     over 2 key/value heads (4 query heads per group: no count equals another), each block's
-    MLP twice as strong as the one before (their widths' costs differ)."""
+    MLP twice as strong as the one before (their widths' costs differ), Llama 3.1's rope
+    scaling."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=WIDTH,
                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                         max_position_embeddings=128, tie_word_embeddings=False)
+                         max_position_embeddings=128, tie_word_embeddings=False,
+                         rope_parameters=dict(LLAMA3_ROPE))  # as Nemotron-51B's own
     model = LlamaForCausalLM(config)
     for p in model.parameters():
         p.data.normal_(0, 0.06)
@@ -146,8 +148,8 @@ import gguf
 from conversion.deci import DeciModel
 
 def set_vocab(self):  # the converter's deci vocabularies are Llama-3's or SentencePiece's;
-    from transformers import AutoTokenizer  # this test's is a small byte-level BPE
-    tokenizer = AutoTokenizer.from_pretrained(self.dir_model)
+    from transformers import AutoTokenizer, LlamaConfig  # this test's: a small byte-level BPE
+    tokenizer = AutoTokenizer.from_pretrained(self.dir_model, config=LlamaConfig())
     vocab = {i: t for t, i in tokenizer.get_vocab().items()}
     self.gguf_writer.add_tokenizer_model("gpt2")
     self.gguf_writer.add_tokenizer_pre("default")

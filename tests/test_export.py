@@ -3,6 +3,7 @@ in llama.cpp (llama-cpp-python), compressed-tensors in transformers."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 
@@ -276,3 +277,68 @@ def test_the_gguf_header_carries_the_configs_rope_base_and_eps(tokenizer, tmp_pa
     assert reader.fields["llama.rope.freq_base"].contents() == 50000.0
     assert reader.fields["llama.attention.layer_norm_rms_epsilon"].contents() == \
         pytest.approx(1e-5)
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+"""Llama 3.1's rope scaling, its original context shrunk so a tiny head's pairs span all
+three regimes (unchanged, interpolated, scaled by the factor)."""
+
+
+def test_llama3_rope_factors_are_transformers_own_frequencies():
+    """llama.cpp's ``rope_freqs`` divide each pair's frequency: they must be transformers'
+    default frequencies over its llama3 ones, pair by pair."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from snapprune.export.gguf import llama3_rope_factors
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters=LLAMA3_ROPE)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    head_dim = 128
+    plain = 1.0 / (LLAMA3_ROPE["rope_theta"] ** (torch.arange(0, head_dim, 2).double()
+                                                  / head_dim))
+    factors = torch.tensor(llama3_rope_factors(config, head_dim), dtype=torch.float64)
+    torch.testing.assert_close(factors, plain / scaled.double(), rtol=1e-5, atol=0)
+    assert factors.min() == 1.0 and factors.max() == 8.0
+    assert ((factors > 1) & (factors < 8)).any()  # the interpolated band is exercised
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason=NO_LLAMA_CPP)
+def test_a_llama3_rope_model_runs_in_llama_cpp_like_the_model_in_memory(tokenizer_dir,
+                                                                         tmp_path):
+    """Llama 3.x models scale their rope (``rope_type: llama3``): the GGUF file carries the
+    factors (``rope_freqs``) and llama.cpp's logits follow the model in memory."""
+    from llama_cpp import Llama
+    from tiny_models import tiny_model
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = tiny_model("llama", vocab=len(tokenizer))
+    model.config.rope_parameters = dict(LLAMA3_ROPE)
+    source = tmp_path / "llama3"
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    outcome = execute(_job(source, QuantizeSettings("q8_0")), tmp_path / "gguf",
+                      progress=False, announce=False)
+    assert outcome.model.model.rotary_emb.rope_type == "llama3"
+    path = tmp_path / "gguf" / "model.gguf"
+    assert_runs_in_llama_cpp_like(outcome.model, path)
+    # and it is the scaling that makes them agree: the same weights with plain rope are
+    # farther from llama.cpp's logits than the scaled model is (by a wide margin)
+    plain = copy.deepcopy(outcome.model)
+    plain.config.rope_parameters = {"rope_type": "default",
+                                    "rope_theta": LLAMA3_ROPE["rope_theta"]}
+    plain.model.rotary_emb = type(plain.model.rotary_emb)(plain.config)
+    ids = torch.randint(0, len(tokenizer), (48,), generator=torch.Generator().manual_seed(0))
+    llm = Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    try:
+        llm.eval(ids.tolist())
+        theirs = torch.tensor(np.array(llm.scores[:48]))
+    finally:
+        llm.close()
+    with torch.no_grad():
+        scaled = (theirs - outcome.model(ids[None]).logits[0]).abs().mean()
+        unscaled = (theirs - plain(ids[None]).logits[0]).abs().mean()
+    assert scaled < 0.5 * unscaled, (scaled, unscaled)

@@ -77,9 +77,12 @@ def check_model(model, job) -> None:
             f"{config.model_type}; write hf and convert with llama.cpp's convert_hf_to_gguf.py")
     if adapter_for(model).moe is not None:
         _check_mixture(model, job)
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    if kind not in ("default", None):
+    kind = rope_kind(config)
+    if kind == "llama3" and ARCHS[config.model_type].name != "LLAMA":
+        raise SnapPruneError(f"llama3 rope scaling is written for llama.cpp's llama "
+                             f"architecture, not {config.model_type}'s; write hf and convert "
+                             "with llama.cpp's convert_hf_to_gguf.py")
+    if kind not in ("default", "llama3"):
         raise SnapPruneError(f"rope scaling {kind!r} is not written to GGUF here; write hf and "
                              "convert with llama.cpp's convert_hf_to_gguf.py")
     for flag in ("attention_bias", "mlp_bias"):
@@ -121,6 +124,45 @@ def _check_mixture(model, job) -> None:
         raise SnapPruneError("--target-size chooses a type per tensor, but a GGUF stores each "
                              "block's experts as one tensor of one type: use a mix (q4_k_m) "
                              "or one type for mixtures of experts")
+
+
+def _rope_parameters(config) -> dict:
+    """The rope's settings: transformers 5's ``rope_parameters``, else an older config's
+    ``rope_scaling`` (with ``rope_theta`` beside it)."""
+    for holder in (getattr(config, "rope_parameters", None), getattr(config, "rope_scaling", None)):
+        if isinstance(holder, dict):
+            return holder
+    return {}
+
+
+def rope_kind(config) -> str:
+    params = _rope_parameters(config)
+    return params.get("rope_type", params.get("type")) or "default"
+
+
+def llama3_rope_factors(config, head_dim: int) -> list[float]:
+    """Llama 3.1's frequency scaling as llama.cpp applies it (``rope_freqs``: each pair's
+    wavelength multiplied by its factor): unchanged above the high-frequency wavelength,
+    ``factor`` below the low-frequency one, and between them the smooth interpolation of
+    Meta's definition."""
+    import math
+
+    params = _rope_parameters(config)
+    factor = float(params["factor"])
+    low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    context = float(params["original_max_position_embeddings"])
+    base = rope_theta(config)
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * base ** (i / head_dim)
+        if wavelength < context / high:
+            out.append(1.0)
+        elif wavelength > context / low:
+            out.append(factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
 
 
 def rope_theta(config) -> float:
@@ -334,6 +376,9 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
             writer.add_tensor(target, value.to(torch.float16).numpy())
     for merged, parts in experts.items():
         _add_experts(writer, merged, sorted(parts, key=lambda part: part[0]), quantized)
+    if rope_kind(config) == "llama3":  # llama.cpp divides each pair's frequency by its factor
+        writer.add_tensor("rope_freqs.weight", torch.tensor(
+            llama3_rope_factors(config, head_dim), dtype=torch.float32).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

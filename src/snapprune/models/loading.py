@@ -157,10 +157,14 @@ def load_tokenizer(path: str, *, gguf_file: str | None = None, revision: str | N
     try:
         if decilm.read_config(path) is not None:
             # its config names the family's remote code, which transformers would otherwise
-            # offer to run (an interactive prompt); the tokenizer needs none of it
+            # offer to run (an interactive prompt) and cannot read without it; the tokenizer
+            # needs none of it: a plain LLaMA config stands in
+            from transformers import LlamaConfig
+
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
+                return AutoTokenizer.from_pretrained(path, config=LlamaConfig(),
+                                                     trust_remote_code=False, **kwargs)
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except Exception as exc:  # a broken tokenizer file raises anything from OSError to TypeError
         if gguf_file:
