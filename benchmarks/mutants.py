@@ -755,6 +755,13 @@ MUTANTS = (
            (("            out.append(1 / ((1 - smooth) / factor + smooth))\n",
              "            out.append((1 - smooth) / factor + smooth)\n"),),
            ("tests/test_export.py::test_llama3_rope_factors_are_transformers_own_frequencies",)),
+    Mutant("tied-output-saved-twice",
+           "a tied output matrix converted to the saved dtype is stored as a copy of its own",
+           "export/hf.py",
+           (("            for k, v in state.items() if k not in tied}\n",
+             "            for k, v in state.items()}\n"),),
+           ("tests/test_saved_dtype.py::test_a_tied_output_matrix_is_saved_once_in_the_sources_"
+            "dtype",)),
     Mutant("recovery-resume-without-optimizer",
            "a resumed recovery starts with a fresh optimiser state",
            "recovery.py",

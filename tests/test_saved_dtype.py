@@ -108,3 +108,31 @@ def test_recovery_of_a_half_precision_model_trains_float32_weights(tiny_dir, tmp
     moved = [k for k in after if "layers" in k and not torch.equal(after[k], before[k])]
     assert moved  # float32 training moved the weights by more than float16's resolution
 
+
+
+def test_a_tied_output_matrix_is_saved_once_in_the_sources_dtype(tokenizer_dir, tmp_path,
+                                                                 capsys):
+    """Converted to the source's float16 tensor by tensor, a tied output matrix became a copy
+    of its own (SmolLM2's file was 56 MB larger for it): it is saved once, and tied again on
+    loading."""
+    from tiny_models import tiny_model
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = tiny_model("llama", vocab=len(tokenizer))
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    source = tmp_path / "tied16"
+    model.half().save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = tmp_path / "pruned"
+    code, err = _prune(capsys, "--model", source, "--out", out)
+    assert code == 0, err
+    with safe_open(out / "model.safetensors", "pt") as handle:
+        names = set(handle.keys())
+        stored = sum(handle.get_tensor(k).numel() for k in names)
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert stored == sum(p.numel() for p in loaded.parameters())  # each parameter once
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert _dtypes(out) == {torch.float16}

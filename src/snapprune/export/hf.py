@@ -61,18 +61,28 @@ def differing_blocks(model) -> list | None:
 def _save_decilm(model, dtype, directory: Path, widths) -> None:
     dtype = dtype or model.dtype
     config = decilm.layout(model, widths, dtype)  # refuses what the layout cannot hold
-    state = {k: v.to(dtype) if v.is_floating_point() else v
-             for k, v in decilm.stored_state(model).items()}
+    state = _converted(model, decilm.stored_state(model), dtype)
     model.save_pretrained(directory, safe_serialization=True, state_dict=state)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _converted(model, state: dict, dtype) -> dict:
+    """``state`` in ``dtype``, without the copies of tied weights: converted one by one, a tied
+    output matrix is a tensor of its own that ``save_pretrained`` no longer recognises as the
+    embedding's (SmolLM2's float16 file was 56 MB larger for it); loading ties it again."""
+    tied = set()
+    if getattr(model.config, "tie_word_embeddings", False):
+        tied = set(model.get_expanded_tied_weights_keys(all_submodels=True)
+                   if hasattr(model, "get_expanded_tied_weights_keys") else ())
+    return {k: v.to(dtype) if v.is_floating_point() else v
+            for k, v in state.items() if k not in tied}
 
 
 def _save(model, dtype, directory: Path) -> None:
     if dtype is None or dtype == model.dtype:
         model.save_pretrained(directory, safe_serialization=True)
     else:
-        state = {k: v.to(dtype) if v.is_floating_point() else v
-                 for k, v in model.state_dict().items()}
+        state = _converted(model, model.state_dict(), dtype)
         model.save_pretrained(directory, safe_serialization=True, state_dict=state)
         config = copy.deepcopy(model.config)  # it names the model's dtype: name the file's
         config.dtype = dtype
