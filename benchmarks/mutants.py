@@ -762,6 +762,19 @@ MUTANTS = (
              "            for k, v in state.items()}\n"),),
            ("tests/test_saved_dtype.py::test_a_tied_output_matrix_is_saved_once_in_the_sources_"
             "dtype",)),
+    Mutant("oss-fold-concatenated",
+           "gpt-oss's experts folded back with gate and up concatenated, not interleaved",
+           "models/experts.py",
+           (("                return torch.stack((gate, up), dim=-1).flatten(-2)\n",
+             "                return torch.cat((gate, up), dim=-1)\n"),),
+           ("tests/test_moe.py::test_gpt_oss_prunes_removes_experts_and_reloads_with_the_same_"
+            "logits",)),
+    Mutant("compressed-fused-experts-accepted",
+           "compressed-tensors written per expert for a family whose checkpoints keep them fused",
+           "export/compressed.py",
+           (("    if moe is not None and moe.stored_fused:\n", "    if False:\n"),),
+           ("tests/test_moe.py::test_gpt_oss_prunes_removes_experts_and_reloads_with_the_same_"
+            "logits",)),
     Mutant("recovery-resume-without-optimizer",
            "a resumed recovery starts with a fresh optimiser state",
            "recovery.py",

@@ -51,7 +51,8 @@ def _masked_reference(family: str, masked: dict[int, list[int]], monkeypatch):
     model = tiny_moe_model(family)
     model.config._experts_implementation = "eager"
     module = importlib.import_module(type(model).__module__)
-    routers = {id(model.model.layers[b].mlp.gate.weight): experts
+    router = adapter_for(model).moe.router
+    routers = {id(model.model.layers[b].get_submodule(router).weight): experts
                for b, experts in masked.items()}
     monkeypatch.setattr(module, "F", _MaskedRouterLinear(routers))
     return model
@@ -64,7 +65,7 @@ def test_removing_experts_equals_the_model_with_their_router_logits_at_minus_inf
     model = tiny_moe_model(family)
     cut_experts(model, removed)
     assert len(adapter_for(model).decoder_blocks(model)[1].mlp.experts) == 2
-    assert model.model.layers[1].mlp.gate.weight.shape[0] == 2
+    assert model.model.layers[1].get_submodule(adapter_for(model).moe.router).weight.shape[0] == 2
     assert expert_count(model.config, adapter_for(model).moe) == 3
     # the *ForCausalLM's own copy, where the family keeps one (the router's auxiliary loss)
     assert getattr(model, "num_experts", 3) == 3

@@ -59,6 +59,9 @@ def _routed_by_hand(family: str, block: int = 0):
 def _expert_inputs(hidden, index, fused, expert: int):
     """The inputs of an expert's gate/up and down projections, routed from the record."""
     x = hidden[(index == expert).any(-1)]
+    if hasattr(fused, "gate_up_proj_bias"):  # gpt-oss: (in, out), biased, its own gating
+        pairs = x @ fused.gate_up_proj[expert] + fused.gate_up_proj_bias[expert]
+        return x, fused._apply_gate(pairs).detach()
     width = fused.gate_up_proj.shape[1] // 2
     gate, up = fused.gate_up_proj[expert, :width], fused.gate_up_proj[expert, width:]
     return x, (fused.act_fn(x @ gate.T) * (x @ up.T)).detach()
@@ -561,3 +564,48 @@ def test_whole_layouts_dense_blocks_first_then_experts_prune_and_reload(layout, 
         execute(_job(source, *steps, fmt="gguf"), tmp_path / "g", progress=False,
                 announce=False)
     assert not (tmp_path / "g").exists()
+
+
+def test_gpt_oss_prunes_removes_experts_and_reloads_with_the_same_logits(tokenizer_dir,
+                                                                         tmp_path, capsys):
+    """gpt-oss's biased experts (stored transposed, gate and up interleaved) unfold per expert
+    and fold back: experts removed with their router rows and biases, the rest pruned, the
+    attention sinks untouched; transformers reloads the same logits. Formats that would need
+    per-expert tensors (compressed-tensors, --stream) or llama.cpp's gpt-oss writer are refused
+    in one line."""
+    from test_cli import _run
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = copy.deepcopy(tiny_moe_model("gpt_oss").config)
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    source = tmp_path / "oss"
+    original = AutoModelForCausalLM.from_config(config)
+    original.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    steps = (ExpertSettings(remove=1), PruneSettings(method="thanos", sparsity=0.5))
+    outcome = execute(_job(source, *steps), tmp_path / "out", progress=False, announce=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = token_batch(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, outcome.model(ids).logits)
+    for block, before in zip(loaded.model.layers, original.model.layers, strict=True):
+        mlp = block.mlp
+        assert mlp.router.weight.shape[0] == mlp.router.bias.shape[0] == 3
+        assert mlp.experts.gate_up_proj.shape[0] == mlp.experts.down_proj_bias.shape[0] == 3
+        assert torch.equal(block.self_attn.sinks, before.self_attn.sinks)
+        assert (block.self_attn.q_proj.weight == 0).float().mean() == pytest.approx(0.5,
+                                                                                    abs=0.01)
+        # each expert's gate and up were pruned as their own layers: half of each column pair
+        gate_up = mlp.experts.gate_up_proj
+        assert (gate_up[:, :, 0::2] == 0).float().mean() == pytest.approx(0.5, abs=0.02)
+    capsys.readouterr()  # the progress bars of the saves above
+    for args, fragment in ((("--format", "compressed-tensors", "--quantize", "w4g32"),
+                            "keep a block's experts fused"),
+                           (("--stream",), "stored another way"),
+                           (("--format", "gguf"), "convert_hf_to_gguf")):
+        code, err = _run(capsys, "prune", "--model", source, "--method", "wanda",
+                         "--sparsity", 0.5, "--calib", C4_FILE, "--nsamples", 4, "--seqlen",
+                         16, "--no-eval", "--out", tmp_path / "no", *args)
+        assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "no").exists()

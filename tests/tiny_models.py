@@ -9,6 +9,7 @@ from transformers import (
     Glm4MoeConfig,
     GPT2Config,
     GPTNeoXConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -74,6 +75,10 @@ def _moe_configs(vocab: int) -> dict:
                                         topk_group=1, q_lora_rank=32, kv_lora_rank=16,
                                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                                         **{**common, "num_key_value_heads": 4}),
+        # gpt-oss: biased experts stored transposed with gate and up interleaved, its clamped
+        # SwiGLU, a biased router, attention sinks, sliding and full attention in turn
+        "gpt_oss": GptOssConfig(num_local_experts=4, head_dim=16,
+                                **{**common, "intermediate_size": 32}),
     }
 
 

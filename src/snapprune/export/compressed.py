@@ -51,10 +51,16 @@ def check_job(job) -> None:
 def check_model(model, job) -> None:
     """Whole groups in every quantised layer (the library refuses a partial last group, and
     vLLM's kernels need whole groups), at the widths the layers will have."""
+    from ..models.adapters import adapter_for
     from ..models.layout import input_width
     from ..models.shrink import plan_width
     from ..models.targets import target_layers
 
+    moe = adapter_for(model).moe
+    if moe is not None and moe.stored_fused:
+        raise SnapPruneError(f"compressed-tensors writes each expert under its own name, and "
+                             f"{model.config.model_type}'s checkpoints keep a block's experts "
+                             "fused (as its runtimes read them): write hf")
     quantize = job.settings("quantize")
     group = quantize.parsed_scheme.group_size
     if group is None:

@@ -283,6 +283,15 @@ ADAPTERS = (
         moe=MoE(router="mlp.gate", experts="mlp.experts", count_key="n_routed_experts"),
         mlp_width_key="moe_intermediate_size",
     ),
+    Adapter(  # gpt-oss: biased attention with a sink logit per head, biased experts gated by
+        # its clamped SwiGLU (stored transposed and interleaved, unfolded per expert)
+        "gpt_oss", ("gpt_oss",), "model.layers", ("model.embed_tokens", "model.rotary_emb"),
+        "model.norm", attention=_LLAMA_ATTENTION,
+        never_prune=("self_attn",),  # its parameters of its own: the sinks
+        moe=MoE(router="mlp.router", experts="mlp.experts", count_key="num_local_experts",
+                stored_fused=True),
+        mlp_width_key="intermediate_size",
+    ),
     Adapter(
         "mixtral", ("mixtral",), "model.layers", ("model.embed_tokens", "model.rotary_emb"),
         "model.norm", attention=_LLAMA_ATTENTION,

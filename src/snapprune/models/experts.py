@@ -56,6 +56,9 @@ class MoE:
     gate, up and down projections (Mixtral: ``w1``, ``w3``, ``w2``)."""
     stored_experts: str = ""
     stored_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    stored_fused: bool = False
+    """The family's checkpoints keep each block's experts fused, as its model does (gpt-oss):
+    there are no per-expert tensors to stream or to write under per-expert names."""
 
     def _renames(self) -> list[tuple[str, str]]:
         """(model's, checkpoint's) name fragments, as regular expressions' pieces."""
@@ -136,22 +139,37 @@ def calibration(mode: str = "routed", min_tokens: int = MIN_TOKENS) -> Iterator[
 
 
 class Expert(nn.Module):
-    """One expert: ``down(act(gate(x)) · up(x))``."""
+    """One expert: ``down(act(gate(x)) · up(x))``, or where the family gates its own way
+    (gpt-oss's clamped SwiGLU), ``down(glu(gate(x), up(x)))`` with the family's own function
+    applied to the two interleaved as its fused module keeps them."""
 
-    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act_fn) -> None:
+    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act_fn,
+                 glu=None) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate, up, down
         self.act_fn = act_fn
+        self.glu = glu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        if self.glu is None:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        pairs = torch.stack((self.gate_proj(x), self.up_proj(x)), dim=-1).flatten(-2)
+        return self.down_proj(self.glu(pairs))
 
 
-def _linear(weight: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta",
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta",
                       dtype=weight.dtype)
     layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
     return layer
+
+
+def _interleaved(fused: nn.Module) -> bool:
+    """gpt-oss's layout: ``gate_up_proj`` (experts × hidden × 2·width) with gate and up in
+    alternate columns, biases beside each, and its own gating function."""
+    return hasattr(fused, "gate_up_proj_bias") and callable(getattr(fused, "_apply_gate", None))
 
 
 class ExpertLinears(nn.Module):
@@ -165,21 +183,30 @@ class ExpertLinears(nn.Module):
     def __init__(self, fused: nn.Module) -> None:
         super().__init__()
         gate_up, down = fused.gate_up_proj, fused.down_proj
-        if gate_up.dim() != 3 or down.dim() != 3 or getattr(fused, "is_transposed", False) \
-                or not getattr(fused, "is_concatenated", True) or getattr(fused, "has_bias",
-                                                                          False):
+        self.interleaved = _interleaved(fused)
+        if gate_up.dim() != 3 or down.dim() != 3 or (not self.interleaved and (
+                getattr(fused, "is_transposed", False)
+                or not getattr(fused, "is_concatenated", True)
+                or getattr(fused, "has_bias", False))):
             raise SnapPruneError(
                 f"{type(fused).__name__} stores its experts in a layout snapprune does not "
                 "read (transposed, interleaved or with biases); this family is not supported")
-        width = gate_up.shape[1] // 2
         self.num_experts = gate_up.shape[0]
         for e in range(self.num_experts):
-            self.add_module(str(e), Expert(_linear(gate_up[e, :width]),
-                                           _linear(gate_up[e, width:]), _linear(down[e]),
-                                           fused.act_fn))
+            if self.interleaved:  # stored (in, out): gate and up in alternate columns
+                gu, bias = gate_up[e].T, fused.gate_up_proj_bias[e]
+                expert = Expert(_linear(gu[0::2], bias[0::2]), _linear(gu[1::2], bias[1::2]),
+                                _linear(down[e].T, fused.down_proj_bias[e]), None,
+                                glu=fused._apply_gate)
+            else:
+                width = gate_up.shape[1] // 2
+                expert = Expert(_linear(gate_up[e, :width]), _linear(gate_up[e, width:]),
+                                _linear(down[e]), fused.act_fn)
+            self.add_module(str(e), expert)
         # The fused module is kept, emptied, to be filled again by ``fold``.
-        fused.gate_up_proj = nn.Parameter(gate_up.new_empty(0), requires_grad=False)
-        fused.down_proj = nn.Parameter(down.new_empty(0), requires_grad=False)
+        for name in ("gate_up_proj", "down_proj") + (
+                ("gate_up_proj_bias", "down_proj_bias") if self.interleaved else ()):
+            setattr(fused, name, nn.Parameter(gate_up.new_empty(0), requires_grad=False))
         object.__setattr__(self, "fused", fused)
         self.order = list(range(self.num_experts))
         """The expert at each routing position: the router's row ``p`` scores ``order[p]``
@@ -244,11 +271,25 @@ class ExpertLinears(nn.Module):
 
     def fold(self) -> nn.Module:
         """The fused module, holding the current weights again."""
-        gate_up = torch.stack([torch.cat([self[e].gate_proj.weight, self[e].up_proj.weight])
-                               for e in range(self.num_experts)])
-        down = torch.stack([self[e].down_proj.weight for e in range(self.num_experts)])
-        self.fused.gate_up_proj = nn.Parameter(gate_up.detach(), requires_grad=False)
-        self.fused.down_proj = nn.Parameter(down.detach(), requires_grad=False)
+        experts = [self[e] for e in range(self.num_experts)]
+        fused = {}
+        if self.interleaved:
+            def alternate(gate, up):
+                return torch.stack((gate, up), dim=-1).flatten(-2)
+
+            fused["gate_up_proj"] = torch.stack([alternate(x.gate_proj.weight.T,
+                                                           x.up_proj.weight.T) for x in experts])
+            fused["gate_up_proj_bias"] = torch.stack([alternate(x.gate_proj.bias, x.up_proj.bias)
+                                                      for x in experts])
+            fused["down_proj"] = torch.stack([x.down_proj.weight.T for x in experts])
+            fused["down_proj_bias"] = torch.stack([x.down_proj.bias for x in experts])
+        else:
+            fused["gate_up_proj"] = torch.stack([torch.cat([x.gate_proj.weight,
+                                                            x.up_proj.weight]) for x in experts])
+            fused["down_proj"] = torch.stack([x.down_proj.weight for x in experts])
+        for name, value in fused.items():
+            setattr(self.fused, name, nn.Parameter(value.detach().contiguous(),
+                                                   requires_grad=False))
         self.fused.num_experts = self.num_experts
         return self.fused
 
