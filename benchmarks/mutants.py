@@ -775,6 +775,26 @@ MUTANTS = (
            (("    if moe is not None and moe.stored_fused:\n", "    if False:\n"),),
            ("tests/test_moe.py::test_gpt_oss_prunes_removes_experts_and_reloads_with_the_same_"
             "logits",)),
+    Mutant("decilm-any-llama-family",
+           "the Nemotron-NAS layout takes any LLaMA-family model (Qwen2's biases dropped)",
+           "models/decilm.py",
+           (('''    if not plain or adapter.moe is not None:
+        raise SnapPruneError(f"the Nemotron-NAS layout holds LLaMA's own blocks; "''',
+             '''    if adapter.moe is not None:
+        raise SnapPruneError(f"the Nemotron-NAS layout holds LLaMA's own blocks; "'''),
+            ("    if not plain:\n", "    if False:\n")),
+           (DECI + "test_a_family_whose_blocks_are_not_llamas_is_refused_before_any_work",)),
+    Mutant("compressed-differing-blocks-accepted",
+           "a model whose blocks differ in shape written as compressed-tensors' one config",
+           "export/compressed.py",
+           (("    if differing_blocks(model) is not None:\n", "    if False:\n"),),
+           (DECI + "test_steps_that_need_blocks_of_one_shape_refuse_a_reloaded_one",)),
+    Mutant("depth-ignores-the-jobs-width-cut",
+           "attention removed for hf with a width cut off the layout's grid in the same job",
+           "steps/depth.py",
+           (("                multiple_of=shrink.multiple_of if shrink and shrink.mlp else None)",
+             "                multiple_of=None)"),),
+           (DECI + "test_a_width_cut_in_the_same_job_must_fit_the_layout_too",)),
     Mutant("recovery-resume-without-optimizer",
            "a resumed recovery starts with a fresh optimiser state",
            "recovery.py",
@@ -823,9 +843,12 @@ def run_tests(mutant: Mutant | None, threads: int,
             [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
              "-p", "no:randomly", *(mutant.tests if mutant is not None else tests)],
             env=env, capture_output=True, text=True, cwd=ROOT)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FAILED")]
-    verdict = "passed" if proc.returncode == 0 else "failed"
-    return verdict, time.perf_counter() - start, lines[0] if lines else ""
+    if mutant is None:
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FAILED")]
+        return ("passed" if proc.returncode == 0 else "failed", time.perf_counter() - start,
+                lines[0] if lines else "")
+    verdict, first = _verdict(mutant, proc.returncode, proc.stdout + proc.stderr)
+    return verdict, time.perf_counter() - start, first
 
 
 def _preload() -> None:
@@ -853,10 +876,10 @@ def _child(mutant: Mutant, where: Path, log: Path) -> int:
     import pytest
     import torch
 
-    package = make_copy(mutant, where)
     handle = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(handle, 1)
     os.dup2(handle, 2)
+    package = make_copy(mutant, where)
     os.chdir(ROOT)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(where), os.environ.get("PYTHONPATH", "")])
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -890,6 +913,8 @@ def run_forked(chosen: list[Mutant], jobs: int):
                     code = 70
                     try:
                         code = _child(mutant, where, log)
+                    except BaseException as exc:
+                        print(f"the child failed before its tests: {exc}", flush=True)
                     finally:
                         sys.stdout.flush()
                         sys.stderr.flush()
@@ -897,17 +922,34 @@ def run_forked(chosen: list[Mutant], jobs: int):
                 running[pid] = (mutant, log, time.perf_counter())
             pid, status = os.wait()
             mutant, log, start = running.pop(pid)
-            code = os.waitstatus_to_exitcode(status)
-            text = log.read_text(errors="replace")
-            if code == 3 and "the copy is not what gets imported" in text:
-                raise SystemExit(f"mutant {mutant.name}: {text.strip().splitlines()[-1]}")
-            lines = [ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-            if code != 0 and not lines:  # died without a failing test: not a kill
-                tail = " | ".join(text.strip().splitlines()[-3:])
-                raise SystemExit(f"mutant {mutant.name}: its child exited {code} without a "
-                                 f"failing test ({tail or 'no output'}); run it with --no-fork")
-            yield (mutant, "passed" if code == 0 else "failed", time.perf_counter() - start,
-                   lines[0] if lines else "")
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            try:
+                verdict, first = _verdict(mutant, os.waitstatus_to_exitcode(status), text)
+            except SystemExit:
+                for other in running:  # no child outlives the check
+                    os.kill(other, 9)
+                    os.waitpid(other, 0)
+                raise
+            yield mutant, verdict, time.perf_counter() - start, first
+
+
+def _verdict(mutant: Mutant, code: int, text: str) -> tuple[str, str]:
+    """``(passed | failed, the first failing test)`` from pytest's exit status and output. A
+    kill is a test that failed (exit 1) or a module that no longer imports (exit 2 with a
+    collection error); anything else — a test id that names nothing (exit 4), no test
+    collected (5), a child that died — stops the check: it would count as a kill that no test
+    made."""
+    if code == 0:
+        return "passed", ""
+    failed = [ln for ln in text.splitlines() if ln.startswith("FAILED ")]
+    broken = [ln for ln in text.splitlines() if ln.startswith("ERROR tests/")]
+    if code == 1 and (failed or broken):
+        return "failed", (failed or broken)[0]
+    if code == 2 and broken:
+        return "failed", broken[0]
+    tail = " | ".join(text.strip().splitlines()[-3:])
+    raise SystemExit(f"mutant {mutant.name}: its tests exited {code} without a failing test "
+                     f"({tail or 'no output'}); check its test ids and edits")
 
 
 def run_spawned(chosen: list[Mutant], jobs: int):

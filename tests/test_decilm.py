@@ -244,6 +244,8 @@ def test_the_summary_of_a_deci_gguf_points_to_llama_cpp_not_to_reloading_it(nas_
 
 @pytest.mark.parametrize("args,fragment", [
     (["prune", "--method", "wanda", "--sparsity", "0.5", "--stream"], "Nemotron-NAS checkpoint"),
+    (["quantize", "--scheme", "w4g32", "--format", "compressed-tensors"],
+     "compressed-tensors' one config"),
     (["shrink", "--method", "thanos", "--mlp", "0.3"], "already differ in width"),
     (["prune-depth", "--attention", "3"], "have none already"),
 ])
@@ -257,3 +259,63 @@ def test_steps_that_need_blocks_of_one_shape_refuse_a_reloaded_one(nas_output, t
                      "--nsamples", "2", "--seqlen", "16", "--no-eval", "--out", tmp_path / "no")
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "no").exists()
+
+
+def test_a_family_whose_blocks_are_not_llamas_is_refused_before_any_work(tokenizer_dir,
+                                                                        tmp_path, capsys):
+    """Qwen2's attention biases (Qwen3's q/k norms, Gemma's norms) are not in the layout: its
+    blocks would load as another model. Refused after loading, before calibration."""
+    from tiny_models import tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    source = tmp_path / "qwen2"
+    model = tiny_model("qwen2", vocab=len(tokenizer))
+    model.config.intermediate_size = 256  # on the layout's grid: the family is the problem
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(model.config).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    capsys.readouterr()  # the save's progress bar
+    code, err = _run(capsys, "prune-depth", "--model", source, "--attention", "1", "--calib",
+                     C4_FILE, "--nsamples", "2", "--seqlen", "16", "--no-eval", "--out",
+                     tmp_path / "no")
+    assert code == 2 and "LLaMA's own blocks" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_width_cut_in_the_same_job_must_fit_the_layout_too(nas_dir, tmp_path):
+    """Attention removed and a uniform cut off the 256 grid, or a head cut, for --format hf:
+    refused before any work, not after both steps ran."""
+    for shrink, fragment in ((ShrinkSettings("thanos", mlp=0.25, multiple_of=32),
+                              "--multiple-of 256"),
+                             (ShrinkSettings("thanos", heads=0.25), "head cut")):
+        with pytest.raises(SnapPruneError, match=fragment):
+            execute(_job(nas_dir, DepthSettings(attention=1), shrink), tmp_path / "no",
+                    progress=False, announce=False)
+        assert not (tmp_path / "no").exists()
+
+
+def test_an_older_configs_rope_type_key_is_read(nas_output, tmp_path):
+    """Configs written before ``rope_type`` name the scaling ``type``: the reload keeps it."""
+    import shutil
+
+    _, out = nas_output
+    copy = tmp_path / "older"
+    shutil.copytree(out, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["rope_scaling"]["type"] = config["rope_scaling"].pop("rope_type")
+    (copy / "config.json").write_text(json.dumps(config))
+    model, _, _ = load_model(str(copy), progress=False)
+    assert model.model.rotary_emb.rope_type == "llama3"
+
+
+def test_a_gguf_whose_first_block_has_no_attention_is_refused():
+    """llama.cpp reads the head size from the first block's head count."""
+    from snapprune.export.gguf import check_model
+    from snapprune.models.depth import remove_attention
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=256,
+                                         num_hidden_layers=2, num_attention_heads=4))
+    remove_attention(model, model.model.layers[0])
+    with pytest.raises(SnapPruneError, match="first block has no attention"):
+        check_model(model, None)

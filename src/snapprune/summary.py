@@ -84,6 +84,12 @@ def _differing(model) -> bool:
     return differing_blocks(model) is not None
 
 
+def _one_query_count(model) -> bool:
+    from .export.hf import differing_blocks
+
+    return len({w.heads for w in differing_blocks(model) or () if w.heads}) <= 1
+
+
 def _estimated_parts(outcome) -> float:
     """The measured time of what the estimate covers: the steps and the evaluations."""
     steps = sum(run.total_seconds for run in outcome.runs)
@@ -104,8 +110,11 @@ def _next_steps(job, saved: Path, model=None) -> list[str]:
                 "      # run it where it runs: llama.cpp",
                 f"  llama-perplexity -m {where}/model.gguf -f wiki.test.raw"
                 "      # its perplexity there",
-                "  # to recover or quantise it further, cut it again with --format hf (the "
-                "Nemotron-NAS layout, MLP widths in steps of 256), which snapprune loads",
+                *(["  # to recover or quantise it further, cut it again with --format hf "
+                   "(the Nemotron-NAS layout, MLP widths in steps of 256), which snapprune "
+                   "loads"] if _one_query_count(model) else
+                  ["  # its blocks' query heads differ, which only GGUF holds: recover or "
+                   "quantise in the same job (a recipe) to change it further"]),
                 f"  snapprune run {where}/snapprune_recipe.yaml --out {where}-again"
                 "      # replay this run"]
     compare = next((c for c in (step_for(s).compare_with(s, job) for s in job.steps) if c),

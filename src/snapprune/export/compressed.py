@@ -55,7 +55,12 @@ def check_model(model, job) -> None:
     from ..models.layout import input_width
     from ..models.shrink import plan_width
     from ..models.targets import target_layers
+    from .hf import differing_blocks
 
+    if differing_blocks(model) is not None:
+        raise SnapPruneError("this model's blocks differ in shape (a Nemotron-NAS checkpoint or "
+                             "a per-block cut), which compressed-tensors' one config cannot "
+                             "describe: write --format hf (the Nemotron-NAS layout) or gguf")
     moe = adapter_for(model).moe
     if moe is not None and moe.stored_fused:
         raise SnapPruneError(f"compressed-tensors writes each expert under its own name, and "

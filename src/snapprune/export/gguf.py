@@ -88,6 +88,11 @@ def check_model(model, job) -> None:
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(config, flag, False):
             raise SnapPruneError(f"{flag} is not in llama.cpp's llama architecture; write hf")
+    blocks = adapter_for(model).decoder_blocks(model)
+    if blocks and attention_free(blocks[0]):
+        raise SnapPruneError("the first block has no attention, and llama.cpp reads every "
+                             "block's head size from the first block's head count (the file "
+                             "would not load): write --format hf (the Nemotron-NAS layout)")
 
 
 def _check_mixture(model, job) -> None:

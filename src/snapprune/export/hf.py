@@ -60,6 +60,7 @@ def differing_blocks(model) -> list | None:
 
 def _save_decilm(model, dtype, directory: Path, widths) -> None:
     dtype = dtype or model.dtype
+    decilm.check_model(model)
     config = decilm.layout(model, widths, dtype)  # refuses what the layout cannot hold
     state = _converted(model, decilm.stored_state(model), dtype)
     model.save_pretrained(directory, safe_serialization=True, state_dict=state)

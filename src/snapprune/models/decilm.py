@@ -63,11 +63,12 @@ def is_decilm(config: dict) -> bool:
         config.get("architectures") or ())
 
 
-def check_requested(fmt: str | None, *, heads_vary: bool = False,
+def check_requested(fmt: str | None, *, heads_vary: bool = False, heads_cut: bool = False,
                     multiple_of: int | None = None) -> None:
     """Refuse, before any work, a job whose blocks will differ in shape and whose output format
-    cannot hold that: ``heads_vary`` (per-block query heads: GGUF only) and ``multiple_of`` (the
-    MLP width step the job cuts to; ``hf`` needs a multiple of 256)."""
+    cannot hold that: ``heads_vary`` (per-block query heads: GGUF only), ``heads_cut`` (fewer
+    heads than fill the hidden size, from which the layout derives the head size) and
+    ``multiple_of`` (the MLP width step the job cuts to; ``hf`` needs a multiple of 256)."""
     if fmt in (None, "gguf"):
         return
     if fmt not in FORMATS:
@@ -78,6 +79,10 @@ def check_requested(fmt: str | None, *, heads_vary: bool = False,
         raise SnapPruneError("per-block query-head counts fit only GGUF (the Nemotron-NAS "
                              "layout has one query-head count): write --format gguf, or cut "
                              "heads with --allocation uniform")
+    if heads_cut:
+        raise SnapPruneError("a head cut leaves heads that no longer fill the hidden size, and "
+                             "the Nemotron-NAS layout derives its head size from it: write "
+                             "--format gguf, or cut MLP neurons only")
     if multiple_of is not None and multiple_of % WIDTH_MULTIPLE:
         raise SnapPruneError(f"the Nemotron-NAS layout (--format hf for blocks of different "
                              f"shapes) holds MLP widths in multiples of {WIDTH_MULTIPLE}: give "
@@ -89,12 +94,21 @@ def check_model(model, multiple_of: int | None = None) -> None:
     width a multiple of 256 (every kept width is, then, when the cuts step by 256)."""
     config = model.config
     adapter = adapter_for(model)
-    if adapter.family != "llama" or adapter.moe is not None:
-        raise SnapPruneError(f"the Nemotron-NAS layout holds LLaMA-family dense blocks; "
-                             f"{config.model_type} is not: write --format gguf")
+    # LLaMA's own blocks only: Qwen's biases and q/k norms, Gemma's norms and embedding scale,
+    # Mistral's sliding window are not in the layout (their blocks would load as another model)
+    plain = config.model_type == "llama" or (config.model_type == "mistral"
+                                             and not getattr(config, "sliding_window", None))
+    if not plain or adapter.moe is not None:
+        raise SnapPruneError(f"the Nemotron-NAS layout holds LLaMA's own blocks; "
+                             f"{config.model_type}'s differ: write --format gguf")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise SnapPruneError("the Nemotron-NAS layout has no biases; this model has: write "
                              "--format gguf")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        raise SnapPruneError(f"{config.num_attention_heads} heads of {head_dim} do not fill the "
+                             f"hidden size {config.hidden_size}, which the Nemotron-NAS layout "
+                             "derives head sizes from: write --format gguf")
     width = config.intermediate_size
     if multiple_of is not None and width % WIDTH_MULTIPLE:
         raise SnapPruneError(f"the MLP width {width} is not a multiple of {WIDTH_MULTIPLE}, "
@@ -107,6 +121,11 @@ def layout(model, widths: list[BlockWidths], dtype: torch.dtype) -> dict:
     config = model.config
     hidden, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
+    plain = config.model_type == "llama" or (config.model_type == "mistral"
+                                             and not getattr(config, "sliding_window", None))
+    if not plain:
+        raise SnapPruneError(f"the Nemotron-NAS layout holds LLaMA's own blocks; "
+                             f"{config.model_type}'s differ: write --format gguf")
     query = {w.heads for w in widths if w.heads}
     if len(query) > 1:
         raise SnapPruneError(f"blocks with {sorted(query)} query heads: the Nemotron-NAS layout "
@@ -138,10 +157,12 @@ def layout(model, widths: list[BlockWidths], dtype: torch.dtype) -> dict:
                 "auto_map", "quantization_config"):
         out.pop(key, None)
     name = str(dtype).removeprefix("torch.")
-    rope = dict(out.pop("rope_parameters", None) or {})
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    # transformers 5 keeps the rope in ``rope_parameters``, 4.x in rope_scaling + rope_theta
+    rope = dict(out.pop("rope_parameters", None) or out.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", out.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    scaling = scaling if scaling.get("rope_type", "default") != "default" else None
+    scaling.setdefault("rope_type", scaling.pop("type", "default"))
+    scaling = scaling if scaling["rope_type"] != "default" else None
     out.update({
         "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE,
         "auto_map": {"AutoConfig": f"{REMOTE_CODE}--configuration_decilm.DeciLMConfig",
@@ -204,16 +225,21 @@ def load(directory: Path, config: dict, dtype: torch.dtype | None) -> torch.nn.M
     shapes = block_shapes(config)
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
     kv = max((s.kv_heads for s in shapes if s.kv_heads), default=heads)
-    rope = {"rope_type": "default", **(config.get("rope_scaling") or {}),
-            "rope_theta": config.get("rope_theta", 10000.0)}
-    rope.pop("type", None)
+    scaling = dict(config.get("rope_scaling") or {})
+    scaling.setdefault("rope_type", scaling.pop("type", "default"))  # older configs' name
+    theta = config.get("rope_theta", 10000.0)
     keep = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
             "max_position_embeddings", "rms_norm_eps", "hidden_act", "tie_word_embeddings",
             "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache")
     llama = LlamaConfig(**{k: config[k] for k in keep if k in config},
                         num_key_value_heads=kv,
                         intermediate_size=max(s.ffn for s in shapes),
-                        rope_parameters=rope, head_dim=hidden // heads)
+                        rope_parameters={**scaling, "rope_theta": theta},
+                        head_dim=hidden // heads)
+    if not isinstance(getattr(llama, "rope_parameters", None), dict):  # transformers 4.x
+        llama.rope_theta = theta
+        llama.rope_scaling = scaling if scaling["rope_type"] != "default" else None
+    llama.architectures = ["LlamaForCausalLM"]  # what the model in memory is
     stored = config.get("dtype") or config.get("torch_dtype")
     if dtype is None and isinstance(stored, str):
         dtype = getattr(torch, stored, None)

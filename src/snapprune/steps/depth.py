@@ -66,7 +66,10 @@ class DepthStep(Step):
         settings.check()
         fmt = job.output.format if job.output is not None else None
         if settings.attention:  # blocks without attention: deci GGUF or Nemotron-NAS
-            decilm.check_requested(fmt)
+            shrink = job.settings("shrink")  # a width cut in the same job must fit it too
+            decilm.check_requested(
+                fmt, heads_cut=bool(shrink and shrink.heads),
+                multiple_of=shrink.multiple_of if shrink and shrink.mlp else None)
 
     def check_model(self, settings: DepthSettings, job, model) -> None:
         check_depth(model, settings)
