@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from snapprune import SnapPruneError
 from snapprune.jobs import CalibrationSpec, EvaluationSpec, Job, OutputSpec
+from snapprune.models.depth import attention_free
 from snapprune.models.search_settings import SearchSettings
 from snapprune.models.settings import DepthSettings, QuantizeSettings, ShrinkSettings
 from snapprune.models.structure_budget import Budget, Structure, geometry, grid, widest
@@ -33,13 +34,14 @@ def _job(model_dir, *steps, fmt="hf") -> Job:
                output=OutputSpec(format=fmt, samples=False))
 
 
-def _structure_job(model_dir, structure: Structure, units: int, fmt: str, *after):
+def _structure_job(model_dir, structure: Structure, units: int, fmt: str, *after,
+                   per_group: int = 2):
     steps = []
     if structure.blocks or structure.attention:
         steps.append(DepthSettings(blocks=structure.blocks, attention=structure.attention))
-    if structure.width < units:
+    if structure.width < units or structure.heads:
         steps.append(ShrinkSettings("thanos", mlp=1 - structure.width / units,
-                                    multiple_of=32))
+                                    heads=structure.heads / per_group, multiple_of=32))
     return _job(model_dir, *steps, *after, fmt=fmt)
 
 
@@ -67,6 +69,77 @@ def test_a_structures_cost_is_its_cut_model_and_its_gguf_file(structure, deep_di
     read = sum(int(t.n_bytes) for t in tensors
                if t.name != "token_embd.weight" or "output.weight" not in names)
     assert cost.read == read  # an untied token embedding is read a row per token
+
+
+@pytest.fixture(scope="module")
+def headed_dir(tmp_path_factory, tokenizer_dir):
+    """A LLaMA whose heads (32 wide) are whole q8_0 blocks: 4 blocks, 4 query heads over 2
+    key/value heads, MLP 128."""
+    from transformers import LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=32, max_position_embeddings=256)
+    out = tmp_path_factory.mktemp("headed")
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("structure", [Structure(0, 0, 128, 1), Structure(1, 1, 96, 1)])
+def test_a_head_cut_costs_what_its_cut_model_and_file_hold(structure, headed_dir, tmp_path):
+    """One query head per key/value group out of every block that keeps its attention: its
+    rows of q and columns of o, in parameters and in the q8_0 file's bytes."""
+    from gguf import GGUFReader
+
+    dense = AutoModelForCausalLM.from_pretrained(headed_dir)
+    measured = geometry(dense, "q8_0", multiple_of=32)
+    assert (measured.groups, measured.per_group) == (2, 2)
+    out = tmp_path / "cut"
+    outcome = execute(_structure_job(headed_dir, structure, measured.units, "gguf",
+                                     QuantizeSettings("q8_0")), out, progress=False,
+                      announce=False)
+    cost = measured.cost(structure)
+    assert cost.params == sum(p.numel() for p in outcome.model.parameters())
+    tensors = GGUFReader(str(out / "model.gguf")).tensors
+    assert cost.bytes == sum(int(t.n_bytes) for t in tensors)
+
+
+def test_the_grid_cuts_heads_only_when_asked_and_keeps_one_per_group(headed_dir):
+    dense = AutoModelForCausalLM.from_pretrained(headed_dir)
+    measured = geometry(dense, "q8_0", multiple_of=32)
+    budget = Budget("bytes", int(measured.dense.bytes * 0.8))
+    assert all(s.heads == 0 for s in grid(measured, budget, narrowest=32))
+    structures = grid(measured, budget, narrowest=32, heads=True)
+    assert {s.heads for s in structures} == {0, 1}  # 2 per group: at most 1 goes
+    for s in structures:
+        assert budget.fits(measured.cost(s))
+        assert widest(measured, s.blocks, s.attention, budget, 32, s.heads) == s.width
+    # a cut head buys MLP width: the same depth and attention with a head cut is wider
+    pairs = {(s.blocks, s.attention, s.heads): s.width for s in structures}
+    assert any(pairs[(d, a, 1)] > pairs[(d, a, 0)] for d, a, h in pairs if h == 1
+               and (d, a, 0) in pairs and pairs[(d, a, 0)] < measured.units)
+    without = grid(measured, budget, narrowest=32, heads=True, heads_with_attention=False)
+    assert not any(s.heads and s.attention for s in without)
+
+
+def test_a_search_with_heads_tries_head_cuts_and_reports_them(headed_dir, tmp_path):
+    settings = SearchSettings(target_params=0.8, points=2, windows=2, heads=True)
+    out = tmp_path / "searched"
+    outcome = execute(_job(headed_dir, settings, fmt="gguf"), out, progress=False,
+                      announce=False)
+    run = outcome.run_of("search")
+    assert any(t.structure.heads for t in run.tried) and not run.notes
+    report = json.loads((out / "snapprune_report.json").read_text())
+    tried = report["search"]["tried"]
+    assert {t["heads_removed_per_group"] for t in tried} == {0, 1}
+    assert all(t["heads_per_group_dense"] == 2 for t in tried)
+    best = run.best.structure
+    kept = outcome.model.model.layers
+    assert all(b.self_attn.q_proj.out_features == (2 - best.heads) * 2 * 32 for b in kept
+               if not attention_free(b))
 
 
 def test_every_structure_of_the_grid_fits_the_budget_with_the_widest_mlp(deep_dir):

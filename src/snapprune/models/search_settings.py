@@ -23,7 +23,9 @@ class SearchSettings:
     ``gguf_type``), ``target_decode`` (× the dense model's decode speed, by the bytes read per
     token at ``gguf_type``). The search tries ``points`` removed-block counts, and for each
     ``points`` removed-attention counts (``attention`` off: none), the MLP width filling the
-    rest of the budget (at most ``max_mlp`` of the neurons removed); each structure is cut with
+    rest of the budget (at most ``max_mlp`` of the neurons removed); with ``heads``, each of
+    those also with 1 … all-but-one query heads removed per key/value group; each structure is
+    cut with
     ``method`` (depth scored by ``score``, widths by ``allocation``), repaired, and scored by
     its loss on ``windows`` calibration windows it was not cut on; the least loss wins."""
 
@@ -36,6 +38,7 @@ class SearchSettings:
     allocation: str = "uniform"
     points: int = 3
     attention: bool = True
+    heads: bool = False
     max_mlp: float = 0.75
     windows: int = 8
     multiple_of: int = 32
@@ -98,3 +101,5 @@ class SearchSettings:
                                  f"(0, 1), got {self.max_mlp!r}")
         if not isinstance(self.attention, bool):
             raise SnapPruneError(f"attention must be true or false, got {self.attention!r}")
+        if not isinstance(self.heads, bool):
+            raise SnapPruneError(f"heads must be true or false, got {self.heads!r}")

@@ -264,7 +264,7 @@ def shrink_model(
                 named[name] = modules[consumer]
                 widths[name] = plan.mlp_at(index)
                 producers_of[name] = producers
-        if plan.heads_at(index) < plan.heads_old:
+        if plan.heads_at(index) < plan.heads_old and not attention_free(block):
             name = f"{adapter.blocks}.{index}.{attn_out}"
             named[name] = modules[attn_out]
             widths[name] = plan.heads_at(index) * plan.head_dim

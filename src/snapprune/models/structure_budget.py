@@ -61,11 +61,13 @@ class Cost:
 
 @dataclass(frozen=True)
 class Structure:
-    """Blocks removed, attention sub-layers removed (of the kept blocks), MLP width kept."""
+    """Blocks removed, attention sub-layers removed (of the kept blocks), MLP width kept, and
+    query heads removed per key/value group in every block that keeps its attention."""
 
     blocks: int
     attention: int
     width: int
+    heads: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,19 @@ class Geometry:
     units: int
     step: int
     """MLP widths are multiples of this (``multiple_of``, and the type's block)."""
+    head: Cost = Cost()
+    """One query head: its rows of the query projection, its columns of the output one."""
+    groups: int = 1
+    """Key/value heads: a head cut removes ``heads`` query heads from each."""
+    per_group: int = 1
+    """Query heads per key/value head (a cut keeps at least one)."""
 
     def cost(self, structure: Structure) -> Cost:
         kept = self.blocks - structure.blocks
+        attended = kept - structure.attention
         return (self.fixed + kept * (self.other + self.unit * structure.width + self.attention)
-                - self.attention * structure.attention)
+                - self.attention * structure.attention
+                - self.head * (structure.heads * self.groups * attended))
 
     @property
     def dense(self) -> Cost:
@@ -175,8 +185,34 @@ def geometry(model: nn.Module, scheme: str | None = None, *, multiple_of: int = 
     other -= Cost(0, norm_bytes, norm_bytes)
     fixed = _fixed(model, {id(p) for b in blocks for p in b.parameters()}, scheme, metadata)
     span = parse_scheme(scheme).block.span if scheme is not None else 1
+    head, groups, per_group = _query_head(model, block, adapter, scheme)
     return Geometry(len(blocks), fixed, attention_cost, other, unit, units,
-                    math.lcm(multiple_of, span))
+                    math.lcm(multiple_of, span), head, groups, per_group)
+
+
+def _query_head(model: nn.Module, block: nn.Module, adapter, scheme: str | None
+                ) -> tuple[Cost, int, int]:
+    """One query head's cost (its rows of ``q`` with their bias, its columns of ``o``), the
+    key/value groups and the query heads per group; no head cut (``Cost()``) for a family
+    whose heads ``shrink`` cannot cut out."""
+    from .adapters import head_geometry
+
+    if not adapter.attention.q or adapter.head_dim_key is None:
+        return Cost(), 1, 1
+    shape = head_geometry(model.config)
+    if scheme is not None and shape.head_dim % parse_scheme(scheme).block.span:
+        return Cost(), 1, 1  # a cut output projection would leave partial blocks
+    q, o = module_at(block, adapter.attention.q), module_at(block, adapter.attention.o)
+    rows = _matrix(q, scheme)
+    if any(v % shape.heads for v in (rows.params, rows.bytes)):
+        return Cost(), 1, 1
+    per_head = Cost(rows.params // shape.heads, rows.bytes // shape.heads,
+                    rows.read // shape.heads)
+    out_rows = linear_weight(o).shape[0]
+    columns = out_rows * shape.head_dim
+    size = round(columns * _rate(scheme, input_width(o)))
+    per_head += Cost(columns, size, size)
+    return per_head, shape.kv_heads, shape.heads // shape.kv_heads
 
 
 def _fixed(model: nn.Module, in_blocks: set[int], scheme: str | None, metadata: int) -> Cost:
@@ -203,11 +239,11 @@ def _fixed(model: nn.Module, in_blocks: set[int], scheme: str | None, metadata: 
 
 
 def widest(geometry: Geometry, blocks: int, attention: int, budget: Budget,
-           narrowest: int) -> int | None:
+           narrowest: int, heads: int = 0) -> int | None:
     """The widest MLP (a multiple of the step, at most the dense width, at least
     ``narrowest``) with which the structure fits the budget; ``None`` when none does."""
     def fits(width: int) -> bool:
-        return budget.fits(geometry.cost(Structure(blocks, attention, width)))
+        return budget.fits(geometry.cost(Structure(blocks, attention, width, heads)))
 
     if fits(geometry.units):
         return geometry.units
@@ -233,11 +269,14 @@ def _spread(top: int, points: int) -> list[int]:
 
 
 def grid(geometry: Geometry, budget: Budget, *, points: int = 3, attention: bool = True,
-         narrowest: int) -> list[Structure]:
+         narrowest: int, heads: bool = False, heads_with_attention: bool = True
+         ) -> list[Structure]:
     """The structures the search tries, each using the budget: removed blocks from none to
     what depth alone needs, for each removed attention sub-layers from none to what the rest
-    needs (``attention=False``: none), the MLP as wide as the remaining budget allows (at
-    least ``narrowest``). Refuses a budget no structure of the grid reaches."""
+    needs (``attention=False``: none), with ``heads`` each of those also with 1 … all but one
+    query head removed per key/value group (``heads_with_attention=False``: only where no
+    attention sub-layer goes), the MLP as wide as the remaining budget allows (at least
+    ``narrowest``). Refuses a budget no structure of the grid reaches."""
     full = geometry.units
     blocks_needed = _least(geometry.blocks - 1, lambda d: budget.fits(
         geometry.cost(Structure(d, 0, full))))
@@ -252,9 +291,13 @@ def grid(geometry: Geometry, budget: Budget, *, points: int = 3, attention: bool
                 Structure(d, a, full))))
             attention_top = needed if needed is not None else kept - 1
         for a in _spread(attention_top, points):
-            width = widest(geometry, d, a, budget, narrowest)
-            if width is not None and Structure(d, a, width) not in out:
-                out.append(Structure(d, a, width))
+            cuts = range(geometry.per_group) if heads and geometry.head.params else [0]
+            for h in cuts:
+                if h and a and not heads_with_attention:
+                    continue
+                width = widest(geometry, d, a, budget, narrowest, h)
+                if width is not None and Structure(d, a, width, h) not in out:
+                    out.append(Structure(d, a, width, h))
     if not out:
         raise SnapPruneError(
             f"no structure reaches the target ({budget.currency} ≤ {budget.limit:,}): removing "

@@ -76,6 +76,7 @@ class Tried:
     def describe(self, units: int) -> str:
         parts = [f"-{self.structure.blocks} blocks" if self.structure.blocks else "",
                  f"-{self.structure.attention} attention" if self.structure.attention else "",
+                 f"-{self.structure.heads} heads per group" if self.structure.heads else "",
                  f"MLP {self.structure.width}/{units}" if self.structure.width < units else ""]
         return ", ".join(p for p in parts if p) or "dense"
 
@@ -136,6 +137,9 @@ class SearchStep(Step):
              "for each", type=positive_int, metavar="K"),
         Flag("attention", ("--no-attention",), "keep every attention sub-layer (remove blocks "
              "and neurons only)", action="store_false", show_default=False),
+        Flag("heads", ("--heads",), "also try cutting 1 … all but one query heads per "
+             "key/value group (each with the widest MLP the rest allows)",
+             action="store_true", show_default=False),
         Flag("max_mlp", ("--max-mlp",), "the most of the MLP neurons a structure removes",
              type=fraction, metavar="F"),
         Flag("windows", ("--windows",), "held-out calibration windows each structure is "
@@ -232,7 +236,7 @@ class SearchStep(Step):
         return {"method": run.settings.method, "pattern": "structure",
                 "settings": {k: getattr(run.settings, k) for k in (
                     "target_params", "target_size", "target_decode", "gguf_type", "score",
-                    "allocation", "points", "attention", "max_mlp", "windows")},
+                    "allocation", "points", "attention", "heads", "max_mlp", "windows")},
                 "search": {
                     "budget": {"currency": run.budget.currency, "limit": run.budget.limit,
                                "counted_as": run.counted_as},
@@ -240,6 +244,8 @@ class SearchStep(Step):
                     "chosen": run.chosen,
                     "tried": [{"blocks_removed": t.structure.blocks,
                                "attention_removed": t.structure.attention,
+                               "heads_removed_per_group": t.structure.heads,
+                               "heads_per_group_dense": run.geometry.per_group,
                                "mlp_width": t.structure.width, "mlp_width_dense": units,
                                "structure": t.describe(units), **vars(t.cost),
                                "loss": t.loss, "perplexity": t.perplexity,
@@ -293,8 +299,19 @@ def _plan(settings: SearchSettings, job, model) -> tuple[SearchRun, list[Structu
     budget = Budget(currency, limit)
     narrowest = max(measured.step, math.ceil(measured.units * (1 - settings.max_mlp)
                                              / measured.step) * measured.step)
+    heads = settings.heads
+    if heads and settings.allocation == "sensitivity" and fmt not in (None, "gguf"):
+        heads = False
+        notes.append("no query head cut: per-block head counts need --format gguf")
+    if heads and not measured.head.params:
+        heads = False
+        notes.append("no query head cut: this family's heads are not cut out by shrink, or "
+                     "they are not whole blocks of the counted type")
+    # a head cut leaves heads that no longer fill the hidden size, which the Nemotron-NAS
+    # layout (hf for blocks without attention) cannot hold: there, not both in one structure
     structures = grid(measured, budget, points=settings.points, attention=attention,
-                      narrowest=narrowest)
+                      narrowest=narrowest, heads=heads,
+                      heads_with_attention=fmt in (None, "gguf"))
     run = SearchRun(settings=settings, budget=budget, counted_as=counted, geometry=measured,
                     notes=notes)
     return run, structures
@@ -343,8 +360,9 @@ def _cut(structure: Structure, settings: SearchSettings, context: StepContext, d
     if structure.blocks or structure.attention:
         steps.append(DepthSettings(blocks=structure.blocks, attention=structure.attention,
                                    score=settings.score))
-    if structure.width < measured.units:
+    if structure.width < measured.units or structure.heads:
         steps.append(ShrinkSettings(settings.method, mlp=1 - structure.width / measured.units,
+                                    heads=structure.heads / measured.per_group,
                                     multiple_of=measured.step, allocation=settings.allocation))
     candidate = bench.sibling(copy.deepcopy(dense))
     fmt = "gguf" if job.output is not None and job.output.format == "gguf" else "hf"
