@@ -10,6 +10,8 @@ files interleaved in ``--rounds`` rounds, mean and spread over rounds).
 
     python benchmarks/gguf_frontier.py --out runs/frontier --types q4_0   # the reference
     python benchmarks/structure_search.py --frontier runs/frontier --out runs/search
+    python benchmarks/structure_search.py --frontier runs/frontier --out runs/search-heads \
+        --heads --points 2        # query-head cuts in the grid too
 
 Writes ``results.json`` and ``table.md`` into ``--out``; finished parts are reused on a rerun.
 """
@@ -78,6 +80,8 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.8)
     parser.add_argument("--points", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--heads", action="store_true",
+                        help="the search also tries query-head cuts (search --heads)")
     parser.add_argument("--also", nargs="*", default=[], metavar="LABEL=GGUF",
                         help="more GGUF files measured beside (e.g. the searched model after "
                              "recover and quantize)")
@@ -104,7 +108,8 @@ def main() -> None:
 
     start = time.perf_counter()
     searched = _snapprune(out, "searched", [
-        {"search": {"target_size": size, "gguf_type": "q4_0", "points": args.points}},
+        {"search": {"target_size": size, "gguf_type": "q4_0", "points": args.points,
+                    **({"heads": True} if args.heads else {})}},
         {"quantize": {"scheme": "q4_0", "method": "gptq"}}], args.model, docs,
         out / "searched.log")
     report = json.loads((searched.parent / "snapprune_report.json").read_text())
@@ -115,7 +120,8 @@ def main() -> None:
                          or time.perf_counter() - start}
     files[f"snapprune search ({chosen['structure']}) + q4_0"] = searched
     width_only = next((t for t in search["tried"]
-                       if not t["blocks_removed"] and not t["attention_removed"]), None)
+                       if not t["blocks_removed"] and not t["attention_removed"]
+                       and not t.get("heads_removed_per_group")), None)
     if width_only is not None:
         mlp = 1 - width_only["mlp_width"] / width_only["mlp_width_dense"]
         uniform = _snapprune(out, "uniform", [
