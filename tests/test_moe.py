@@ -521,6 +521,29 @@ def test_a_shrunk_quantised_moe_gguf_runs_in_llama_cpp(tokenizer_dir, tmp_path):
     _close_in_llama_cpp(outcome.model, out / "model.gguf")
 
 
+EXPERTS_CUT = (ExpertSettings(remove=1), PruneSettings(method="thanos", sparsity=0.5))
+
+
+def _experts_cut_and_reloaded(config, tokenizer_dir, tmp_path):
+    """A random model of ``config`` saved with the test tokenizer; one expert removed per
+    block and Thanos 50 % on the rest, saved as hf and reloaded by transformers, whose logits
+    must be the model in memory's. ``(source, original, reloaded)``."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    source = tmp_path / "source"
+    original = AutoModelForCausalLM.from_config(config)
+    original.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    outcome = execute(_job(source, *EXPERTS_CUT), tmp_path / "out", progress=False,
+                      announce=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = token_batch(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, outcome.model(ids).logits)
+    return source, original, loaded
+
+
 @pytest.mark.parametrize("layout", ["glm4_moe", "deepseek_v2_lite"])
 def test_whole_layouts_dense_blocks_first_then_experts_prune_and_reload(layout, tokenizer_dir,
                                                                         tmp_path):
@@ -533,19 +556,8 @@ def test_whole_layouts_dense_blocks_first_then_experts_prune_and_reload(layout, 
     converter)."""
     from tiny_models import tiny_deepseek_v2_lite, tiny_glm4_moe
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = (tiny_glm4_moe if layout == "glm4_moe" else tiny_deepseek_v2_lite)(dense_blocks=1)
-    model.config.vocab_size = len(tokenizer)
-    torch.manual_seed(0)
-    source = tmp_path / "glm"
-    AutoModelForCausalLM.from_config(model.config).save_pretrained(source)
-    tokenizer.save_pretrained(source)
-    steps = (ExpertSettings(remove=1), PruneSettings(method="thanos", sparsity=0.5))
-    outcome = execute(_job(source, *steps), tmp_path / "out", progress=False, announce=False)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    ids = token_batch(2, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, outcome.model(ids).logits)
+    source, _, loaded = _experts_cut_and_reloaded(model.config, tokenizer_dir, tmp_path)
     layers = loaded.model.layers
     assert loaded.config.n_routed_experts == 3
     for block in layers[1:]:
@@ -561,7 +573,7 @@ def test_whole_layouts_dense_blocks_first_then_experts_prune_and_reload(layout, 
     dense = layers[0].mlp.down_proj.weight
     assert (dense == 0).float().mean() == pytest.approx(0.5, abs=0.01)
     with pytest.raises(SnapPruneError, match="convert_hf_to_gguf"):
-        execute(_job(source, *steps, fmt="gguf"), tmp_path / "g", progress=False,
+        execute(_job(source, *EXPERTS_CUT, fmt="gguf"), tmp_path / "g", progress=False,
                 announce=False)
     assert not (tmp_path / "g").exists()
 
@@ -575,20 +587,8 @@ def test_gpt_oss_prunes_removes_experts_and_reloads_with_the_same_logits(tokeniz
     in one line."""
     from test_cli import _run
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = copy.deepcopy(tiny_moe_model("gpt_oss").config)
-    config.vocab_size = len(tokenizer)
-    torch.manual_seed(0)
-    source = tmp_path / "oss"
-    original = AutoModelForCausalLM.from_config(config)
-    original.save_pretrained(source)
-    tokenizer.save_pretrained(source)
-    steps = (ExpertSettings(remove=1), PruneSettings(method="thanos", sparsity=0.5))
-    outcome = execute(_job(source, *steps), tmp_path / "out", progress=False, announce=False)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    ids = token_batch(2, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, outcome.model(ids).logits)
+    source, original, loaded = _experts_cut_and_reloaded(
+        copy.deepcopy(tiny_moe_model("gpt_oss").config), tokenizer_dir, tmp_path)
     for block, before in zip(loaded.model.layers, original.model.layers, strict=True):
         mlp = block.mlp
         assert mlp.router.weight.shape[0] == mlp.router.bias.shape[0] == 3
