@@ -78,16 +78,11 @@ def summary_lines(outcome) -> list[str]:
     return lines
 
 
-def _differing(model) -> bool:
+def _differing(model) -> list | None:
+    """Each block's shape where they differ (a deci file: transformers cannot load it)."""
     from .export.hf import differing_blocks
 
-    return differing_blocks(model) is not None
-
-
-def _one_query_count(model) -> bool:
-    from .export.hf import differing_blocks
-
-    return len({w.heads for w in differing_blocks(model) or () if w.heads}) <= 1
+    return differing_blocks(model)
 
 
 def _estimated_parts(outcome) -> float:
@@ -103,7 +98,8 @@ def _next_steps(job, saved: Path, model=None) -> list[str]:
         where = saved.relative_to(Path.cwd())
     except ValueError:
         where = saved
-    if job.output.format == "gguf" and model is not None and _differing(model):
+    shapes = _differing(model) if job.output.format == "gguf" and model is not None else None
+    if shapes is not None:
         # llama.cpp's deci file: transformers (and so snapprune) cannot load it back
         return ["next:",
                 f"  llama-cli -m {where}/model.gguf -p 'The capital of France is' -n 32"
@@ -112,7 +108,7 @@ def _next_steps(job, saved: Path, model=None) -> list[str]:
                 "      # its perplexity there",
                 *(["  # to recover or quantise it further, cut it again with --format hf "
                    "(the Nemotron-NAS layout, MLP widths in steps of 256), which snapprune "
-                   "loads"] if _one_query_count(model) else
+                   "loads"] if len({w.heads for w in shapes if w.heads}) <= 1 else
                   ["  # its blocks' query heads differ, which only GGUF holds: recover or "
                    "quantise in the same job (a recipe) to change it further"]),
                 f"  snapprune run {where}/snapprune_recipe.yaml --out {where}-again"

@@ -89,18 +89,24 @@ def check_requested(fmt: str | None, *, heads_vary: bool = False, heads_cut: boo
                              f"--multiple-of {WIDTH_MULTIPLE}, or write --format gguf")
 
 
+def _refuse_other_blocks(config) -> None:
+    """LLaMA's own blocks only: Qwen's biases and q/k norms, Gemma's norms and embedding scale,
+    Mistral's sliding window are not in the layout (their blocks would load as another model)."""
+    plain = config.model_type == "llama" or (config.model_type == "mistral"
+                                             and not getattr(config, "sliding_window", None))
+    if not plain:
+        raise SnapPruneError(f"the Nemotron-NAS layout holds LLaMA's own blocks; "
+                             f"{config.model_type}'s differ: write --format gguf")
+
+
 def check_model(model, multiple_of: int | None = None) -> None:
     """What the dense model must be for the layout: the LLaMA family, no biases, its MLP
     width a multiple of 256 (every kept width is, then, when the cuts step by 256)."""
     config = model.config
-    adapter = adapter_for(model)
-    # LLaMA's own blocks only: Qwen's biases and q/k norms, Gemma's norms and embedding scale,
-    # Mistral's sliding window are not in the layout (their blocks would load as another model)
-    plain = config.model_type == "llama" or (config.model_type == "mistral"
-                                             and not getattr(config, "sliding_window", None))
-    if not plain or adapter.moe is not None:
-        raise SnapPruneError(f"the Nemotron-NAS layout holds LLaMA's own blocks; "
-                             f"{config.model_type}'s differ: write --format gguf")
+    _refuse_other_blocks(config)
+    if adapter_for(model).moe is not None:
+        raise SnapPruneError("the Nemotron-NAS layout holds dense blocks; a mixture of experts "
+                             "is not one: write --format gguf")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise SnapPruneError("the Nemotron-NAS layout has no biases; this model has: write "
                              "--format gguf")
@@ -121,11 +127,7 @@ def layout(model, widths: list[BlockWidths], dtype: torch.dtype) -> dict:
     config = model.config
     hidden, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    plain = config.model_type == "llama" or (config.model_type == "mistral"
-                                             and not getattr(config, "sliding_window", None))
-    if not plain:
-        raise SnapPruneError(f"the Nemotron-NAS layout holds LLaMA's own blocks; "
-                             f"{config.model_type}'s differ: write --format gguf")
+    _refuse_other_blocks(config)
     query = {w.heads for w in widths if w.heads}
     if len(query) > 1:
         raise SnapPruneError(f"blocks with {sorted(query)} query heads: the Nemotron-NAS layout "
