@@ -239,7 +239,7 @@ def test_the_tokenizer_comes_from_the_source_gguf(joint_gguf, tiny_dir):
     assert tokens[:10] == vocab
     assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert reader.fields["llama.attention.key_length"].contents() == 16
-    from snapprune.export.gguf import rope_theta
+    from snapprune.models.rope import rope_theta
 
     config = AutoModelForCausalLM.from_pretrained(tiny_dir).config
     assert reader.fields["llama.rope.freq_base"].contents() == rope_theta(config)
@@ -292,7 +292,7 @@ def test_llama3_rope_factors_are_transformers_own_frequencies():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from snapprune.export.gguf import llama3_rope_factors
+    from snapprune.models.rope import llama3_rope_factors
 
     config = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters=LLAMA3_ROPE)
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")

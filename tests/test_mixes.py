@@ -358,3 +358,25 @@ def test_slots_see_gqa_and_kinds(wide_dir):
     assert slots["lm_head"].kind == "output"
     embedding = slots["model.embed_tokens"]
     assert (embedding.kind, embedding.tied, embedding.cols) == ("token_embd", False, 256)
+
+
+def test_a_size_target_counts_the_rope_factors_the_file_holds(tokenizer_dir, tmp_path):
+    """A Llama 3.x model's GGUF holds ``rope_freqs`` besides its parameters: the bytes a size
+    target leaves for the chosen tensors are net of them, exactly as many as written."""
+    from gguf import GGUFReader
+    from test_export import LLAMA3_ROPE
+    from tiny_models import tiny_model
+    from transformers import AutoTokenizer
+
+    from snapprune.models.allocation import fixed_bytes
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = tiny_model("llama", vocab=len(tokenizer))
+    plain = fixed_bytes(model, set(), 0)
+    model.config.rope_parameters = dict(LLAMA3_ROPE)
+    model.save_pretrained(tmp_path / "llama3")
+    tokenizer.save_pretrained(tmp_path / "llama3")
+    _quantized(tmp_path / "llama3", tmp_path / "gguf", QuantizeSettings("q8_0", method="rtn"))
+    reader = GGUFReader(tmp_path / "gguf" / "model.gguf")
+    written = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    assert written.n_bytes == fixed_bytes(model, set(), 0) - plain > 0

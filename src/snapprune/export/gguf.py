@@ -27,11 +27,12 @@ import torch
 
 from ..engine.schemes import GGUF_SCHEMES
 from ..errors import SnapPruneError
-from ..models.adapters import adapter_for, module_at
+from ..models.adapters import adapter_for, head_geometry, module_at
 from ..models.block_shapes import BlockWidths, block_widths
 from ..models.depth import ATTENTION_NORM, attention_free
 from ..models.experts import ExpertLinears
 from ..models.layout import linear_weight
+from ..models.rope import llama3_rope_factors, rope_kind, rope_theta
 from .format import Format
 
 
@@ -129,54 +130,6 @@ def _check_mixture(model, job) -> None:
         raise SnapPruneError("--target-size chooses a type per tensor, but a GGUF stores each "
                              "block's experts as one tensor of one type: use a mix (q4_k_m) "
                              "or one type for mixtures of experts")
-
-
-def _rope_parameters(config) -> dict:
-    """The rope's settings: transformers 5's ``rope_parameters``, else an older config's
-    ``rope_scaling`` (with ``rope_theta`` beside it)."""
-    for holder in (getattr(config, "rope_parameters", None), getattr(config, "rope_scaling", None)):
-        if isinstance(holder, dict):
-            return holder
-    return {}
-
-
-def rope_kind(config) -> str:
-    params = _rope_parameters(config)
-    return params.get("rope_type", params.get("type")) or "default"
-
-
-def llama3_rope_factors(config, head_dim: int) -> list[float]:
-    """Llama 3.1's frequency scaling as llama.cpp applies it (``rope_freqs``: each pair's
-    wavelength multiplied by its factor): unchanged above the high-frequency wavelength,
-    ``factor`` below the low-frequency one, and between them the smooth interpolation of
-    Meta's definition."""
-    import math
-
-    params = _rope_parameters(config)
-    factor = float(params["factor"])
-    low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
-    context = float(params["original_max_position_embeddings"])
-    base = rope_theta(config)
-    out = []
-    for i in range(0, head_dim, 2):
-        wavelength = 2 * math.pi * base ** (i / head_dim)
-        if wavelength < context / high:
-            out.append(1.0)
-        elif wavelength > context / low:
-            out.append(factor)
-        else:
-            smooth = (context / wavelength - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return out
-
-
-def rope_theta(config) -> float:
-    """The rotary base: transformers 5 keeps it in ``rope_parameters``, older configs in
-    ``rope_theta``."""
-    for holder in (getattr(config, "rope_parameters", None), getattr(config, "rope_scaling", None)):
-        if isinstance(holder, dict) and "rope_theta" in holder:
-            return float(holder["rope_theta"])
-    return float(getattr(config, "rope_theta", 10000.0))
 
 
 def _permute(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -297,8 +250,7 @@ def write(outcome, directory: Path) -> tuple[list[str], list[str]]:
     record = outcome.run_of("quantize")
     quantized = record.quantized if record is not None else {}
     family = ARCHS[config.model_type]
-    head_dim = (getattr(config, "head_dim", None)
-                or config.hidden_size // config.num_attention_heads)
+    head_dim = head_geometry(config).head_dim
     if adapter.moe is None:
         # Blocks without attention (prune-depth --attention) or of their own widths (shrink
         # --allocation sensitivity) are llama.cpp's deci architecture: per-layer head counts

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..models import decilm
-from ..models.adapters import adapter_for, fused_experts
+from ..models.adapters import adapter_for, fused_experts, head_geometry
 from ..models.block_shapes import block_widths
 from .format import Format
 
@@ -52,9 +52,7 @@ def differing_blocks(model) -> list | None:
     if adapter.family != "llama" or adapter.moe is not None:  # the only family cut per block
         return None
     config = model.config
-    head_dim = (getattr(config, "head_dim", None)
-                or config.hidden_size // config.num_attention_heads)
-    widths = block_widths(model, head_dim)
+    widths = block_widths(model, head_geometry(config).head_dim)
     return widths if len(set(widths)) > 1 else None
 
 

@@ -22,8 +22,10 @@ from ..engine.mixes import CANDIDATES, Choice, Slot, allocate, holds
 from ..engine.quantizers import quantize_weight
 from ..engine.schemes import parse_scheme
 from ..errors import SnapPruneError
+from .adapters import head_geometry
 from .blockloop import run_blocks
 from .layout import linear_weight
+from .rope import rope_tensor_bytes
 from .settings import QuantizeSettings
 from .slots import output_statistics, tensor_slots
 
@@ -43,8 +45,9 @@ def tensor_bytes(slot: Slot, scheme: str) -> int:
 
 def fixed_bytes(model: nn.Module, planned: set[str], metadata: int) -> int:
     """What the file holds besides the chosen tensors: metadata, norms and biases (float32),
-    other matrices (float16)."""
-    total = metadata
+    other matrices (float16), and tensors the writer derives from the config (Llama 3.1's
+    rope factors)."""
+    total = metadata + rope_tensor_bytes(model.config, head_geometry(model.config).head_dim)
     for name, p in model.named_parameters():  # a tied output matrix is listed once
         if name.removesuffix(".weight") not in planned:
             total += p.numel() * (4 if p.dim() == 1 else 2)

@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from ..errors import SnapPruneError
-from .adapters import adapter_for
+from .adapters import adapter_for, head_geometry
 from .block_shapes import BlockWidths, resize_blocks
 from .checkpoint_files import empty_model
 from .depth import ATTENTION_NORM, attention_free, remove_attention
+from .rope import rope_scaling, rope_theta
 
 ARCHITECTURE = "DeciLMForCausalLM"
 MODEL_TYPE = "nemotron-nas"
@@ -110,7 +111,7 @@ def check_model(model, multiple_of: int | None = None) -> None:
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise SnapPruneError("the Nemotron-NAS layout has no biases; this model has: write "
                              "--format gguf")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_geometry(config).head_dim
     if head_dim * config.num_attention_heads != config.hidden_size:
         raise SnapPruneError(f"{config.num_attention_heads} heads of {head_dim} do not fill the "
                              f"hidden size {config.hidden_size}, which the Nemotron-NAS layout "
@@ -126,7 +127,7 @@ def layout(model, widths: list[BlockWidths], dtype: torch.dtype) -> dict:
     line naming the problem where a block cannot be expressed."""
     config = model.config
     hidden, heads = config.hidden_size, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    head_dim = head_geometry(config).head_dim
     _refuse_other_blocks(config)
     query = {w.heads for w in widths if w.heads}
     if len(query) > 1:
@@ -158,19 +159,15 @@ def layout(model, widths: list[BlockWidths], dtype: torch.dtype) -> dict:
                 "attention_bias", "mlp_bias", "pretraining_tp", "transformers_version",
                 "auto_map", "quantization_config"):
         out.pop(key, None)
+    out.pop("rope_parameters", None)  # transformers 5's form; the layout has 4.x's
     name = str(dtype).removeprefix("torch.")
-    # transformers 5 keeps the rope in ``rope_parameters``, 4.x in rope_scaling + rope_theta
-    rope = dict(out.pop("rope_parameters", None) or out.get("rope_scaling") or {})
-    theta = rope.get("rope_theta", out.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    scaling.setdefault("rope_type", scaling.pop("type", "default"))
-    scaling = scaling if scaling["rope_type"] != "default" else None
     out.update({
         "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE,
         "auto_map": {"AutoConfig": f"{REMOTE_CODE}--configuration_decilm.DeciLMConfig",
                      "AutoModelForCausalLM": f"{REMOTE_CODE}--modeling_decilm.DeciLMForCausalLM"},
         "num_attention_heads": heads, "num_hidden_layers": len(widths),
-        "rope_theta": theta, "rope_scaling": scaling, "block_configs": blocks,
+        "rope_theta": rope_theta(config), "rope_scaling": rope_scaling(config),
+        "block_configs": blocks,
         "dtype": name, "torch_dtype": name,
     })
     return out
