@@ -12,6 +12,7 @@ next-token distributions from the f16 file's (``--kl-divergence``). Each tool's 
     python benchmarks/gguf_frontier.py --out runs/frontier --types Q4_K_M Q3_K_M \
         --variants gptq --target 0.9                                     # mixes, size target
     python benchmarks/gguf_frontier.py --out runs/frontier --seeds 0 1 2 # calibration seeds
+    python benchmarks/gguf_frontier.py --out runs/frontier --bench 5     # + llama-bench speed
 
 ``--target F``: snapprune's ``--target-size`` at ``F`` times the size of llama.cpp's
 ``Q4_0 --imatrix`` file (``0.9``: below anything llama.cpp's mixes reach for SmolLM2).
@@ -33,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from llama_tools import build_seconds, tools
+from llama_tools import bench, build_seconds, tools
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 C4_FILE = SHARED / "c4" / "c4-validation-2k-part1.json.gz"
@@ -117,6 +118,9 @@ def main() -> None:
     parser.add_argument("--target", nargs="*", type=float, default=[],
                         help="snapprune --target-size at these fractions of llama.cpp's "
                              "Q4_0 --imatrix file")
+    parser.add_argument("--bench", type=int, default=0, metavar="ROUNDS",
+                        help="then prefill and decode speed by llama-bench: the f16 file and "
+                             "the first seed's files of these types, interleaved, ROUNDS rounds")
     args = parser.parse_args()
 
     from snapprune.models.loading import load_tokenizer, resolve_model
@@ -172,6 +176,7 @@ def main() -> None:
             f"{n} ppl {entry[n]['ppl']:.2f} kld {entry[n]['kld']:.4f}" for n in bases),
             flush=True)
 
+    benched: dict[str, Path] = {"f16": f16}
     for seed in args.seeds:
         imatrix = out / f"imatrix_seed{seed}.gguf"
         made = None
@@ -188,17 +193,23 @@ def main() -> None:
                 made = _run([str(bin_["llama-quantize"]), str(f16), str(plain), kind, "2"],
                             out / f"llama-{scheme}.log")
                 record(f"llama {kind}", plain, made, "llama.cpp")
+            if seed == args.seeds[0]:
+                benched[f"llama {kind}"] = plain
             weighted = out / f"llama-{scheme}-imatrix-seed{seed}.gguf"
             key = f"llama {kind} --imatrix seed {seed}"
+            if seed == args.seeds[0]:
+                benched[key] = weighted
             if key not in results["files"]:
                 made = _run([str(bin_["llama-quantize"]), "--imatrix", str(imatrix), str(f16),
                              str(weighted), kind, "2"], out / f"{key.replace(' ', '_')}.log")
                 record(key, weighted, made, "llama.cpp")
             for variant in args.variants:
                 key = f"snapprune {scheme} {variant} seed {seed}"
+                target = out / f"snapprune-{scheme}-{variant}-seed{seed}"
+                if seed == args.seeds[0]:
+                    benched[key] = target / "model.gguf"
                 if key in results["files"]:
                     continue
-                target = out / f"snapprune-{scheme}-{variant}-seed{seed}"
                 made = _run(["snapprune", "quantize", "--model", args.model, "--scheme", scheme,
                              *SNAPPRUNE_VARIANTS[variant], "--calib", str(texts["calib_docs"]),
                              "--nsamples", str(CALIBRATION[0]), "--seqlen",
@@ -214,9 +225,11 @@ def main() -> None:
                                  "--types")
             size = round(reference["mb"] * fraction, 2)
             key = f"snapprune --target-size {size} ({fraction:g}x Q4_0) seed {seed}"
+            target = out / f"snapprune-target-{fraction:g}-seed{seed}"
+            if seed == args.seeds[0]:
+                benched[key] = target / "model.gguf"
             if key in results["files"]:
                 continue
-            target = out / f"snapprune-target-{fraction:g}-seed{seed}"
             made = _run(["snapprune", "quantize", "--model", args.model, "--target-size",
                          str(size), "--calib", str(texts["calib_docs"]), "--nsamples",
                          str(CALIBRATION[0]), "--seqlen", str(CALIBRATION[1]), "--seed",
@@ -224,18 +237,31 @@ def main() -> None:
                          "--no-layer-errors", "--overwrite", "--out", str(target)],
                         out / f"snapprune-target-{fraction:g}-seed{seed}.log")
             record(key, target / "model.gguf", made, "snapprune")
+    if args.bench:
+        present = {k: v for k, v in benched.items() if v.is_file()}
+        results.setdefault("speed", {}).update(
+            bench(bin_, present, args.bench, out / "bench.log"))
     save()
     _table(results, out)
     _plot(results, out)
 
 
 def _table(results: dict, out: Path) -> None:
-    rows = ["| file | MB | WikiText-2 ppl | C4 tail ppl | KLD WikiText-2 | KLD C4 | s to make |",
-            "|---|--:|--:|--:|--:|--:|--:|"]
+    speed = results.get("speed", {})
+    rows = ["| file | MB | WikiText-2 ppl | C4 tail ppl | KLD WikiText-2 | KLD C4 | s to make | "
+            "prefill tok/s | decode tok/s |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for key, e in sorted(results["files"].items(), key=lambda kv: kv[1]["mb"]):
+        s = speed.get(key)
+        rate = (f"{s['prefill']['mean']:.0f} ± {s['prefill']['sd']:.0f} | "
+                f"{s['decode']['mean']:.1f} ± {s['decode']['sd']:.1f}") if s else "– | –"
         rows.append(f"| {key} | {e['mb']:.1f} | {e['wikitext']['ppl']:.2f} | "
                     f"{e['c4']['ppl']:.2f} | {e['wikitext']['kld']:.4f} | "
-                    f"{e['c4']['kld']:.4f} | {e.get('seconds_to_make', float('nan')):.0f} |")
+                    f"{e['c4']['kld']:.4f} | {e.get('seconds_to_make', float('nan')):.0f} | "
+                    f"{rate} |")
+    if "f16" in speed:
+        f16 = speed["f16"]
+        rows.append(f"\nf16: prefill {f16['prefill']['mean']:.0f} ± {f16['prefill']['sd']:.0f}"
+                    f", decode {f16['decode']['mean']:.1f} ± {f16['decode']['sd']:.1f} tok/s")
     (out / "table.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -24,6 +25,25 @@ CACHE = Path(os.environ.get("SNAPPRUNE_LLAMA_TOOLS",
                             Path.home() / ".cache" / "snapprune" / f"llama-tools-{VERSION}"))
 PORTABLE = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
             "-DGGML_F16C=ON", "-DGGML_BMI2=ON")
+
+
+def bench(bin_: dict, files: dict[str, Path], rounds: int, log: Path) -> dict:
+    """Prefill (512 tokens) and decode (128 tokens) tokens/s of each file by ``llama-bench``
+    (2 threads), the files interleaved round after round so that a machine's drift falls on
+    all of them alike; each kind's mean, spread and every run."""
+    seen: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in files}
+    with open(log, "a", encoding="utf-8") as handle:
+        for _ in range(rounds):
+            for key, path in files.items():
+                done = subprocess.run([str(bin_["llama-bench"]), "-m", str(path), "-p", "512",
+                                       "-n", "128", "-r", "2", "-t", "2", "-o", "json"],
+                                      capture_output=True, text=True, check=True)
+                handle.write(done.stdout)
+                for row in json.loads(done.stdout):
+                    kind = "decode" if row["n_gen"] else "prefill"
+                    seen[key][kind].append(float(row["avg_ts"]))
+    return {k: {kind: {"mean": statistics.mean(v), "sd": statistics.pstdev(v), "runs": v}
+                for kind, v in kinds.items()} for k, kinds in seen.items()}
 
 
 def _source() -> Path:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 
 from gguf_frontier import CALIBRATION, _measure, _run
-from llama_tools import tools
+from llama_tools import bench, tools
 
 REFERENCE = "llama Q4_0 --imatrix seed 0"
 
@@ -52,23 +50,6 @@ def _snapprune(out: Path, name: str, steps: list, model: str, docs: Path, log: P
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     _run(["snapprune", "run", str(path), "--out", str(target), "--overwrite", "--quiet"], log)
     return target / "model.gguf"
-
-
-def _bench(bin_: dict, files: dict[str, Path], rounds: int, log: Path) -> dict:
-    """Prefill (512 tokens) and decode (128 tokens) tokens/s of each file, interleaved."""
-    seen: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in files}
-    with open(log, "a", encoding="utf-8") as handle:
-        for _ in range(rounds):
-            for key, path in files.items():
-                done = subprocess.run([str(bin_["llama-bench"]), "-m", str(path), "-p", "512",
-                                       "-n", "128", "-r", "2", "-t", "2", "-o", "json"],
-                                      capture_output=True, text=True, check=True)
-                handle.write(done.stdout)
-                for row in json.loads(done.stdout):
-                    kind = "decode" if row["n_gen"] else "prefill"
-                    seen[key][kind].append(float(row["avg_ts"]))
-    return {k: {kind: {"mean": statistics.mean(v), "sd": statistics.pstdev(v), "runs": v}
-                for kind, v in kinds.items()} for k, kinds in seen.items()}
 
 
 def main() -> None:
@@ -141,7 +122,7 @@ def main() -> None:
                 slug = re.sub(r"[^\w.-]+", "_", key)[:60]
                 entry[name] = _measure(bin_, path, base, out / f"{slug}.{name}.log")
         results_path.write_text(json.dumps(results, indent=1))
-    results["speed"] = _bench(bin_, files, args.rounds, out / "bench.log")
+    results["speed"] = bench(bin_, files, args.rounds, out / "bench.log")
     results_path.write_text(json.dumps(results, indent=1))
     _table(results, out)
 
