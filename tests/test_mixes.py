@@ -324,6 +324,9 @@ def test_a_size_target_fills_the_file_without_passing_it(wide_dir, tmp_path, mon
     (("--scheme", "w4g128", "--target-size", 2), ("size target chooses among",)),
     (("--target-size", 2, "--method", "rtn"), ("calibration",)),
     (("--target-size", 2, "--target-bpw", 4), ("one size target",)),
+    (("--embedding-type", "iq4_nl", "--scheme", "w4g128"), ("a llama.cpp type for GGUF",)),
+    (("--embedding-type", "w4g128"), ("a llama.cpp type for GGUF",)),
+    (("--embedding-type", "q4_0", "--target-size", 2), ("chooses the embedding's type",)),
 ])
 def test_bad_size_and_mix_requests_are_refused_in_one_line(wide_dir, tmp_path, capsys, argv,
                                                            fragments):

@@ -45,19 +45,23 @@ def _structure_job(model_dir, structure: Structure, units: int, fmt: str, *after
     return _job(model_dir, *steps, *after, fmt=fmt)
 
 
-@pytest.mark.parametrize("structure", [Structure(2, 0, 128), Structure(0, 3, 64),
-                                       Structure(1, 2, 96), Structure(3, 1, 32)])
-def test_a_structures_cost_is_its_cut_model_and_its_gguf_file(structure, deep_dir, tmp_path):
+@pytest.mark.parametrize("structure,embedding", [
+    (Structure(2, 0, 128), None), (Structure(0, 3, 64), None),
+    (Structure(1, 2, 96), "iq4_nl"), (Structure(3, 1, 32), "q4_0")])
+def test_a_structures_cost_is_its_cut_model_and_its_gguf_file(structure, embedding, deep_dir,
+                                                              tmp_path):
     """Parameters: counted on the model after prune-depth and shrink; bytes: the q8_0 GGUF
-    file's tensors as gguf-py reads them (the header apart); bytes read per token: every
-    tensor but an untied token embedding (untied here)."""
+    file's tensors as gguf-py reads them (the header apart), the embedding and output matrix
+    at q8_0 or at the type asked for; bytes read per token: every tensor but an untied token
+    embedding (untied here)."""
     from gguf import GGUFReader
 
     dense = AutoModelForCausalLM.from_pretrained(deep_dir)
-    measured = geometry(dense, "q8_0", multiple_of=32)
+    measured = geometry(dense, "q8_0", multiple_of=32, embedding=embedding or "q8_0")
     assert measured.dense.params == sum(p.numel() for p in dense.parameters())
     out = tmp_path / "cut"
-    job = _structure_job(deep_dir, structure, measured.units, "gguf", QuantizeSettings("q8_0"))
+    job = _structure_job(deep_dir, structure, measured.units, "gguf",
+                         QuantizeSettings("q8_0", embedding_type=embedding))
     if not job.steps[:-1]:
         pytest.skip("the dense structure")
     outcome = execute(job, out, progress=False, announce=False)
@@ -65,6 +69,9 @@ def test_a_structures_cost_is_its_cut_model_and_its_gguf_file(structure, deep_di
     assert cost.params == sum(p.numel() for p in outcome.model.parameters())
     tensors = GGUFReader(str(out / "model.gguf")).tensors
     assert cost.bytes == sum(int(t.n_bytes) for t in tensors)
+    types = {t.name: t.tensor_type.name.lower() for t in tensors}
+    assert types["token_embd.weight"] == types["output.weight"] == (embedding or "q8_0")
+    assert types["blk.0.ffn_down.weight"] == "q8_0"
     names = {t.name for t in tensors}
     read = sum(int(t.n_bytes) for t in tensors
                if t.name != "token_embd.weight" or "output.weight" not in names)

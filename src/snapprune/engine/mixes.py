@@ -227,11 +227,17 @@ def parse_mix(name: str) -> Mix | None:
     return MIXES.get(str(name).strip().upper())
 
 
+PLAIN_EMBEDDING_TYPE = "q8_0"
+"""The token embedding and an untied output matrix under a plain scheme (snapprune's rule for
+llama.cpp's types, near-lossless), unless the quantisation names another (``embedding_type``)."""
+
+
 def uniform(scheme: str, slot: Slot) -> Choice:
     """A plain scheme: every layer on it (through the fallback); the token embedding and an
-    untied output matrix ``q8_0`` (snapprune's rule for llama.cpp's types, near-lossless)."""
+    untied output matrix at ``PLAIN_EMBEDDING_TYPE``."""
     if slot.kind in (OUTPUT, TOKEN_EMBD):
-        return Choice("q8_0", "embedding and output matrix: q8_0 with plain schemes")
+        return Choice(PLAIN_EMBEDDING_TYPE, f"embedding and output matrix: "
+                      f"{PLAIN_EMBEDDING_TYPE} with plain schemes")
     return fallback(scheme, slot.cols, "the scheme asked for")
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..engine import LayerStats
-from ..engine.mixes import OUTPUT, TOKEN_EMBD, Choice, Slot, uniform
+from ..engine.mixes import OUTPUT, TOKEN_EMBD, Choice, Slot, fallback, uniform
 from ..engine.quantizers import quantize_weight
 from ..engine.schemes import GGUF_BLOCK, Scheme, parse_scheme
 from ..errors import SnapPruneError
@@ -94,6 +94,10 @@ def plan_types(model: nn.Module, layers: dict[int, dict[str, nn.Module]],
             continue
         if embedding and slot.cols % GGUF_BLOCK:
             continue  # stays float16, as llama.cpp keeps it
+        if embedding and settings.embedding_type is not None:
+            plan[slot.name] = fallback(parse_scheme(settings.embedding_type).name, slot.cols,
+                                       "embedding and output matrix: --embedding-type")
+            continue
         plan[slot.name] = (mix.choose(slot, settings.needs_calibration) if mix is not None
                            else uniform(scheme.name, slot))
     return plan

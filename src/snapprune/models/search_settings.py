@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..engine import get_method
+from ..engine.mixes import PLAIN_EMBEDDING_TYPE
 from ..engine.schemes import parse_scheme
 from ..errors import SnapPruneError
 from .settings import DEPTH_SCORES, WIDTH_ALLOCATIONS
@@ -33,6 +34,9 @@ class SearchSettings:
     target_size: float | None = None
     target_decode: float | None = None
     gguf_type: str | None = None
+    embedding_type: str | None = None
+    """The type the token embedding and output matrix are counted in (default: a quantize
+    step's ``embedding_type`` in the same job, else ``q8_0`` as a plain type writes them)."""
     method: str = "thanos"
     score: str = "angular"
     allocation: str = "uniform"
@@ -64,6 +68,10 @@ class SearchSettings:
         type, else ``q4_0``."""
         return self.gguf_type or quantize_scheme or "q4_0"
 
+    def embedding_counting_type(self, quantize_embedding: str | None) -> str:
+        """The llama.cpp type the embedding and output matrix are counted in."""
+        return self.embedding_type or quantize_embedding or PLAIN_EMBEDDING_TYPE
+
     def resolved(self) -> SearchSettings:
         self.check()
         return self
@@ -80,10 +88,11 @@ class SearchSettings:
         if self.target_decode is not None and self.target_decode <= 1:
             raise SnapPruneError(f"target_decode is a speed-up over the dense model: more "
                                  f"than 1, got {self.target_decode!r}")
-        if self.gguf_type is not None:
-            scheme = parse_scheme(self.gguf_type)
-            if not scheme.gguf or scheme.block is None:
-                raise SnapPruneError(f"{self.gguf_type} is not a llama.cpp block type; sizes "
+        for name in ("gguf_type", "embedding_type"):
+            value = getattr(self, name)
+            scheme = parse_scheme(value) if value is not None else None
+            if scheme is not None and (not scheme.gguf or scheme.block is None):
+                raise SnapPruneError(f"{name} {value} is not a llama.cpp block type; sizes "
                                      "are counted in one (q4_0, q8_0, iq4_nl, ...)")
         get_method(self.method)
         if self.score not in DEPTH_SCORES:

@@ -313,6 +313,11 @@ class QuantizeSettings:
     measured error within it (``models.allocation``)."""
     target_bpw: float | None = None
     """The same budget as bits per quantised weight (scales included)."""
+    embedding_type: str | None = None
+    """The llama.cpp type of the token embedding and the output matrix (llama-quantize's
+    ``--token-embedding-type`` and ``--output-tensor-type`` in one, as they are one matrix when
+    tied); ``None``: ``q8_0`` under a plain type, the mix's rule under a mix. In a 4-bit file
+    of a small model with a large vocabulary this matrix is a third of the bytes."""
 
     kind: ClassVar[str] = "quantize"
 
@@ -366,6 +371,15 @@ class QuantizeSettings:
         if self.sized and not self.needs_calibration:
             raise SnapPruneError("a size target measures each type's error on calibration "
                                  "statistics; use method gptq or weighted-rtn")
+        if self.embedding_type is not None:
+            kind = parse_scheme(self.embedding_type)
+            if not (kind.gguf and self.parsed_scheme.gguf):
+                raise SnapPruneError(f"embedding_type {self.embedding_type} is a llama.cpp type "
+                                     "for GGUF files: use it with a GGUF scheme (q4_0, Q4_K_M, "
+                                     "...) and one of llama.cpp's types (q4_0, iq4_nl, q8_0, ...)")
+            if self.sized:
+                raise SnapPruneError("a size target chooses the embedding's type itself; drop "
+                                     "embedding_type or the size target")
         if not isinstance(self.blocksize, int) or self.blocksize < 1:
             raise SnapPruneError(f"quantiser blocksize must be a positive integer, got "
                                  f"{self.blocksize!r}")

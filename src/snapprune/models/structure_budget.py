@@ -26,14 +26,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..engine.mixes import PLAIN_EMBEDDING_TYPE, fallback
 from ..engine.schemes import parse_scheme
 from ..errors import SnapPruneError
 from .adapters import adapter_for, module_at
 from .depth import ATTENTION_NORM
 from .layout import input_width, is_prunable, linear_weight
 
-EMBEDDING_TYPE = "q8_0"
-"""The token embedding and output matrix under a plain type (``engine.mixes.uniform``)."""
 VECTOR_BYTES = 4
 """Norms and biases: float32 in the GGUF file."""
 
@@ -142,9 +141,10 @@ def _vectors(module: nn.Module, exclude: set[int]) -> Cost:
 
 
 def geometry(model: nn.Module, scheme: str | None = None, *, multiple_of: int = 32,
-             metadata: int = 0) -> Geometry:
+             metadata: int = 0, embedding: str = PLAIN_EMBEDDING_TYPE) -> Geometry:
     """The dense model's costs by part (``scheme``: a plain llama.cpp type, ``None``:
-    float16), measured on its first block; ``metadata``: the GGUF header's bytes."""
+    float16), measured on its first block; ``metadata``: the GGUF header's bytes;
+    ``embedding``: the type of the token embedding and output matrix under ``scheme``."""
     adapter = adapter_for(model)
     if adapter.attention is None or adapter.mlp is None or adapter.moe is not None:
         raise SnapPruneError(f"the {adapter.family} family has no depth and width adapter; "
@@ -183,7 +183,8 @@ def geometry(model: nn.Module, scheme: str | None = None, *, multiple_of: int = 
     norm_bytes = norm.weight.numel() * VECTOR_BYTES if norm is not None else 0
     attention_cost += Cost(0, norm_bytes, norm_bytes)
     other -= Cost(0, norm_bytes, norm_bytes)
-    fixed = _fixed(model, {id(p) for b in blocks for p in b.parameters()}, scheme, metadata)
+    fixed = _fixed(model, {id(p) for b in blocks for p in b.parameters()},
+                   embedding if scheme is not None else None, metadata)
     span = parse_scheme(scheme).block.span if scheme is not None else 1
     head, groups, per_group = _query_head(model, block, adapter, scheme)
     return Geometry(len(blocks), fixed, attention_cost, other, unit, units,
@@ -215,9 +216,11 @@ def _query_head(model: nn.Module, block: nn.Module, adapter, scheme: str | None
     return per_head, shape.kv_heads, shape.heads // shape.kv_heads
 
 
-def _fixed(model: nn.Module, in_blocks: set[int], scheme: str | None, metadata: int) -> Cost:
-    """Everything outside the blocks: embeddings and output matrix (at ``q8_0`` under a plain
-    type), vectors; the bytes read per token leave out an untied token embedding."""
+def _fixed(model: nn.Module, in_blocks: set[int], embedding_type: str | None, metadata: int
+           ) -> Cost:
+    """Everything outside the blocks: embeddings and output matrix (at ``embedding_type``, through
+    llama.cpp's fallback; float16 for ``None``), vectors; the bytes read per token leave out
+    an untied token embedding."""
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     output_weight = output.weight if output is not None else embedding
@@ -229,7 +232,9 @@ def _fixed(model: nn.Module, in_blocks: set[int], scheme: str | None, metadata: 
             continue
         seen.add(id(p))
         if p.dim() == 2:
-            rate = _rate(EMBEDDING_TYPE if scheme is not None else None, p.shape[1])
+            kind = (fallback(embedding_type, p.shape[1], "").scheme if embedding_type
+                    else None)
+            rate = _rate(kind, p.shape[1])
             size = round(p.numel() * rate)
             read = 0 if (p is embedding and not tied) else size
             total += Cost(p.numel(), size, read)

@@ -58,6 +58,11 @@ SCALES_HELP = ("how block scales are chosen: search (llama.cpp's block types, wi
                "each block's scale minimises the error weighted by the Hessian diagonal, then "
                "GPTQ or rounding on that grid) or absmax (the format's formula); default: the "
                "quantiser's own (gptq, weighted-rtn: search; rtn: absmax)")
+EMBEDDING_HELP = ("the llama.cpp type of the token embedding and output matrix (llama-quantize's "
+                  "--token-embedding-type and --output-tensor-type; one matrix when tied), "
+                  "e.g. iq4_nl or q4_0: in a 4-bit file of a small model with a large vocabulary "
+                  "it is a third of the bytes; default: q8_0 under a plain type, the mix's rule "
+                  "under a mix")
 ACT_ORDER_HELP = ("GPTQ in decreasing Hessian diagonal (group scales fitted up front, kept in "
                   "natural order)")
 
@@ -103,6 +108,8 @@ class QuantizeStep(Step):
              show_default=False),
         Flag("target_bpw", ("--target-bpw",), BPW_HELP, type=number, metavar="B",
              show_default=False),
+        Flag("embedding_type", ("--embedding-type",), EMBEDDING_HELP, metavar="TYPE",
+             show_default=False),
     )
     fused_flags = (
         Flag("scheme", ("--quantize",), "also quantise every pruned layer, in the same pass, "
@@ -115,6 +122,8 @@ class QuantizeStep(Step):
         Flag("act_order", ("--act-order",), ACT_ORDER_HELP, action="store_true",
              show_default=False, group="quantisation"),
         Flag("scales", ("--quant-scales",), SCALES_HELP, choices=lambda: SCALES,
+             show_default=False, group="quantisation"),
+        Flag("embedding_type", ("--embedding-type",), EMBEDDING_HELP, metavar="TYPE",
              show_default=False, group="quantisation"),
     )
     fused_trigger = "scheme"

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..engine.mixes import PLAIN_EMBEDDING_TYPE
 from ..errors import SnapPruneError
 from ..flags import Command, Flag, fraction, number, positive_int
 from ..models import decilm
@@ -126,6 +127,9 @@ class SearchStep(Step):
         Flag("gguf_type", ("--gguf-type",), "the llama.cpp type sizes are counted in (default: "
              "a quantize step's type in the same recipe, else q4_0)", metavar="TYPE",
              show_default=False),
+        Flag("embedding_type", ("--embedding-type",), "the llama.cpp type the token embedding "
+             "and output matrix are counted in (default: a quantize step's --embedding-type in "
+             "the same recipe, else q8_0)", metavar="TYPE", show_default=False),
         Flag("method", ("--method",), "how the MLP neurons are chosen and the rest updated",
              metavar="NAME"),
         Flag("score", ("--score",), "how blocks are ranked: " + ", ".join(DEPTH_SCORES),
@@ -235,7 +239,8 @@ class SearchStep(Step):
         units = run.geometry.units
         return {"method": run.settings.method, "pattern": "structure",
                 "settings": {k: getattr(run.settings, k) for k in (
-                    "target_params", "target_size", "target_decode", "gguf_type", "score",
+                    "target_params", "target_size", "target_decode", "gguf_type",
+                    "embedding_type", "score",
                     "allocation", "points", "attention", "heads", "max_mlp", "windows")},
                 "search": {
                     "budget": {"currency": run.budget.currency, "limit": run.budget.limit,
@@ -263,6 +268,8 @@ def _plan(settings: SearchSettings, job, model) -> tuple[SearchRun, list[Structu
     quantize = job.settings("quantize")
     scheme = quantize.parsed_scheme if quantize is not None else None
     counted = None
+    embedding = settings.embedding_counting_type(
+        quantize.embedding_type if quantize is not None else None)
     if currency != "params":
         counted = settings.counting_type(quantize.scheme if quantize is not None else None)
         if settings.gguf_type is None and quantize is not None and (
@@ -276,7 +283,8 @@ def _plan(settings: SearchSettings, job, model) -> tuple[SearchRun, list[Structu
     multiple = math.lcm(settings.multiple_of, group or 1)
     fmt = job.output.format if job.output is not None else None
     measured = geometry(model, counted, multiple_of=multiple,
-                        metadata=metadata_bytes(job) if currency == "bytes" else 0)
+                        metadata=metadata_bytes(job) if currency == "bytes" else 0,
+                        embedding=embedding)
     dense = measured.dense
     if currency == "params":
         limit = int(value * dense.params) if value < 1 else int(value)
@@ -312,6 +320,8 @@ def _plan(settings: SearchSettings, job, model) -> tuple[SearchRun, list[Structu
     structures = grid(measured, budget, points=settings.points, attention=attention,
                       narrowest=narrowest, heads=heads,
                       heads_with_attention=fmt in (None, "gguf"))
+    if counted is not None and embedding != PLAIN_EMBEDDING_TYPE:
+        counted = f"{counted}, embedding {embedding}"
     run = SearchRun(settings=settings, budget=budget, counted_as=counted, geometry=measured,
                     notes=notes)
     return run, structures
