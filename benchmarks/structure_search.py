@@ -12,6 +12,8 @@ files interleaved in ``--rounds`` rounds, mean and spread over rounds).
     python benchmarks/structure_search.py --frontier runs/frontier --out runs/search
     python benchmarks/structure_search.py --frontier runs/frontier --out runs/search-heads \
         --heads --points 2        # query-head cuts in the grid too
+    python benchmarks/structure_search.py --frontier runs/frontier --out runs/search-e4 \
+        --embedding-type iq4_nl   # the embedding / output matrix at 4 bits too
 
 Writes ``results.json`` and ``table.md`` into ``--out``; finished parts are reused on a rerun.
 """
@@ -63,6 +65,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--heads", action="store_true",
                         help="the search also tries query-head cuts (search --heads)")
+    parser.add_argument("--embedding-type", metavar="TYPE",
+                        help="the token embedding / output matrix at this llama.cpp type in "
+                             "the search's sizes and both snapprune files (default: q8_0)")
     parser.add_argument("--also", nargs="*", default=[], metavar="LABEL=GGUF",
                         help="more GGUF files measured beside (e.g. the searched model after "
                              "recover and quantize)")
@@ -88,11 +93,13 @@ def main() -> None:
     results.setdefault("files", {})["llama.cpp Q4_0 --imatrix (dense)"] = dict(known[REFERENCE])
 
     start = time.perf_counter()
+    quantize = {"quantize": {"scheme": "q4_0", "method": "gptq",
+                             **({"embedding_type": args.embedding_type}
+                                if args.embedding_type else {})}}
     searched = _snapprune(out, "searched", [
         {"search": {"target_size": size, "gguf_type": "q4_0", "points": args.points,
                     **({"heads": True} if args.heads else {})}},
-        {"quantize": {"scheme": "q4_0", "method": "gptq"}}], args.model, docs,
-        out / "searched.log")
+        quantize], args.model, docs, out / "searched.log")
     report = json.loads((searched.parent / "snapprune_report.json").read_text())
     search = report["search"]
     chosen = search["tried"][search["chosen"]]
@@ -106,9 +113,8 @@ def main() -> None:
     if width_only is not None:
         mlp = 1 - width_only["mlp_width"] / width_only["mlp_width_dense"]
         uniform = _snapprune(out, "uniform", [
-            {"shrink": {"method": "thanos", "mlp": round(mlp, 6)}},
-            {"quantize": {"scheme": "q4_0", "method": "gptq"}}], args.model, docs,
-            out / "uniform.log")
+            {"shrink": {"method": "thanos", "mlp": round(mlp, 6)}}, quantize], args.model,
+            docs, out / "uniform.log")
         files[f"snapprune shrink --mlp {mlp:.3f} (uniform) + q4_0"] = uniform
     for item in args.also:
         label, _, path = item.partition("=")
