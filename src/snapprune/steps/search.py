@@ -36,7 +36,8 @@ on calibration windows it was not cut on, and keeps the best. The budget, one of
   --target-params N   parameters (a count, or a fraction of the model's below 1)
   --target-size MB    the GGUF file with every decoder matrix at --gguf-type (default: the
                       type of a quantize step in the same recipe, else q4_0), the
-                      embedding at q8_0
+                      embedding and output matrix at --embedding-type (default: q8_0; a
+                      4-bit embedding leaves far more of a small model's blocks)
   --target-decode X   X times the dense model's decode speed, by the bytes read per token
                       at that type (what bounds decoding on a memory-bound machine)
 It tries --points counts of removed blocks (from none to what depth alone needs) and, for
