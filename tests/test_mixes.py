@@ -383,3 +383,20 @@ def test_a_size_target_counts_the_rope_factors_the_file_holds(tokenizer_dir, tmp
     reader = GGUFReader(tmp_path / "gguf" / "model.gguf")
     written = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
     assert written.n_bytes == fixed_bytes(model, set(), 0) - plain > 0
+
+
+def test_an_embedding_type_overrides_only_the_embedding_and_output_matrix(wide_dir):
+    """``--embedding-type`` is llama-quantize's ``--token-embedding-type`` and
+    ``--output-tensor-type``: those two tensors change, every other keeps its mix's type."""
+    mixed = _our_types(wide_dir, "Q4_K_M")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(wide_dir)
+    settings = QuantizeSettings("Q4_K_M", method="rtn", embedding_type="iq4_nl")
+    plan = plan_types(model, target_layers(model), settings)
+    chosen = {n: c.scheme for n, c in plan.items()}
+    embedding = {n for n in chosen if n in ("model.embed_tokens", "lm_head")}
+    assert embedding == {"model.embed_tokens", "lm_head"}  # untied: both
+    assert all(chosen[n] == "iq4_nl" for n in embedding)
+    assert sorted(c for n, c in chosen.items() if n not in embedding) == sorted(
+        t for n, t in mixed.items() if n not in ("token_embd.weight", "output.weight"))
