@@ -400,3 +400,18 @@ def test_an_embedding_type_overrides_only_the_embedding_and_output_matrix(wide_d
     assert all(chosen[n] == "iq4_nl" for n in embedding)
     assert sorted(c for n, c in chosen.items() if n not in embedding) == sorted(
         t for n, t in mixed.items() if n not in ("token_embd.weight", "output.weight"))
+
+
+def test_the_fused_quantize_takes_an_embedding_type_from_the_command_line(tiny_dir, tmp_path,
+                                                                         capsys):
+    from gguf import GGUFReader
+
+    out = tmp_path / "shrunk"
+    code, err = _run(capsys, "shrink", "--model", tiny_dir, "--mlp", "0.25", "--quantize",
+                     "q4_0", "--embedding-type", "q4_0", "--format", "gguf", "--out", out,
+                     *QUIET)
+    assert code == 0, err
+    types = {t.name: t.tensor_type.name.lower()
+             for t in GGUFReader(str(out / "model.gguf")).tensors}
+    assert types["token_embd.weight"] == types["output.weight"] == "q4_0"
+    assert types["blk.0.ffn_down.weight"] == "q4_0"
