@@ -239,3 +239,11 @@ def test_recover_api_on_in_memory_models_then_quantise(tokenizer):
     mask = weight == 0
     q = quantize_weight(weight, None, "q4_0", method="rtn", mask=mask)
     assert (q.weight[mask] == 0).all()
+
+
+def test_the_summary_loss_is_the_mean_of_the_first_and_last_tenth_of_the_steps():
+    from snapprune.steps.recover import loss_ends
+
+    curve = [{"loss": float(v)} for v in (9, 1, *[5] * 16, 2, 4)]
+    assert loss_ends(curve) == (5.0, 3.0, 2)  # 20 steps: the first and last two
+    assert loss_ends(curve[:3]) == (9.0, 5.0, 1)

@@ -261,10 +261,11 @@ class RecoverStep(Step):
 
     def summary(self, run) -> str:
         kept = "structure kept exactly" if run.structure_kept else "STRUCTURE CHANGED"
-        first, last = run.curve[0]["loss"], run.curve[-1]["loss"]
+        first, last, span = loss_ends(run.curve)
         return (f"recover {run.settings.loss}: {run.tokens_seen:,} tokens in "
                 f"{duration(run.total_seconds)} ({run.tokens_per_second:.0f} tokens/s), loss "
-                f"{first:.3f} → {last:.3f}, {run.frozen_zeros:,} zeros held, {kept}")
+                f"{first:.3f} → {last:.3f} (mean of the first and last {span} steps), "
+                f"{run.frozen_zeros:,} zeros held, {kept}")
 
     def report(self, run) -> dict:
         """The recovery section: settings, teacher and data, the loss curve and held-out
@@ -290,3 +291,12 @@ class RecoverStep(Step):
         if not removes_weights(job):
             return settings.teacher
         return None
+
+
+def loss_ends(curve: list[dict]) -> tuple[float, float, int]:
+    """The mean training loss of the first and of the last tenth of the steps (at least one
+    step each) and that count: one batch's loss swings with its text far more than training
+    moves it, so a single first and last step can show a rise where the model improved."""
+    span = max(1, len(curve) // 10)
+    mean = lambda rows: sum(r["loss"] for r in rows) / len(rows)  # noqa: E731
+    return mean(curve[:span]), mean(curve[-span:]), span
