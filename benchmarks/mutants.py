@@ -777,6 +777,12 @@ MUTANTS = (
              "                   \"q8_0\" if scheme is not None else None, metadata)"),),
            ("tests/test_search.py::test_a_structures_cost_is_its_cut_model_and_its_gguf_file"
             "[structure3-q4_0]",)),
+    Mutant("recover-summary-single-batch-loss",
+           "the recovery summary's loss is one batch's at each end again",
+           "steps/recover.py",
+           (("    span = max(1, len(curve) // 10)\n", "    span = 1\n"),),
+           ("tests/test_recovery.py::test_the_summary_loss_is_the_mean_of_the_first_and_last_"
+            "tenth_of_the_steps",)),
     Mutant("tied-output-saved-twice",
            "a tied output matrix converted to the saved dtype is stored as a copy of its own",
            "export/hf.py",
