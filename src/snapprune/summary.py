@@ -78,13 +78,6 @@ def summary_lines(outcome) -> list[str]:
     return lines
 
 
-def _differing(model) -> list | None:
-    """Each block's shape where they differ (a deci file: transformers cannot load it)."""
-    from .export.hf import differing_blocks
-
-    return differing_blocks(model)
-
-
 def _estimated_parts(outcome) -> float:
     """The measured time of what the estimate covers: the steps and the evaluations."""
     steps = sum(run.total_seconds for run in outcome.runs)
@@ -98,7 +91,10 @@ def _next_steps(job, saved: Path, model=None) -> list[str]:
         where = saved.relative_to(Path.cwd())
     except ValueError:
         where = saved
-    shapes = _differing(model) if job.output.format == "gguf" and model is not None else None
+    from .export.hf import differing_blocks
+
+    shapes = (differing_blocks(model) if job.output.format == "gguf" and model is not None
+              else None)
     if shapes is not None:
         # llama.cpp's deci file: transformers (and so snapprune) cannot load it back
         return ["next:",

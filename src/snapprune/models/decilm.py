@@ -28,7 +28,7 @@ from .adapters import adapter_for, head_geometry
 from .block_shapes import BlockWidths, resize_blocks
 from .checkpoint_files import empty_model
 from .depth import ATTENTION_NORM, attention_free, remove_attention
-from .rope import rope_scaling, rope_theta
+from .rope import named_scaling, rope_scaling, rope_theta
 
 ARCHITECTURE = "DeciLMForCausalLM"
 MODEL_TYPE = "nemotron-nas"
@@ -224,8 +224,7 @@ def load(directory: Path, config: dict, dtype: torch.dtype | None) -> torch.nn.M
     shapes = block_shapes(config)
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
     kv = max((s.kv_heads for s in shapes if s.kv_heads), default=heads)
-    scaling = dict(config.get("rope_scaling") or {})
-    scaling.setdefault("rope_type", scaling.pop("type", "default"))  # older configs' name
+    scaling = named_scaling(config.get("rope_scaling") or {})
     theta = config.get("rope_theta", 10000.0)
     keep = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
             "max_position_embeddings", "rms_norm_eps", "hidden_act", "tie_word_embeddings",

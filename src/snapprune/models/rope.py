@@ -28,12 +28,19 @@ def rope_theta(config) -> float:
     return float(getattr(config, "rope_theta", 10000.0))
 
 
+def named_scaling(params: dict) -> dict:
+    """Rope settings without the base, their kind under ``rope_type`` (older configs call it
+    ``type``; none named: ``default``)."""
+    params = {k: v for k, v in params.items() if k != "rope_theta"}
+    legacy = params.pop("type", "default")
+    params.setdefault("rope_type", legacy)
+    return params
+
+
 def rope_scaling(config) -> dict | None:
     """The scaling as a 4.x-style ``rope_scaling`` (``rope_type`` named, no base), ``None``
     for the default rope: what layouts written for other runtimes carry."""
-    params = {k: v for k, v in rope_parameters(config).items() if k != "rope_theta"}
-    legacy = params.pop("type", "default")
-    params.setdefault("rope_type", legacy)
+    params = named_scaling(rope_parameters(config))
     return params if params["rope_type"] != "default" else None
 
 

@@ -6,6 +6,7 @@ evaluated text, resumable checkpoints beside the output."""
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -298,5 +299,5 @@ def loss_ends(curve: list[dict]) -> tuple[float, float, int]:
     step each) and that count: one batch's loss swings with its text far more than training
     moves it, so a single first and last step can show a rise where the model improved."""
     span = max(1, len(curve) // 10)
-    mean = lambda rows: sum(r["loss"] for r in rows) / len(rows)  # noqa: E731
-    return mean(curve[:span]), mean(curve[-span:]), span
+    return (statistics.fmean(r["loss"] for r in curve[:span]),
+            statistics.fmean(r["loss"] for r in curve[-span:]), span)
